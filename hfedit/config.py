@@ -1,0 +1,231 @@
+"""Typed configuration: one dataclass per pipeline stage, loaded with OmegaConf.
+
+Values come, in increasing priority, from
+  1. the dataclass defaults below,
+  2. ``params.yaml`` (one section per stage; what users tune and DVC tracks),
+  3. the profile preset ``conf/profiles/<profile>.yaml`` (only the keys that define a profile:
+     backbone, resolution, CLIP weights, Ray resources),
+  4. ``conf/runtime.yaml`` (where MLflow and Ray live on this machine),
+  5. command-line overrides in dot-list form (``backbone.train.steps=100``).
+
+Every source is validated against the schema: an unknown key or a value of the wrong type raises
+:class:`ConfigError` naming the key and the file it came from.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration value that does not fit the schema; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    """``prepare`` stage: image folder (or the bundled images) -> normalised tensors."""
+
+    # "bundled" = real images shipped inside installed packages (scikit-image, matplotlib);
+    # otherwise a folder, searched recursively.
+    source: str = "bundled"
+    resolution: int = 32
+    val_fraction: float = 0.2
+    seed: int = 0
+    # Images with more pixels than this are refused before decoding (decompression bombs).
+    max_pixels: int = 40_000_000
+    # Crop to a centred square before resizing (no aspect distortion).
+    center_crop: bool = True
+
+
+# ----------------------------------------------------------------------------------- backbone
+@dataclass
+class UNetConfig:
+    """Architecture of the backbone the ``tiny`` profile trains (a diffusers UNet2DModel)."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    down_block_types: list[str] = field(
+        default_factory=lambda: ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"]
+    )
+    up_block_types: list[str] = field(
+        default_factory=lambda: ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]
+    )
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+
+
+class BetaSchedule(str, Enum):
+    linear = "linear"
+    scaled_linear = "scaled_linear"
+    squaredcos_cap_v2 = "squaredcos_cap_v2"
+
+
+@dataclass
+class SchedulerConfig:
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: BetaSchedule = BetaSchedule.linear
+
+
+@dataclass
+class BackboneTrainConfig:
+    steps: int = 2500
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    ema_decay: float = 0.995
+    hflip: bool = True
+    seed: int = 0
+    checkpoint_every: int = 250
+    log_every: int = 25
+    sample_steps: int = 100
+    num_samples: int = 16
+
+
+@dataclass
+class BackboneConfig:
+    """``backbone`` stage.
+
+    ``source``: "train" trains the tiny DDPM on the prepared images; anything else is a diffusers
+    hub id (``google/ddpm-ema-celebahq-256``) or a local folder holding a saved UNet2DModel and
+    its scheduler.
+    """
+
+    source: str = "train"
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: BackboneTrainConfig = field(default_factory=BackboneTrainConfig)
+
+
+# ---------------------------------------------------------------------------------- inversion
+@dataclass
+class InversionConfig:
+    """Edit-friendly DDPM inversion (ALGORITHMS.md section 1)."""
+
+    num_steps: int = 50
+    eta: float = 1.0
+    skip: int = 0
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------------------ runtime
+@dataclass
+class MlflowConfig:
+    # Empty = a local SQLite store in the project root; MLFLOW_TRACKING_URI overrides both.
+    tracking_uri: str = ""
+    experiment: str = "hfedit"
+
+
+@dataclass
+class RuntimeConfig:
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    # torch threads per process; 0 = torch's default
+    torch_threads: int = 0
+
+
+# ------------------------------------------------------------------------------------- whole
+@dataclass
+class HfeditConfig:
+    profile: str = "tiny"
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    inversion: InversionConfig = field(default_factory=InversionConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+def project_root() -> Path:
+    """The folder holding params.yaml: $HFEDIT_ROOT, else the nearest parent of the cwd."""
+    env = os.environ.get("HFEDIT_ROOT")
+    if env:
+        return Path(env).resolve()
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "params.yaml").is_file():
+            return folder
+    return here
+
+
+def _merge(base: DictConfig, extra: Any, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, extra)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        reason = str(err.msg).splitlines()[0]
+        raise ConfigError(f"{origin}: invalid config key '{key}': {reason}") from None
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as err:  # yaml syntax errors carry the line number
+        raise ConfigError(f"{path}: cannot parse YAML: {err}") from None
+    return loaded if loaded is not None else OmegaConf.create({})
+
+
+def load_config(
+    params: str | Path | None = None,
+    overrides: list[str] | None = None,
+    conf_dir: str | Path | None = None,
+    profile: Optional[str] = None,
+) -> HfeditConfig:
+    """Load the typed config: defaults <- params.yaml <- profile preset <- runtime <- overrides.
+
+    ``params=None`` reads ``<project_root>/params.yaml`` when it exists. ``profile`` (or
+    ``profile=`` in params.yaml / overrides) picks ``conf/profiles/<profile>.yaml``.
+    Raises :class:`ConfigError` naming the offending key.
+    """
+    root = project_root()
+    params_path = Path(params) if params is not None else root / "params.yaml"
+    conf_path = Path(conf_dir) if conf_dir is not None else root / "conf"
+    overrides = list(overrides or [])
+
+    cfg = OmegaConf.structured(HfeditConfig)
+    if params_path.is_file():
+        cfg = _merge(cfg, _read_yaml(params_path), str(params_path))
+    elif params is not None:
+        raise ConfigError(f"params file not found: {params_path}")
+
+    try:
+        cli = OmegaConf.from_dotlist(overrides)
+    except Exception as err:
+        raise ConfigError(f"command-line overrides {overrides}: {err}") from None
+    chosen = profile or cli.get("profile") or cfg.profile
+    preset = conf_path / "profiles" / f"{chosen}.yaml"
+    if not preset.is_file():
+        known = sorted(p.stem for p in (conf_path / "profiles").glob("*.yaml"))
+        raise ConfigError(f"profile '{chosen}': no preset {preset} (known: {known})")
+    cfg = _merge(cfg, _read_yaml(preset), str(preset))
+    runtime = conf_path / "runtime.yaml"
+    if runtime.is_file():
+        cfg = _merge(cfg, OmegaConf.create({"runtime": _read_yaml(runtime)}), str(runtime))
+    cfg = _merge(cfg, cli, "command line")
+    cfg.profile = chosen
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def to_flat_dict(cfg: Any) -> dict[str, Any]:
+    """Flatten a config (dataclass or DictConfig) to ``{"a.b.c": value}`` for tracking."""
+    container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), value)
+        else:
+            flat[prefix] = node
+
+    walk("", container)
+    return flat
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

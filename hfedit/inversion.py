@@ -1,0 +1,225 @@
+"""Edit-friendly DDPM inversion (Huberman-Spiegelglas et al., 2304.06140) and DDIM inversion.
+
+Pure tensor functions over any ``denoiser(x_t, t) -> eps`` and a :class:`Schedule`:
+
+* :func:`invert` extracts ``x_T`` and the noise maps ``z_t`` of an image, keeping the last step's
+  map, so that :func:`replay` with the same denoiser returns the image exactly
+  (ALGORITHMS.md section 1). Cost: N denoiser evaluations.
+* :func:`replay` runs DDPM sampling with given maps through *any* denoiser (the backbone, or the
+  backbone modulated by a rectifier): with a changed model this is an edit. Cost: N - skip.
+* :func:`ddim_invert` / :func:`ddim_sample`: the deterministic baseline (section 2).
+* :func:`shift_maps`, :func:`colour_offset`: manipulations of the maps themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from hfedit.schedule import Schedule, posterior_mean
+
+DenoiserFn = Callable[[Tensor, int], Tensor]
+# progress(step_index, num_steps) is called after every denoiser evaluation.
+Progress = Optional[Callable[[int, int], None]]
+
+
+@dataclass(frozen=True)
+class InversionResult:
+    """Noise maps of a batch of images.
+
+    ``xts``: (N, B, C, H, W), the noisy images ``x_{t_i}`` at the descending timesteps
+    (``xts[0]`` is ``x_T``; ``xts[i]`` is where an edit with ``skip=i`` starts);
+    ``zs``: (N, B, C, H, W), the map of each step ``t_i -> t_{i+1}`` (the last one included);
+    ``timesteps``: the N descending timesteps; ``eta``: the variance scale used.
+    """
+
+    xts: Tensor
+    zs: Tensor
+    timesteps: tuple[int, ...]
+    eta: float
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def to(self, *args, **kwargs) -> "InversionResult":
+        return replace(self, xts=self.xts.to(*args, **kwargs), zs=self.zs.to(*args, **kwargs))
+
+    def select(self, index: Tensor | slice | Sequence[int]) -> "InversionResult":
+        """The maps of a subset of the batch."""
+        return replace(self, xts=self.xts[:, index], zs=self.zs[:, index])
+
+
+def _check_skip(skip: int, num_steps: int) -> None:
+    if not 0 <= skip < num_steps:
+        raise ValueError(f"skip={skip} must be in [0, num_steps={num_steps})")
+
+
+@torch.no_grad()
+def invert(
+    denoiser: DenoiserFn,
+    schedule: Schedule,
+    x0: Tensor,
+    num_steps: int,
+    eta: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    progress: Progress = None,
+) -> InversionResult:
+    """Edit-friendly DDPM inversion of ``x0`` (B, C, H, W) in [-1, 1].
+
+    1. ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps_t`` with independent ``eps_t`` per t.
+    2. From the noisiest t down: ``mu_t = mu(x_t, eps_theta(x_t, t))``,
+       ``z_t = (x_s - mu_t) / sigma_t`` and ``x_s <- mu_t + sigma_t z_t`` (no float drift).
+    3. The last step keeps its map; where ``sigma = 0`` the map is the residual ``x0 - mu``.
+    """
+    if not 0.0 < eta <= 1.0:
+        raise ValueError(f"eta={eta} must be in (0, 1] for edit-friendly inversion")
+    timesteps = schedule.timesteps(num_steps)
+    prevs = Schedule.prev_timesteps(timesteps)
+    # (N, B, C, H, W): independent noising of x0 at every timestep (not a Markov chain).
+    noise = torch.randn((num_steps, *x0.shape), generator=generator, dtype=x0.dtype,
+                        device=x0.device if generator is None else generator.device)
+    noise = noise.to(x0.device)
+    xts = torch.empty_like(noise)
+    for i, t in enumerate(timesteps):
+        a = schedule.abar(t)
+        xts[i] = a**0.5 * x0 + (1.0 - a) ** 0.5 * noise[i]
+    zs = torch.empty_like(noise)
+    x_t = xts[0]
+    for i, (t, s) in enumerate(zip(timesteps, prevs)):
+        coef = schedule.step_coefficients(t, s, eta)
+        mu = posterior_mean(coef, x_t, denoiser(x_t, t))
+        x_s = xts[i + 1] if i + 1 < num_steps else x0
+        zs[i] = (x_s - mu) / coef.noise_scale
+        x_t = mu + coef.noise_scale * zs[i]
+        if i + 1 < num_steps:
+            xts[i + 1] = x_t
+        if progress is not None:
+            progress(i + 1, num_steps)
+    return InversionResult(xts=xts, zs=zs, timesteps=tuple(timesteps), eta=eta)
+
+
+@torch.no_grad()
+def replay(
+    denoiser: DenoiserFn,
+    schedule: Schedule,
+    inv: InversionResult,
+    skip: int = 0,
+    progress: Progress = None,
+) -> Tensor:
+    """DDPM sampling driven by stored maps: ``x_s = mu_t(x_t; denoiser) + sigma_t z_t``.
+
+    Starts at ``inv.xts[skip]`` and uses ``inv.zs[skip:]``: ``N - skip`` denoiser evaluations.
+    With the denoiser used for :func:`invert` this returns the input image.
+    """
+    _check_skip(skip, inv.num_steps)
+    timesteps = list(inv.timesteps)
+    prevs = Schedule.prev_timesteps(timesteps)
+    x_t = inv.xts[skip]
+    for i in range(skip, inv.num_steps):
+        coef = schedule.step_coefficients(timesteps[i], prevs[i], inv.eta)
+        mu = posterior_mean(coef, x_t, denoiser(x_t, timesteps[i]))
+        x_t = mu + coef.noise_scale * inv.zs[i]
+        if progress is not None:
+            progress(i + 1 - skip, inv.num_steps - skip)
+    return x_t
+
+
+@torch.no_grad()
+def ddim_invert(
+    denoiser: DenoiserFn, schedule: Schedule, x0: Tensor, num_steps: int, progress: Progress = None
+) -> Tensor:
+    """Deterministic DDIM inversion x0 -> x_T (eta = 0, run backwards), N evaluations.
+
+    Each step evaluates the model at the *next* (noisier) timestep on the current sample:
+    ``x_t = sqrt(abar_t) x0_hat(x_s) + sqrt(1 - abar_t) eps_theta(x_s, t)``.
+    """
+    timesteps = schedule.timesteps(num_steps)[::-1]  # ascending
+    prevs = Schedule.prev_timesteps(schedule.timesteps(num_steps))[::-1]
+    x = x0
+    for i, (t, s) in enumerate(zip(timesteps, prevs)):
+        eps = denoiser(x, t)
+        a_s, a_t = schedule.abar(s), schedule.abar(t)
+        x0_hat = (x - (1.0 - a_s) ** 0.5 * eps) / a_s**0.5
+        x = a_t**0.5 * x0_hat + (1.0 - a_t) ** 0.5 * eps
+        if progress is not None:
+            progress(i + 1, num_steps)
+    return x
+
+
+@torch.no_grad()
+def ddim_sample(
+    denoiser: DenoiserFn, schedule: Schedule, x_T: Tensor, num_steps: int, progress: Progress = None
+) -> Tensor:
+    """Deterministic DDIM sampling (eta = 0) from ``x_T``."""
+    timesteps = schedule.timesteps(num_steps)
+    x = x_T
+    for i, (t, s) in enumerate(zip(timesteps, Schedule.prev_timesteps(timesteps))):
+        x = posterior_mean(schedule.step_coefficients(t, s, 0.0), x, denoiser(x, t))
+        if progress is not None:
+            progress(i + 1, num_steps)
+    return x
+
+
+@torch.no_grad()
+def ddpm_sample(
+    denoiser: DenoiserFn,
+    schedule: Schedule,
+    shape: Sequence[int],
+    num_steps: int,
+    eta: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    device: str | torch.device = "cpu",
+    progress: Progress = None,
+) -> Tensor:
+    """Ancestral sampling from pure noise with fresh Gaussian maps (the generative model)."""
+    gen_device = generator.device if generator is not None else device
+    x = torch.randn(tuple(shape), generator=generator, device=gen_device).to(device)
+    timesteps = schedule.timesteps(num_steps)
+    for i, (t, s) in enumerate(zip(timesteps, Schedule.prev_timesteps(timesteps))):
+        coef = schedule.step_coefficients(t, s, eta)
+        x = posterior_mean(coef, x, denoiser(x, t))
+        if coef.sigma > 0:
+            z = torch.randn(tuple(shape), generator=generator, device=gen_device).to(device)
+            x = x + coef.sigma * z
+        if progress is not None:
+            progress(i + 1, num_steps)
+    return x
+
+
+# ------------------------------------------------------------------- manipulations of maps
+def shift_maps(inv: InversionResult, dx: int, dy: int) -> InversionResult:
+    """Translate ``x_T`` (every stored x_t) and every map by (dx, dy) pixels, circularly.
+
+    Replaying the shifted maps gives a shifted image (the paper's Fig. "shift").
+    """
+    dims = (-1, -2)
+    return replace(
+        inv,
+        xts=torch.roll(inv.xts, shifts=(dx, dy), dims=dims),
+        zs=torch.roll(inv.zs, shifts=(dx, dy), dims=dims),
+    )
+
+
+def colour_offset(
+    inv: InversionResult, offset: Sequence[float], start: float = 0.0, end: float = 1.0
+) -> InversionResult:
+    """Add a constant per-channel ``offset`` (C values, in map units) to the maps of the steps
+    whose position ``i / N`` lies in ``[start, end)`` (0 = noisiest step, 1 = cleanest).
+
+    A positive red offset makes the replayed image redder; a band late in the chain changes
+    colour with little effect on structure.
+    """
+    if not 0.0 <= start < end <= 1.0:
+        raise ValueError(f"colour band [{start}, {end}) must satisfy 0 <= start < end <= 1")
+    c = inv.zs.shape[2]
+    if len(offset) != c:
+        raise ValueError(f"offset has {len(offset)} values; the maps have {c} channels")
+    n = inv.num_steps
+    band = torch.tensor([start <= i / n < end for i in range(n)], device=inv.zs.device)
+    off = torch.tensor(list(offset), dtype=inv.zs.dtype, device=inv.zs.device).view(1, 1, c, 1, 1)
+    zs = inv.zs + band.view(n, 1, 1, 1, 1).to(inv.zs.dtype) * off
+    return replace(inv, zs=zs)
