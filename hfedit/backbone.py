@@ -29,11 +29,12 @@ class Denoiser(nn.Module):
     ``x_t``: (B, C, H, W) in the model's range ([-1, 1]); ``t``: an int or a (B,) tensor.
     """
 
-    def __init__(self, unet: nn.Module, schedule: Schedule, source: str = "") -> None:
+    def __init__(self, unet: nn.Module, schedule: Schedule, source: str = "", scheduler=None) -> None:
         super().__init__()
         self.unet = unet
         self.schedule = schedule
         self.source = source
+        self.scheduler = scheduler  # the diffusers scheduler, saved beside the UNet
 
     @property
     def sample_size(self) -> int:
@@ -104,16 +105,18 @@ def schedule_from_scheduler(scheduler) -> Schedule:
 def new_denoiser(cfg: BackboneConfig, resolution: int) -> Denoiser:
     """A freshly initialised backbone of the configured architecture (random weights)."""
     scheduler = build_scheduler(cfg.scheduler)
-    return Denoiser(build_unet(cfg.unet, resolution), schedule_from_scheduler(scheduler), "new")
+    return Denoiser(build_unet(cfg.unet, resolution), schedule_from_scheduler(scheduler), "new", scheduler)
 
 
 # ------------------------------------------------------------------------- save and load
-def save_backbone(denoiser: Denoiser, scheduler, folder: str | Path, meta: dict | None = None) -> None:
+def save_backbone(denoiser: Denoiser, folder: str | Path, meta: dict | None = None) -> None:
     """Write the diffusers pipeline layout (``model_index.json``, ``unet/``, ``scheduler/``)."""
     from diffusers import DDPMPipeline
 
+    if denoiser.scheduler is None:
+        raise ValueError("save_backbone: the denoiser carries no diffusers scheduler to save")
     folder = Path(folder)
-    DDPMPipeline(unet=denoiser.unet, scheduler=scheduler).save_pretrained(folder)
+    DDPMPipeline(unet=denoiser.unet, scheduler=denoiser.scheduler).save_pretrained(folder)
     if meta is not None:
         (folder / "hfedit.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
@@ -166,7 +169,7 @@ def load_backbone(source: str | Path, device: str | torch.device = "cpu") -> Den
             "hfedit needs an epsilon-prediction model."
         )
     schedule = schedule_from_scheduler(scheduler)
-    return Denoiser(unet.to(device), schedule, source).freeze()
+    return Denoiser(unet.to(device), schedule, source, scheduler).freeze()
 
 
 def describe(denoiser: Denoiser) -> dict:

@@ -52,10 +52,10 @@ class UNetConfig:
 
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     down_block_types: list[str] = field(
-        default_factory=lambda: ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"]
+        default_factory=lambda: ["DownBlock2D", "DownBlock2D", "DownBlock2D"]
     )
     up_block_types: list[str] = field(
-        default_factory=lambda: ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]
+        default_factory=lambda: ["UpBlock2D", "UpBlock2D", "UpBlock2D"]
     )
     layers_per_block: int = 1
     norm_num_groups: int = 8
@@ -77,8 +77,8 @@ class SchedulerConfig:
 
 @dataclass
 class BackboneTrainConfig:
-    steps: int = 2500
-    batch_size: int = 32
+    steps: int = 2000
+    batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 100
     ema_decay: float = 0.995
@@ -116,6 +116,62 @@ class InversionConfig:
     seed: int = 0
 
 
+# ---------------------------------------------------------------------------------- rectifier
+class RectifierTrunk(str, Enum):
+    """torchvision ResNet trunk of the rectifier's global encoder (ALGORITHMS.md section 3)."""
+
+    resnet18 = "resnet18"
+    resnet34 = "resnet34"
+
+
+class ModulationMode(str, Enum):
+    """How a conv runs with per-sample kernels ``theta * (1 + Delta_b)`` (hfedit/modulation.py).
+
+    All are exact; ``auto`` picks the fastest measured one for the device and batch size.
+    """
+
+    auto = "auto"
+    grouped = "grouped"
+    loop = "loop"
+    lowrank = "lowrank"
+
+
+@dataclass
+class RectifierConfig:
+    """The rectifier hypernetwork (paper 2312.15707, "Hypernetwork as Rectifier", appendix A).
+
+    ``targets`` names a pattern set in ``targets_file`` (include/exclude regexes over the U-Net's
+    ``named_modules()`` names); a relative ``targets_file`` is resolved against the project root,
+    then against the source checkout.
+    """
+
+    trunk: RectifierTrunk = RectifierTrunk.resnet34
+    # channels of every subnet branch (one branch per modulated conv)
+    branch_channels: int = 64
+    # width of the sinusoidal time embedding and of its MLP
+    time_embed_dim: int = 128
+    modulation: ModulationMode = ModulationMode.auto
+    targets: str = "diffusers_unet2d"
+    targets_file: str = "conf/rectifier_targets.yaml"
+
+
+# --------------------------------------------------------------------------------------- clip
+@dataclass
+class ClipConfig:
+    """CLIP for the directional loss (ALGORITHMS.md section 4); see ``hfedit.clip_loss``.
+
+    ``weights``: an open_clip pretrained tag for ``model`` ("openai", "laion2b_s34b_b79k"; needs
+    the network or a filled HF cache), or a local ``.safetensors``/``.bin``/``.pt`` state dict
+    (loaded without unpickling code), or "" for seeded random weights: edits are then not
+    semantic, and the run says so (allowed only when ``allow_random``).
+    """
+
+    model: str = "ViT-B-32"
+    weights: str = ""
+    seed: int = 0
+    allow_random: bool = True
+
+
 # ------------------------------------------------------------------------------------ runtime
 @dataclass
 class MlflowConfig:
@@ -138,6 +194,8 @@ class HfeditConfig:
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     inversion: InversionConfig = field(default_factory=InversionConfig)
+    rectifier: RectifierConfig = field(default_factory=RectifierConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 

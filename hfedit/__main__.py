@@ -1,0 +1,5 @@
+import sys
+
+from hfedit.cli import main
+
+sys.exit(main())

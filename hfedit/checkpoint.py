@@ -1,0 +1,138 @@
+"""Self-describing checkpoints: safetensors tensors + a JSON sidecar; nothing is unpickled.
+
+A checkpoint ``name`` in ``folder`` is two files:
+  ``name.safetensors``: flat ``{key: tensor}``;
+  ``name.json``: the config needed to rebuild, the library versions, and any scalars.
+Optimizer state (tensors + nested scalars) is flattened into both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+FORMAT_VERSION = 1
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages a checkpoint depends on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("hfedit", "torch", "diffusers", "open_clip_torch"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def fingerprint(obj: Any) -> str:
+    """A stable short hash of a JSON-serialisable object (configs, input digests)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+@dataclass
+class Checkpoint:
+    tensors: dict[str, Tensor]
+    meta: dict[str, Any]
+
+
+def save_checkpoint(folder: str | Path, name: str, tensors: dict[str, Tensor], meta: dict) -> None:
+    """Write ``name.safetensors`` then ``name.json`` (the JSON last: its presence marks a
+    complete checkpoint)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".safetensors.tmp")
+    os.close(fd)
+    try:
+        save_file(contiguous, tmp)
+        os.replace(tmp, folder / f"{name}.safetensors")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    full_meta = {"format_version": FORMAT_VERSION, "versions": versions(), **meta}
+    atomic_write_json(folder / f"{name}.json", full_meta)
+
+
+def load_checkpoint(folder: str | Path, name: str, device: str = "cpu") -> Checkpoint:
+    folder = Path(folder)
+    meta_path, data_path = folder / f"{name}.json", folder / f"{name}.safetensors"
+    if not meta_path.is_file() or not data_path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint '{name}' not found in {folder}: need {data_path.name} and {meta_path.name}"
+        )
+    meta = json.loads(meta_path.read_text())
+    return Checkpoint(tensors=load_file(str(data_path), device=device), meta=meta)
+
+
+def has_checkpoint(folder: str | Path, name: str) -> bool:
+    folder = Path(folder)
+    return (folder / f"{name}.json").is_file() and (folder / f"{name}.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------- optimizer state
+def flatten_optimizer(state_dict: dict, prefix: str = "optim.") -> tuple[dict[str, Tensor], dict]:
+    """Split ``optimizer.state_dict()`` into tensors (for safetensors) and JSON scalars."""
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, per_param in state_dict["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"{prefix}{idx}.{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, Tensor], meta: dict, prefix: str = "optim.") -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if not name.startswith(prefix):
+            continue
+        idx, key = name[len(prefix):].split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    for idx, per_param in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(per_param)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def prefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries of ``tensors`` under ``prefix``, with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

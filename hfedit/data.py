@@ -1,0 +1,468 @@
+"""Image files <-> normalised tensors: strict loading, bundled real faces, the prepared dataset.
+
+Every input file ends up either prepared or listed with a reason code (:data:`REASONS`) in
+``manifest.json``; nothing is dropped silently and one bad file never stops the run.
+Tensors are float32 ``(3, R, R)`` in [-1, 1] (``x = u8 / 127.5 - 1``), stored as safetensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import uuid
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from hfedit.config import DataConfig
+
+# reason code -> how the user fixes it (the message always names the file too)
+REASONS: dict[str, str] = {
+    "empty": "the file has 0 bytes; copy it again from its source or delete it",
+    "not_an_image": "keep only image files (PNG, JPEG, TIFF, WebP, ...) in the folder",
+    "truncated": "the file ends early (interrupted copy or download); copy it again",
+    "corrupt": "the image data cannot be decoded; re-export the image or delete it",
+    "too_large": "downscale the image, or raise data.max_pixels if it is genuine",
+    "unsupported_mode": "re-save the image as 8-bit RGB or greyscale",
+    "outside_root": "copy the file into the folder instead of linking to it",
+    "broken_link": "the symlink's target does not exist; fix or remove the link",
+    "not_a_file": "only regular files (or symlinks to files inside the folder) are read",
+    "unreadable": "check the file's permissions",
+}
+SPLITS = ("train", "val")
+PREVIEW_MAX = 64  # images in preview.png
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+class ImageError(ValueError):
+    """A file that cannot be used as an image; ``reason`` is a code from :data:`REASONS`."""
+
+    def __init__(self, reason: str, path: str | os.PathLike, detail: str):
+        assert reason in REASONS, reason
+        self.reason, self.path = reason, str(path)
+        super().__init__(f"{path}: {detail.rstrip('.')}. Fix: {REASONS[reason]}")
+
+
+class DatasetError(ValueError):
+    """The source as a whole is unusable (missing folder, no good image)."""
+
+
+@dataclass
+class LoadedImage:
+    """An RGB image plus what the file said: mode, (width, height) as stored, EXIF orientation."""
+
+    image: Image.Image
+    mode: str
+    size: tuple[int, int]
+    orientation: int = 1
+
+
+# --------------------------------------------------------------------------------- loading
+def load_image(path: str | os.PathLike, max_pixels: int) -> LoadedImage:
+    """Decode ``path`` fully and strictly into an RGB image with EXIF orientation applied.
+
+    Refuses (:class:`ImageError`) empty files, non-images, images whose header declares more than
+    ``max_pixels`` pixels (checked before decoding) or trips Pillow's bomb limit, truncated and
+    corrupt data. Truncation is detected by a full ``load()``; Pillow must not pad truncated files.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by some other code): truncated "
+            "files would be silently padded with grey. Set it back to False before loading."
+        )
+    path = Path(path)
+    try:
+        if not path.is_file():
+            raise ImageError("not_a_file", path, "not a regular file")
+        if path.stat().st_size == 0:
+            raise ImageError("empty", path, "empty file (0 bytes)")
+    except PermissionError as err:
+        raise ImageError("unreadable", path, f"cannot read: {err.strerror}") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size  # from the header; nothing decoded yet
+                if width * height > max_pixels:
+                    raise ImageError("too_large", path, f"header declares {width}x{height} = "
+                                     f"{width * height} pixels > data.max_pixels={max_pixels}")
+                img.load()  # full decode: raises on truncated or corrupt data
+                mode, icc = img.mode, img.info.get("icc_profile")
+                orientation = int(img.getexif().get(0x0112, 1))
+                rgb = to_rgb(ImageOps.exif_transpose(img), icc_profile=icc, name=str(path))
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError("too_large", path, f"over PIL.Image.MAX_IMAGE_PIXELS: {err}") from None
+    except UnidentifiedImageError:
+        raise ImageError("not_an_image", path, "not an image Pillow can identify") from None
+    except PermissionError as err:
+        raise ImageError("unreadable", path, f"cannot read: {err.strerror}") from None
+    except MemoryError:
+        raise
+    except Exception as err:  # plugins raise OSError, SyntaxError, ValueError, struct.error, ...
+        text = f"{type(err).__name__}: {err}"
+        if isinstance(err, EOFError) or "truncated" in str(err).lower():
+            raise ImageError("truncated", path, f"truncated image data ({text})") from None
+        if "too large" in str(err).lower():
+            raise ImageError("too_large", path, text) from None
+        raise ImageError("corrupt", path, f"cannot decode ({text})") from None
+    return LoadedImage(rgb, mode, (width, height), orientation)
+
+
+_WIDE = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
+_ALPHA = {"LA", "La", "PA", "RGBA", "RGBa"}
+_PLAIN = {"1", "L", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+
+
+def to_rgb(img: Image.Image, icc_profile: Optional[bytes] = None, name: str = "<image>") -> Image.Image:
+    """Convert any supported mode to 8-bit RGB.
+
+    Alpha (LA, PA, RGBA, transparent P) is composited on white; 16-bit ``I;16*`` and ``I`` map
+    0..65535 linearly to 0..255 (``round(v / 257)``, no clipping at 255); ``F`` maps [0, 1] to
+    0..255 when its maximum is <= 1, else is clipped to 0..255; CMYK/YCbCr/LAB/HSV use Pillow's
+    colour conversions; an embedded ICC profile (RGB, RGBA, CMYK) is converted to sRGB first.
+    """
+    if img.mode not in _WIDE | _ALPHA | _PLAIN | {"P"}:
+        raise ImageError("unsupported_mode", name, f"unsupported image mode {img.mode!r}")
+    if icc_profile and img.mode in ("RGB", "RGBA", "CMYK"):
+        img = _icc_to_srgb(img, icc_profile)
+    if img.mode in _WIDE:
+        values = np.asarray(img).astype(np.float64)  # (H, W)
+        if img.mode == "F":
+            values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+            values = values * 255.0 if values.max(initial=0.0) <= 1.0 else values
+        else:
+            values = values / 257.0  # 65535 -> 255 exactly
+        return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode == "P":
+        has_alpha = "transparency" in img.info or (img.palette and img.palette.mode == "RGBA")
+        img = img.convert("RGBA" if has_alpha else "RGB")
+    if img.mode in _ALPHA:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _icc_to_srgb(img: Image.Image, icc_profile: bytes) -> Image.Image:
+    """Colour-manage ``img`` from its embedded profile to sRGB; unchanged if the profile fails."""
+    try:
+        from PIL import ImageCms
+
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
+        srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+        out_mode = "RGBA" if img.mode == "RGBA" else "RGB"
+        return ImageCms.profileToProfile(img, source, srgb, outputMode=out_mode)
+    except Exception:  # a broken profile does not make the pixels unusable
+        return img
+
+
+# ------------------------------------------------------------------------- tensors <-> PIL
+def _square_u8(img: Image.Image, resolution: int, center_crop: bool = True) -> np.ndarray:
+    """Centred square crop (or the whole image) resized with Lanczos -> (R, R, 3) uint8."""
+    img = to_rgb(img)
+    if center_crop:  # crop first, so no pixel outside the square leaks in through the filter
+        w, h = img.size
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    out = img.resize((resolution, resolution), Image.Resampling.LANCZOS)
+    return np.array(out, dtype=np.uint8)  # (R, R, 3)
+
+
+def _u8_to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """(..., H, W, 3) uint8 -> (..., 3, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(arr).movedim(-1, -3).float().div(127.5).sub(1.0)
+
+
+def to_tensor(img: Image.Image, resolution: int, center_crop: bool = True) -> torch.Tensor:
+    """PIL image -> (3, R, R) float32 in [-1, 1]: centred square crop, then Lanczos resize
+    (antialiased when downsampling). ``center_crop=False`` squashes the whole image instead."""
+    return _u8_to_tensor(_square_u8(img, resolution, center_crop))
+
+
+def to_pil(tensor: torch.Tensor) -> Image.Image:
+    """(3, H, W) tensor in [-1, 1] -> RGB PIL image; exact inverse of :func:`to_tensor`'s scaling."""
+    if tensor.ndim != 3 or tensor.shape[0] != 3:
+        raise ValueError(f"to_pil expects a (3, H, W) tensor, got shape {tuple(tensor.shape)}")
+    x = tensor.detach().float().cpu()
+    if not torch.isfinite(x).all():
+        raise ValueError("to_pil: tensor holds NaN or inf values")
+    u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (3, H, W)
+    return Image.fromarray(u8.permute(1, 2, 0).numpy())
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary name beside ``path``, then ``os.replace`` it in place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(str(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)  # some writers (safetensors) create files 0600
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_png(tensor: torch.Tensor, path: str | os.PathLike) -> Path:
+    """Write a (3, H, W) [-1, 1] tensor as a PNG, atomically."""
+    img = to_pil(tensor)
+    return _atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def make_grid_png(tensors: torch.Tensor | Iterable[torch.Tensor], path: str | os.PathLike,
+                  nrow: int = 8) -> Path:
+    """Save (N, 3, H, W) [-1, 1] images as one PNG grid, ``nrow`` per row, white padding."""
+    from torchvision.utils import make_grid
+
+    batch = tensors if isinstance(tensors, torch.Tensor) else torch.stack(list(tensors))
+    if batch.ndim != 4 or batch.shape[0] == 0 or batch.shape[1] != 3:
+        raise ValueError(f"make_grid_png expects (N>0, 3, H, W), got {tuple(batch.shape)}")
+    grid = make_grid(batch.detach().float().cpu().clamp(-1, 1), nrow=nrow, padding=2,
+                     pad_value=1.0)  # (3, H', W')
+    return save_png(grid, path)
+
+
+# --------------------------------------------------------------------------------- sources
+ASTRONAUT_FACE = (slice(30, 230), slice(140, 340))  # rows, cols of skimage's 512x512 astronaut
+GRACE_HOPPER_FACE = (120, 60, 400, 340)  # PIL box (left, top, right, bottom) of the 512x600 photo
+LFW_FACES = 100  # lfw_subset()[:100] are faces, [100:] are not
+
+
+def bundled_images() -> Iterator[tuple[str, Image.Image]]:
+    """Yield ``(source_id, image)`` for real face photos shipped inside installed wheels
+    (nothing is downloaded): 100 LFW 25x25 grey crops, skimage's astronaut and matplotlib's
+    Grace Hopper, each cropped to the face."""
+    from matplotlib import cbook
+    from skimage import data
+
+    lfw = np.asarray(data.lfw_subset()[:LFW_FACES])  # (100, 25, 25) float64 in [0, 1]
+    for i, face in enumerate(lfw):
+        yield f"skimage/lfw_subset/{i:03d}", Image.fromarray(np.round(face * 255).astype(np.uint8))
+    yield "skimage/astronaut", Image.fromarray(np.ascontiguousarray(data.astronaut()[ASTRONAUT_FACE]))
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as grace:
+        yield "matplotlib/grace_hopper", grace.convert("RGB").crop(GRACE_HOPPER_FACE)
+
+
+@dataclass
+class FolderEntry:
+    """One file under an image folder: ``id`` is its path relative to the root (POSIX);
+    ``error`` is set when it must not be opened (symlink outside the root, fifo, ...)."""
+
+    id: str
+    path: Path
+    error: Optional[ImageError] = None
+
+
+def iter_folder(root: str | os.PathLike) -> Iterator[FolderEntry]:
+    """Every file under ``root``, recursively, sorted by relative path.
+
+    Symlinks are resolved: those leading outside ``root`` (``outside_root``), dangling ones and
+    directory symlinks are reported, never followed; special files are ``not_a_file``.
+    """
+    root = Path(root)
+    real_root = root.resolve()
+    if not real_root.is_dir():
+        raise DatasetError(f"data.source={str(root)!r}: no such folder (use a folder of images "
+                           "or 'bundled')")
+    found: list[FolderEntry] = []
+
+    def on_error(err: OSError) -> None:
+        rel = Path(err.filename).relative_to(real_root).as_posix()
+        found.append(FolderEntry(rel, root / rel, ImageError("unreadable", root / rel, str(err))))
+
+    for folder, dirs, files in os.walk(real_root, followlinks=False, onerror=on_error):
+        for name in dirs + files:
+            real = Path(folder) / name
+            rel = real.relative_to(real_root).as_posix()
+            path = root / rel
+            error = None
+            if real.is_symlink():
+                try:
+                    target = real.resolve()
+                except (OSError, RuntimeError):  # symlink loop
+                    target = real
+                if not target.is_relative_to(real_root):
+                    error = ImageError("outside_root", path,
+                                       f"symlink to {target}, outside {real_root}; not followed")
+                elif not target.exists():
+                    error = ImageError("broken_link", path, f"dangling symlink to {target}")
+                elif target.is_dir():
+                    error = ImageError("not_a_file", path, "directory symlink; not followed")
+            elif name in dirs:
+                continue  # a real sub-folder: os.walk descends into it
+            elif not real.is_file():
+                error = ImageError("not_a_file", path, "not a regular file (fifo, socket, device)")
+            found.append(FolderEntry(rel, path, error))
+    yield from sorted(found, key=lambda e: e.id)
+
+
+# -------------------------------------------------------------------------------- manifest
+@dataclass
+class ManifestRow:
+    """One input: ``status`` "ok" (then ``split``/``index`` locate its tensor) or "error"."""
+
+    id: str
+    source: str
+    status: str
+    reason: Optional[str] = None
+    message: Optional[str] = None
+    split: Optional[str] = None
+    index: Optional[int] = None
+    mode: Optional[str] = None
+    size: Optional[list[int]] = None  # [width, height] as stored in the file
+    orientation: Optional[int] = None
+
+
+@dataclass
+class Manifest:
+    """What ``prepare`` did: its config, counts, and one row per input file."""
+
+    source: str
+    config: dict
+    counts: dict
+    rows: list[ManifestRow] = field(default_factory=list)
+
+    @property
+    def refused(self) -> list[ManifestRow]:
+        return [r for r in self.rows if r.status == "error"]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        return cls(d["source"], d["config"], d["counts"], [ManifestRow(**r) for r in d["rows"]])
+
+
+def split_ids(ids: Iterable[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Seeded train/val split that depends only on the *set* of ids: ids are ranked by
+    sha256(f"{seed}:{id}") and the first ``round(val_fraction * n)`` (at least 1 when n >= 2 and
+    val_fraction > 0, at most n - 1) go to val. Returns (train, val), each sorted by id."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction={val_fraction} must lie in [0, 1)")
+    unique = sorted(set(ids))
+    n = len(unique)
+    n_val = 0 if n < 2 or val_fraction == 0 else min(n - 1, max(1, round(val_fraction * n)))
+    ranked = sorted(unique, key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
+    val = set(ranked[:n_val])
+    return [i for i in unique if i not in val], [i for i in unique if i in val]
+
+
+# --------------------------------------------------------------------------------- prepare
+def _inputs(cfg: DataConfig) -> list[tuple[str, str, Callable[[], LoadedImage]]]:
+    """(id, source, load) per input; ``load()`` returns a LoadedImage or raises ImageError."""
+    if cfg.source == "bundled":
+        def wrap(img: Image.Image) -> Callable[[], LoadedImage]:
+            return lambda: LoadedImage(to_rgb(img), img.mode, img.size)
+        return [(sid, f"bundled:{sid}", wrap(img)) for sid, img in bundled_images()]
+
+    def loader(entry: FolderEntry) -> Callable[[], LoadedImage]:
+        if entry.error is not None:
+            def fail() -> LoadedImage:
+                raise entry.error
+            return fail
+        return lambda: load_image(entry.path, cfg.max_pixels)
+    return [(e.id, str(e.path), loader(e)) for e in iter_folder(cfg.source)]
+
+
+def _save_split(images: torch.Tensor, ids: list[str], path: Path) -> None:
+    meta = {"ids": json.dumps(ids), "format": "float32 (N, 3, R, R) in [-1, 1]"}
+    _atomic_write(path, lambda tmp: save_file({"images": images.contiguous()}, tmp, metadata=meta))
+
+
+def prepare_dataset(cfg: DataConfig, out_dir: str | os.PathLike, progress: bool = True) -> Manifest:
+    """Load every input of ``cfg.source`` ("bundled" or a folder), crop/resize the good ones to
+    ``cfg.resolution``, split them (:func:`split_ids`) and write ``out_dir``/{train,val}.safetensors
+    (key "images": (N, 3, R, R) float32 in [-1, 1]), manifest.json and preview.png.
+
+    Raises :class:`DatasetError` naming the source when no input is a usable image (the manifest
+    listing every refusal is written first).
+    """
+    if cfg.resolution <= 0 or cfg.max_pixels <= 0:
+        raise ValueError(f"data.resolution={cfg.resolution} and data.max_pixels={cfg.max_pixels} "
+                         "must be positive")
+    split_ids([], cfg.val_fraction, cfg.seed)  # validates val_fraction early
+    out = Path(out_dir)
+    rows: list[ManifestRow] = []
+    pixels: dict[str, np.ndarray] = {}  # id -> (R, R, 3) uint8
+    inputs = _inputs(cfg)
+    for id_, source, load in tqdm(inputs, desc="prepare", unit="file", disable=not progress):
+        try:
+            loaded = load()
+        except ImageError as err:
+            rows.append(ManifestRow(id_, source, "error", err.reason, str(err)))
+            continue
+        pixels[id_] = _square_u8(loaded.image, cfg.resolution, cfg.center_crop)
+        rows.append(ManifestRow(id_, source, "ok", mode=loaded.mode, size=list(loaded.size),
+                                orientation=loaded.orientation))
+
+    train, val = split_ids(pixels, cfg.val_fraction, cfg.seed)
+    where = {i: ("train", k) for k, i in enumerate(train)} | {i: ("val", k) for k, i in enumerate(val)}
+    for row in rows:
+        if row.status == "ok":
+            row.split, row.index = where[row.id]
+    reasons = Counter(r.reason for r in rows if r.status == "error")
+    counts = {"inputs": len(rows), "ok": len(pixels), "error": sum(reasons.values()),
+              "train": len(train), "val": len(val), "reasons": dict(sorted(reasons.items()))}
+    manifest = Manifest(cfg.source, dataclasses.asdict(cfg), counts, rows)
+    if not pixels:
+        write_manifest(manifest, out)
+        summary = ", ".join(f"{k}: {v}" for k, v in counts["reasons"].items()) or "no files"
+        raise DatasetError(f"data.source={cfg.source!r}: none of its {len(rows)} files is a usable "
+                           f"image ({summary}); see {out / 'manifest.json'}")
+    res = cfg.resolution
+    tensors = {}
+    for name, ids in (("train", train), ("val", val)):
+        stacked = np.stack([pixels[i] for i in ids]) if ids else np.zeros((0, res, res, 3), np.uint8)
+        tensors[name] = _u8_to_tensor(stacked)  # (N, 3, R, R)
+        _save_split(tensors[name], ids, out / f"{name}.safetensors")
+    make_grid_png(tensors["train"][:PREVIEW_MAX], out / "preview.png", nrow=8)
+    write_manifest(manifest, out)
+    return manifest
+
+
+def write_manifest(manifest: Manifest, out_dir: str | os.PathLike) -> Path:
+    """Write ``out_dir``/manifest.json atomically."""
+    text = json.dumps(manifest.to_dict(), indent=1)
+    return _atomic_write(Path(out_dir) / "manifest.json", lambda tmp: Path(tmp).write_text(text))
+
+
+def load_manifest(prepared_dir: str | os.PathLike) -> Manifest:
+    """Read ``prepared_dir``/manifest.json."""
+    path = Path(prepared_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the prepare stage (stages/prepare.py)")
+    return Manifest.from_dict(json.loads(path.read_text()))
+
+
+def load_split(prepared_dir: str | os.PathLike, split: str) -> torch.Tensor:
+    """Read one split: (N, 3, R, R) float32 in [-1, 1] (N may be 0 for val)."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: expected one of {SPLITS}")
+    path = Path(prepared_dir) / f"{split}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the prepare stage (stages/prepare.py)")
+    with safe_open(str(path), framework="pt") as f:
+        images = f.get_tensor("images")
+    if images.dtype != torch.float32 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"{path}: 'images' is {images.dtype} {tuple(images.shape)}, "
+                         "expected float32 (N, 3, R, R)")
+    return images

@@ -1,0 +1,44 @@
+"""DVC stage ``prepare``: image folder (or the bundled faces) -> normalised tensors + manifest.
+
+    python stages/prepare.py --out data/prepared [--set data.source=data/raw --set data.resolution=64]
+
+Writes ``<out>/train.safetensors``, ``<out>/val.safetensors``, ``<out>/manifest.json`` (every input,
+prepared or refused with its reason) and ``<out>/preview.png``. Settings: ``data`` in params.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hfedit.config import ConfigError, load_config
+from hfedit.data import DatasetError, Manifest, prepare_dataset
+from pipelines.tracking import stage_run
+
+
+def main(argv: list[str] | None = None) -> Manifest:
+    """Parse arguments, load the config, prepare the dataset; returns the manifest."""
+    parser = argparse.ArgumentParser(description="Prepare the image dataset (DVC stage).")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (dvc.yaml outs)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="config override, e.g. data.resolution=64")
+    args = parser.parse_args(argv)
+    cfg = load_config(overrides=args.overrides)
+    with stage_run(cfg, "prepare") as tracker:
+        manifest = prepare_dataset(cfg.data, args.out)
+        counts = manifest.counts
+        tracker.log_metrics({f"prepare/{k}": v for k, v in counts.items() if k != "reasons"}, 0)
+        tracker.log_artifact(args.out / "manifest.json")
+        tracker.log_artifact(args.out / "preview.png", "plots")
+    why = ", ".join(f"{reason}: {n}" for reason, n in counts["reasons"].items())
+    print(f"prepare: {counts['ok']} prepared ({counts['train']} train, {counts['val']} val), "
+          f"{counts['error']} refused{f' ({why})' if why else ''} -> {args.out}/manifest.json")
+    return manifest
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, DatasetError) as err:
+        sys.exit(f"prepare: {err}")

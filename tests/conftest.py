@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny real models on the CPU and real images that ship inside packages."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hfedit.backbone import Denoiser, new_denoiser
+from hfedit.config import HfeditConfig
+
+RES = 32
+
+
+def real_faces(n: int, resolution: int = RES) -> torch.Tensor:
+    """``n`` real photographs at ``resolution`` in [-1, 1]: scikit-image's astronaut and LFW
+    face crops (both ship inside the scikit-image wheel)."""
+    from skimage import data
+
+    astro = torch.tensor(data.astronaut()[30:230, 140:340], dtype=torch.float32).permute(2, 0, 1)
+    lfw = torch.tensor(np.asarray(data.lfw_subset()[: max(n - 1, 0)]), dtype=torch.float32)
+    faces = [F.interpolate(astro[None] / 255.0, size=resolution, mode="bicubic", antialias=True)]
+    if n > 1:
+        grey = lfw[:, None].repeat(1, 3, 1, 1)
+        faces.append(F.interpolate(grey, size=resolution, mode="bicubic", align_corners=False))
+    return (torch.cat(faces)[:n].clamp(0, 1) * 2 - 1).contiguous()
+
+
+@pytest.fixture(scope="session")
+def faces() -> torch.Tensor:
+    return real_faces(4)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> HfeditConfig:
+    return HfeditConfig()
+
+
+@pytest.fixture(scope="session")
+def random_denoiser(tiny_cfg) -> Denoiser:
+    """The default tiny UNet2DModel architecture with seeded random weights."""
+    torch.manual_seed(0)
+    return new_denoiser(tiny_cfg.backbone, RES).freeze()
+
+
+@pytest.fixture(scope="session")
+def trained_denoiser(tiny_cfg, tmp_path_factory) -> Denoiser:
+    """The tiny backbone briefly trained on real faces (a model whose eps means something)."""
+    from hfedit.backbone_train import train_backbone
+
+    cfg = tiny_cfg.backbone
+    cfg = type(cfg)(**{**cfg.__dict__, "train": type(cfg.train)(
+        **{**cfg.train.__dict__, "steps": 120, "warmup_steps": 10, "checkpoint_every": 1000}
+    )})
+    result = train_backbone(cfg, real_faces(64), tmp_path_factory.mktemp("bb"), show_progress=False)
+    return result.denoiser

@@ -1,0 +1,55 @@
+"""Typed config: defaults, params.yaml, profile presets, overrides; typos fail by key name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hfedit.config import ConfigError, load_config, to_flat_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_project_params_load_with_tiny_profile():
+    cfg = load_config(ROOT / "params.yaml", conf_dir=ROOT / "conf")
+    assert cfg.profile == "tiny" and cfg.backbone.source == "train"
+    assert cfg.data.resolution == 32
+
+
+def test_profile_preset_and_overrides_take_priority():
+    cfg = load_config(ROOT / "params.yaml", conf_dir=ROOT / "conf",
+                      overrides=["profile=celebahq256", "inversion.num_steps=100"])
+    assert cfg.backbone.source == "google/ddpm-ema-celebahq-256"
+    assert cfg.data.resolution == 256 and cfg.inversion.num_steps == 100
+
+
+@pytest.mark.parametrize("override, key", [
+    (["backbone.trian.steps=3"], "backbone.trian"),
+    (["data.resolutoin=64"], "data.resolutoin"),
+    (["backbone.train.steps=many"], "backbone.train.steps"),
+    (["backbone.scheduler.beta_schedule=cubic"], "backbone.scheduler.beta_schedule"),
+])
+def test_typo_or_wrong_type_names_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "params.yaml", conf_dir=ROOT / "conf", overrides=override)
+    assert f"'{key}'" in str(err.value) and "command line" in str(err.value)
+
+
+def test_typo_in_params_file_names_file_and_key(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("data:\n  resolution: 32\n  val_fracton: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad, conf_dir=ROOT / "conf")
+    assert "data.val_fracton" in str(err.value) and str(bad) in str(err.value)
+
+
+def test_unknown_profile_lists_known_ones():
+    with pytest.raises(ConfigError, match=r"profile 'huge'.*celebahq256"):
+        load_config(ROOT / "params.yaml", conf_dir=ROOT / "conf", profile="huge")
+
+
+def test_flat_dict_has_dotted_keys():
+    flat = to_flat_dict(load_config(ROOT / "params.yaml", conf_dir=ROOT / "conf"))
+    assert flat["backbone.train.lr"] == pytest.approx(1e-3)
+    assert flat["backbone.scheduler.beta_schedule"] == "linear"
