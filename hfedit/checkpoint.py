@@ -136,3 +136,44 @@ def unflatten_optimizer(tensors: dict[str, Tensor], meta: dict, prefix: str = "o
 def prefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """The entries of ``tensors`` under ``prefix``, with the prefix removed."""
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+# ---------------------------------------------------------------------- rectifier files
+RECTIFIER = "rectifier"
+
+
+def save_rectifier(folder: str | Path, rectifier, meta: dict | None = None) -> None:
+    """``folder/rectifier.safetensors`` + ``folder/rectifier.json`` (its RectifierConfig, the
+    target convs and kernel shapes, and ``meta``: backbone, step, fingerprint, ...)."""
+    from hfedit.config import to_flat_dict
+
+    info = {
+        "rectifier_config": to_flat_dict(rectifier.cfg),
+        "target_names": list(rectifier.target_names),
+        "kernel_shapes": [list(s) for s in rectifier.kernel_shapes],
+        **(meta or {}),
+    }
+    save_checkpoint(folder, RECTIFIER, rectifier.state_dict(), info)
+
+
+def load_rectifier(folder: str | Path, unet, device: str = "cpu"):
+    """Rebuild the rectifier saved in ``folder`` for this backbone's ``unet`` and load it.
+
+    Returns ``(rectifier, meta)``; refuses a checkpoint whose targets differ from what the
+    config finds in this backbone (a rectifier belongs to one backbone architecture)."""
+    from omegaconf import OmegaConf
+
+    from hfedit.config import RectifierConfig
+    from hfedit.rectifier import build_rectifier
+
+    ck = load_checkpoint(folder, RECTIFIER, device=device)
+    nested = OmegaConf.from_dotlist([f"{k}={v}" for k, v in ck.meta["rectifier_config"].items()])
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RectifierConfig), nested))
+    rectifier = build_rectifier(cfg, unet)
+    if list(rectifier.target_names) != ck.meta["target_names"]:
+        raise ValueError(
+            f"rectifier in {folder} was trained for other target convs than this backbone has "
+            f"({len(ck.meta['target_names'])} vs {rectifier.num_targets}); retrain it for this backbone"
+        )
+    rectifier.load_state_dict(ck.tensors)
+    return rectifier.eval(), ck.meta

@@ -155,6 +155,34 @@ class RectifierConfig:
     targets_file: str = "conf/rectifier_targets.yaml"
 
 
+class ReconLossKind(str, Enum):
+    """Reconstruction loss of the rectifier (paper appendix C): noise fitting wins there."""
+
+    noise = "noise"
+    l1 = "l1"
+    l1_dw = "l1_dw"
+
+
+@dataclass
+class PretrainConfig:
+    """``pretrain_rectifier`` stage: reconstruction training (paper eq. 3) on Ray Train."""
+
+    steps: int = 300
+    batch_size: int = 8  # per worker
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    lr_decay_every: int = 5000
+    lr_decay: float = 0.9
+    loss: ReconLossKind = ReconLossKind.noise
+    dw_weight: float = 0.1  # weight of the delta-weight penalty of loss l1_dw
+    seed: int = 0
+    checkpoint_every: int = 50
+    log_every: int = 10
+    # held-out reconstruction report: inversion + sampling steps, images
+    eval_steps: int = 50
+    eval_images: int = 16
+
+
 # --------------------------------------------------------------------------------------- clip
 @dataclass
 class ClipConfig:
@@ -181,8 +209,20 @@ class MlflowConfig:
 
 
 @dataclass
+class RayConfig:
+    # "" = start a local Ray (or join RAY_ADDRESS when set); "auto" = the running cluster
+    address: str = ""
+    num_workers: int = 2  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2  # worker-group restarts from the last checkpoint
+    torch_threads_per_worker: int = 1
+
+
+@dataclass
 class RuntimeConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     # torch threads per process; 0 = torch's default
     torch_threads: int = 0
 
@@ -195,6 +235,7 @@ class HfeditConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     inversion: InversionConfig = field(default_factory=InversionConfig)
     rectifier: RectifierConfig = field(default_factory=RectifierConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 

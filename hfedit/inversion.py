@@ -53,6 +53,16 @@ class InversionResult:
         return replace(self, xts=self.xts[:, index], zs=self.zs[:, index])
 
 
+def per_image_noise(seeds: Sequence[int], num_steps: int, shape: Sequence[int]) -> Tensor:
+    """(N, B, *shape) independent noise, image b drawn from ``torch.Generator`` seeded
+    ``seeds[b]``: the same image gets the same maps in any batch."""
+    return torch.stack(
+        [torch.randn((num_steps, *shape), generator=torch.Generator().manual_seed(int(s)))
+         for s in seeds],
+        dim=1,
+    )
+
+
 def _check_skip(skip: int, num_steps: int) -> None:
     if not 0 <= skip < num_steps:
         raise ValueError(f"skip={skip} must be in [0, num_steps={num_steps})")
@@ -67,6 +77,7 @@ def invert(
     eta: float = 1.0,
     generator: Optional[torch.Generator] = None,
     progress: Progress = None,
+    noise: Optional[Tensor] = None,
 ) -> InversionResult:
     """Edit-friendly DDPM inversion of ``x0`` (B, C, H, W) in [-1, 1].
 
@@ -74,15 +85,22 @@ def invert(
     2. From the noisiest t down: ``mu_t = mu(x_t, eps_theta(x_t, t))``,
        ``z_t = (x_s - mu_t) / sigma_t`` and ``x_s <- mu_t + sigma_t z_t`` (no float drift).
     3. The last step keeps its map; where ``sigma = 0`` the map is the residual ``x0 - mu``.
+
+    ``noise`` (N, B, C, H, W) gives the ``eps_t`` explicitly (e.g. drawn per image from a seed
+    derived from the image's id, so results do not depend on how images are batched);
+    otherwise they are drawn from ``generator``.
     """
     if not 0.0 < eta <= 1.0:
         raise ValueError(f"eta={eta} must be in (0, 1] for edit-friendly inversion")
     timesteps = schedule.timesteps(num_steps)
     prevs = Schedule.prev_timesteps(timesteps)
     # (N, B, C, H, W): independent noising of x0 at every timestep (not a Markov chain).
-    noise = torch.randn((num_steps, *x0.shape), generator=generator, dtype=x0.dtype,
-                        device=x0.device if generator is None else generator.device)
-    noise = noise.to(x0.device)
+    if noise is None:
+        noise = torch.randn((num_steps, *x0.shape), generator=generator, dtype=x0.dtype,
+                            device=x0.device if generator is None else generator.device)
+    elif noise.shape != (num_steps, *x0.shape):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}; need {(num_steps, *x0.shape)}")
+    noise = noise.to(device=x0.device, dtype=x0.dtype)
     xts = torch.empty_like(noise)
     for i, t in enumerate(timesteps):
         a = schedule.abar(t)
@@ -174,14 +192,16 @@ def ddpm_sample(
     generator: Optional[torch.Generator] = None,
     device: str | torch.device = "cpu",
     progress: Progress = None,
+    clip_x0: bool = True,
 ) -> Tensor:
-    """Ancestral sampling from pure noise with fresh Gaussian maps (the generative model)."""
+    """Ancestral sampling from pure noise with fresh Gaussian maps (the generative model);
+    ``clip_x0`` clips each step's x0 estimate to the data range, as diffusers' DDPM does."""
     gen_device = generator.device if generator is not None else device
     x = torch.randn(tuple(shape), generator=generator, device=gen_device).to(device)
     timesteps = schedule.timesteps(num_steps)
     for i, (t, s) in enumerate(zip(timesteps, Schedule.prev_timesteps(timesteps))):
         coef = schedule.step_coefficients(t, s, eta)
-        x = posterior_mean(coef, x, denoiser(x, t))
+        x = posterior_mean(coef, x, denoiser(x, t), clip_x0=clip_x0)
         if coef.sigma > 0:
             z = torch.randn(tuple(shape), generator=generator, device=gen_device).to(device)
             x = x + coef.sigma * z

@@ -122,7 +122,14 @@ def predict_x0(schedule: Schedule, x_t: Tensor, t: Tensor | int, eps: Tensor) ->
     return (x_t - (1.0 - abar).sqrt() * eps) / abar.sqrt()
 
 
-def posterior_mean(c: StepCoefficients, x_t: Tensor, eps: Tensor) -> Tensor:
-    """``mu_t(x_t, eps) = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps``."""
+def posterior_mean(c: StepCoefficients, x_t: Tensor, eps: Tensor, clip_x0: bool = False) -> Tensor:
+    """``mu_t(x_t, eps) = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps``.
+
+    ``clip_x0`` clips ``x0_hat`` to [-1, 1] and uses the noise consistent with it (diffusers'
+    ``clip_sample``); generation uses it, inversion and replay do not.
+    """
     x0_hat = (x_t - c.sqrt_one_minus_abar_t * eps) / c.sqrt_abar_t
+    if clip_x0:
+        x0_hat = x0_hat.clamp(-1.0, 1.0)
+        eps = (x_t - c.sqrt_abar_t * x0_hat) / c.sqrt_one_minus_abar_t
     return c.sqrt_abar_s * x0_hat + c.dir_coef * eps

@@ -1,0 +1,270 @@
+"""Reconstruction pretraining of the rectifier on Ray Train (DDP over ``num_workers`` ranks).
+
+    python pipelines/pretrain_rectifier.py --backbone models/backbone --data data/prepared \
+        --out models/rectifier --checkpoints checkpoints/rectifier --metrics metrics/pretrain_rectifier.json
+
+Each worker runs :func:`hfedit.training.reconstruction_step` on its shard of the training split;
+DDP (gloo on CPU, nccl on GPU) averages the rectifier's gradients. Every
+``pretrain.checkpoint_every`` steps rank 0 reports a checkpoint (safetensors + JSON); when a
+worker dies Ray restarts the group from it (``runtime.ray.max_failures``), and a rerun of the
+stage with the same config resumes from the last one. Rank 0 logs metrics to the stage's MLflow
+run. At the end the driver writes ``<out>`` and the held-out reconstruction report with and
+without the rectifier (``<metrics>``), and logs both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from hfedit.backbone import load_backbone
+from hfedit.checkpoint import (
+    RECTIFIER,
+    atomic_write_json,
+    file_digest,
+    fingerprint,
+    flatten_optimizer,
+    has_checkpoint,
+    load_checkpoint,
+    load_rectifier,
+    save_checkpoint,
+    save_rectifier,
+    unflatten_optimizer,
+)
+from hfedit.config import ConfigError, HfeditConfig, load_config, to_flat_dict
+from hfedit.data import load_split
+from pipelines.ray_runtime import init_ray
+from pipelines.tracking import stage_run
+
+STATE = "train_state"
+
+
+def _step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """Randomness of (rank, step) alone: a resumed run draws exactly what the first would."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + rank * 10_007 + step)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker: prepare -> loop over hfedit step functions -> report (+ checkpoint)."""
+    import ray.train
+    import ray.train.torch
+    from omegaconf import OmegaConf
+
+    from hfedit.rectifier import ModulatedDenoiser, build_rectifier
+    from hfedit.training import ReconstructionObjective, make_optimizer, reconstruction_step
+
+    cfg: HfeditConfig = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(HfeditConfig), config["cfg"]))
+    pc, rc = cfg.pretrain, cfg.runtime.ray
+    torch.set_num_threads(max(1, rc.torch_threads_per_worker))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if config.get("pid_dir"):  # lets operators (and tests) find and signal the workers
+        Path(config["pid_dir"]).mkdir(parents=True, exist_ok=True)
+        (Path(config["pid_dir"]) / f"rank{rank}.pid").write_text(str(os.getpid()))
+    device = ray.train.torch.get_device()
+    denoiser = load_backbone(config["backbone"], device=device)
+    rectifier = build_rectifier(cfg.rectifier, denoiser.unet)
+    opt, lr_sched = make_optimizer(rectifier, pc.lr, pc.weight_decay, pc.lr_decay_every, pc.lr_decay)
+
+    start, restarts = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            ck = load_checkpoint(folder, STATE)
+            rectifier.load_state_dict({k[4:]: v for k, v in ck.tensors.items() if k.startswith("rec.")})
+            opt.load_state_dict(unflatten_optimizer(ck.tensors, ck.meta["optim"]))
+            lr_sched.load_state_dict(ck.meta["lr_sched"])
+            start, restarts = int(ck.meta["step"]), int(ck.meta.get("restarts", 0)) + 1
+    objective = ray.train.torch.prepare_model(
+        ReconstructionObjective(ModulatedDenoiser(denoiser, rectifier), pc.loss, pc.dw_weight),
+        parallel_strategy="ddp")
+    images = load_split(config["data"], "train")[rank::world].to(device)  # this rank's shard
+    tracker = _rank0_tracker(config) if rank == 0 else None
+    T = denoiser.schedule.num_train_timesteps
+
+    for step in range(start, pc.steps):
+        gen = _step_generator(pc.seed, rank, step)
+        idx = torch.randint(0, images.shape[0], (pc.batch_size,), generator=gen)
+        stats = reconstruction_step(objective, opt, images[idx.to(device)], gen, T)
+        lr_sched.step()
+        done = step + 1
+        metrics = {"loss": stats.loss, "noise_mse": stats.noise_mse,
+                   "plain_noise_mse": stats.plain_noise_mse, "delta_rms": stats.delta_rms,
+                   "lr": lr_sched.get_last_lr()[0], "step": done, "restarts": restarts}
+        if tracker is not None and (done % pc.log_every == 0 or done == pc.steps):
+            tracker.log_metrics({f"pretrain/{k}": v for k, v in metrics.items() if k != "step"},
+                                step=done)
+        if done % pc.checkpoint_every == 0 or done == pc.steps:
+            with tempfile.TemporaryDirectory() as tmp:
+                ckpt = None
+                if rank == 0:
+                    opt_tensors, opt_meta = flatten_optimizer(opt.state_dict())
+                    tensors = {f"rec.{k}": v for k, v in rectifier.state_dict().items()}
+                    tensors.update(opt_tensors)
+                    save_checkpoint(tmp, STATE, tensors, {
+                        "step": done, "optim": opt_meta, "lr_sched": lr_sched.state_dict(),
+                        "restarts": restarts, "run_fingerprint": config["fingerprint"],
+                        "metrics": metrics})
+                    save_rectifier(tmp, rectifier, {"step": done, "backbone": config["backbone"]})
+                    ckpt = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(metrics, checkpoint=ckpt)
+        elif done % pc.log_every == 0:
+            ray.train.report(metrics)
+
+
+def _rank0_tracker(config: dict):
+    """Rank 0 logs into the stage's MLflow run, which the driver created."""
+    if not config.get("mlflow_run_id"):
+        return None
+    import mlflow
+
+    mlflow.set_tracking_uri(config["mlflow_uri"])
+    client = mlflow.MlflowClient()
+    run_id = config["mlflow_run_id"]
+
+    class _Tracker:
+        def log_metrics(self, metrics: dict, step: int) -> None:
+            from mlflow.entities import Metric
+            import time
+
+            now = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    return _Tracker()
+
+
+# ------------------------------------------------------------------------------- driver
+def latest_checkpoint(storage: Path, run_fingerprint: str):
+    """The newest reported checkpoint of a run with this fingerprint under ``storage``."""
+    import ray.train
+
+    best, best_step = None, -1
+    for meta_file in storage.glob(f"**/{STATE}.json"):
+        meta = json.loads(meta_file.read_text())
+        if meta.get("run_fingerprint") == run_fingerprint and meta["step"] > best_step:
+            if has_checkpoint(meta_file.parent, STATE):
+                best, best_step = meta_file.parent, meta["step"]
+    return (ray.train.Checkpoint.from_directory(str(best)), best_step) if best else (None, 0)
+
+
+def train(cfg: HfeditConfig, backbone: Path, data: Path, out: Path, checkpoints: Path,
+          mlflow_run_id: str = "", mlflow_uri: str = "", pid_dir: str = "") -> dict:
+    """Run the TorchTrainer; copy the final rectifier to ``out``. Returns the final metrics."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    rc = cfg.runtime.ray
+    run_fp = fingerprint({"pretrain": to_flat_dict(cfg.pretrain), "rectifier": to_flat_dict(cfg.rectifier),
+                          "backbone": file_digest(backbone / "unet" / "diffusion_pytorch_model.safetensors"),
+                          "data": file_digest(data / "train.safetensors"), "workers": rc.num_workers})
+    storage = checkpoints.resolve()
+    resume, resume_step = latest_checkpoint(storage, run_fp)
+    if resume is not None and resume_step >= cfg.pretrain.steps:  # finished before: nothing to do
+        with resume.as_directory() as folder:
+            _export(Path(folder), out)
+            meta = load_checkpoint(folder, STATE).meta
+        return {**meta.get("metrics", {}), "resumed_from_step": resume_step,
+                "restarts": meta.get("restarts", 0)}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": _config_dict(cfg), "backbone": str(backbone.resolve()),
+            "data": str(data.resolve()), "fingerprint": run_fp, "mlflow_run_id": mlflow_run_id,
+            "mlflow_uri": mlflow_uri, "pid_dir": pid_dir,
+        },
+        torch_config=TorchConfig(backend="nccl" if rc.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=rc.num_workers, use_gpu=rc.use_gpu,
+                                     resources_per_worker={"CPU": rc.cpus_per_worker}),
+        run_config=RunConfig(
+            name=f"pretrain_rectifier-{run_fp}", storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=rc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        resume_from_checkpoint=resume,
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("pretrain_rectifier: training reported no checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        _export(Path(folder), out)
+        state_meta = load_checkpoint(folder, STATE).meta
+    return {**state_meta["metrics"], "resumed_from_step": resume_step,
+            "restarts": state_meta.get("restarts", 0)}
+
+
+def _export(folder: Path, out: Path) -> None:
+    """Copy the rectifier files of a reported checkpoint to the stage's output folder."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for suffix in (".safetensors", ".json"):
+        shutil.copy2(folder / f"{RECTIFIER}{suffix}", out / f"{RECTIFIER}{suffix}")
+
+
+def _config_dict(cfg: HfeditConfig) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+
+
+def evaluate(cfg: HfeditConfig, backbone: Path, data: Path, rectifier_dir: Path) -> dict:
+    """Held-out reconstruction at ``pretrain.eval_steps``: backbone vs rectifier."""
+    from hfedit.evaluation import reconstruction_report
+
+    torch.manual_seed(0)
+    denoiser = load_backbone(backbone)
+    rectifier, _ = load_rectifier(rectifier_dir, denoiser.unet)
+    images = load_split(data, "val")[: cfg.pretrain.eval_images]
+    n = cfg.pretrain.eval_steps
+    plain = reconstruction_report(denoiser, images, n)
+    rect = reconstruction_report(denoiser, images, n, rectifier=rectifier)
+    return {"num_steps": n, "images": int(images.shape[0]), "backbone": plain, "rectifier": rect,
+            "improvement": {k: plain[k] - rect[k] for k in ("l1", "l2", "gap")}}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description="Rectifier reconstruction pretraining (Ray Train).")
+    parser.add_argument("--backbone", type=Path, default=Path("models/backbone"))
+    parser.add_argument("--data", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--out", type=Path, default=Path("models/rectifier"))
+    parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints/rectifier"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/pretrain_rectifier.json"))
+    parser.add_argument("--pid-dir", default="", help="workers write rank<k>.pid here")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    cfg = load_config(overrides=args.overrides)
+    init_ray(cfg)
+    from pipelines.tracking import tracking_uri
+
+    with stage_run(cfg, "pretrain_rectifier") as tracker:
+        final = train(cfg, args.backbone, args.data, args.out, args.checkpoints,
+                      mlflow_run_id=tracker.run_id, mlflow_uri=tracking_uri(cfg), pid_dir=args.pid_dir)
+        report = evaluate(cfg, args.backbone, args.data, args.out)
+        report["training"] = {k: final[k] for k in ("loss", "noise_mse", "plain_noise_mse",
+                                                    "step", "restarts", "resumed_from_step")}
+        atomic_write_json(args.metrics, report)
+        for model in ("backbone", "rectifier"):
+            tracker.log_metrics({f"recon_{model}/{k}": v for k, v in report[model].items()},
+                                step=cfg.pretrain.steps)
+        tracker.log_artifacts(args.out, "rectifier")
+        tracker.log_artifact(args.metrics)
+    imp = report["improvement"]
+    print(f"pretrain_rectifier: held-out L1 {report['backbone']['l1']:.4f} -> "
+          f"{report['rectifier']['l1']:.4f}, gap {report['backbone']['gap']:.4f} -> "
+          f"{report['rectifier']['gap']:.4f} (better by {imp['l1']:.4f} / {imp['gap']:.4f})")
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as err:
+        sys.exit(f"pretrain_rectifier: {err}")

@@ -1,0 +1,32 @@
+"""Joining or starting Ray the same way from every entry point.
+
+``runtime.ray.address`` "" starts a local Ray (or joins ``RAY_ADDRESS`` when set, which is what
+``ray job submit`` does for the driver); "auto" or "host:port" joins a running cluster.
+Local clusters bind 127.0.0.1 only and have no token auth (see DESIGN.md's pitfalls).
+"""
+
+from __future__ import annotations
+
+import os
+
+from hfedit.config import HfeditConfig, project_root
+
+
+def init_ray(cfg: HfeditConfig, num_cpus: int | None = None):
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = cfg.runtime.ray.address or os.environ.get("RAY_ADDRESS") or None
+    # Workers import hfedit/pipelines from the project even when started from elsewhere.
+    runtime_env = {"env_vars": {"HFEDIT_ROOT": str(project_root()),
+                                "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}}
+    if address is None:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
+                 _node_ip_address="127.0.0.1", log_to_driver=True)
+    else:
+        ray.init(address=address, runtime_env=runtime_env)
+    return ray
