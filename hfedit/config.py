@@ -167,7 +167,7 @@ class ReconLossKind(str, Enum):
 class PretrainConfig:
     """``pretrain_rectifier`` stage: reconstruction training (paper eq. 3) on Ray Train."""
 
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 8  # per worker
     lr: float = 1e-3
     weight_decay: float = 1e-5
@@ -200,6 +200,98 @@ class ClipConfig:
     allow_random: bool = True
 
 
+# -------------------------------------------------------------------------------------- edits
+class EditMethod(str, Enum):
+    """How an attribute's edit rectifier is trained (ALGORITHMS.md section 4)."""
+
+    # the paper's Algorithm 1: every step from the original trajectory x_t ~ q(x_t | x0)
+    score_matching = "score_matching"
+    # DiffusionCLIP-style baseline: DDIM-invert to t0, run the modulated chain to 0 with gradients
+    markovian = "markovian"
+
+
+@dataclass
+class AttributeConfig:
+    """One attribute of stage ``train_edits``: texts, loss weights and optimisation (paper eq. 6,
+    Algorithm 1). Adam without weight decay, lr x``decay`` every ``decay_every`` steps;
+    ``num_images`` training images (all of the training split when it has fewer)."""
+
+    source: str = "a face"
+    target: str = ""
+    lambda_clip: float = 1.0
+    lambda_recon: float = 1.0
+    lr: float = 1e-3
+    decay_every: int = 10
+    decay: float = 0.9
+    steps: int = 40
+    num_images: int = 100
+    batch_size: int = 4
+    method: EditMethod = EditMethod.score_matching
+    seed: int = 0
+
+
+@dataclass
+class MarkovianConfig:
+    """The Markovian baseline (DiffusionCLIP): DDIM-invert x0 with the backbone to ``t0`` in
+    ``inversion_steps`` steps (once per image), then run the modulated DDIM chain ``t0 -> 0`` in
+    ``train_steps`` steps with gradients through all of them (DiffusionCLIP's n_train_step)."""
+
+    t0: int = 500
+    inversion_steps: int = 10
+    train_steps: int = 4
+
+
+@dataclass
+class EditAblationConfig:
+    """Stage ``edit_ablation`` (the paper's Fig. 6): train ``attribute`` with both methods at an
+    equal budget (``steps``; 0 = the attribute's own) and evaluate both on ``eval_images``
+    held-out images, edited with ``inversion`` settings. Identity similarity needs faces of at
+    least ``min_face_px`` pixels."""
+
+    enabled: bool = True
+    attribute: str = "smiling"
+    steps: int = 0
+    eval_images: int = 8
+    min_face_px: int = 40
+
+
+@dataclass
+class EditsConfig:
+    """Stages ``train_edits`` (one Ray task per entry of ``attributes``) and ``edit_ablation``."""
+
+    attributes: dict[str, AttributeConfig] = field(default_factory=dict)
+    markovian: MarkovianConfig = field(default_factory=MarkovianConfig)
+    ablation: EditAblationConfig = field(default_factory=EditAblationConfig)
+    log_every: int = 5
+
+
+# --------------------------------------------------------------------------------- edit_batch
+@dataclass
+class EditBatchConfig:
+    """Stage ``edit_batch`` (Ray Data, ``pipelines/edit_batch.py``): invert every input image once
+    and replay it per attribute.
+
+    ``attributes``: ``reconstruction`` (the backbone alone: the input back) and/or names with an
+    edit rectifier in ``edits_dir/<name>/``. Image ``id``'s noise is seeded by
+    sha256(f"{inversion.seed}:{id}") and every image is processed on its own, so the outputs do
+    not depend on the settings below, which only set speed: ``actors`` Ray Data actors (each loads
+    the backbone and the rectifiers once), ``batch_size`` images per call, ``num_cpus`` /
+    ``num_gpus`` and ``torch_threads`` per actor. Keep ``actors * num_cpus`` at most the
+    cluster's CPUs.
+    """
+
+    attributes: list[str] = field(default_factory=lambda: ["reconstruction"])
+    edits_dir: str = "models/edits"
+    actors: int = 2
+    batch_size: int = 4
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    torch_threads: int = 1
+    # Ray Data restarts a dead actor and retries its batch; an image on which workers died this
+    # many times is reported as worker_crashed instead of being retried forever.
+    max_attempts: int = 2
+
+
 # ------------------------------------------------------------------------------------ runtime
 @dataclass
 class MlflowConfig:
@@ -217,6 +309,9 @@ class RayConfig:
     cpus_per_worker: float = 1.0
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     torch_threads_per_worker: int = 1
+    # one Ray task per attribute in train_edits / per method in edit_ablation
+    edit_task_cpus: float = 1.0
+    edit_task_gpus: float = 0.0
 
 
 @dataclass
@@ -237,6 +332,8 @@ class HfeditConfig:
     rectifier: RectifierConfig = field(default_factory=RectifierConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
+    edits: EditsConfig = field(default_factory=EditsConfig)
+    edit_batch: EditBatchConfig = field(default_factory=EditBatchConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 

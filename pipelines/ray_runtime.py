@@ -25,7 +25,8 @@ def init_ray(cfg: HfeditConfig, num_cpus: int | None = None):
                                 "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}}
     if address is None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env=runtime_env,
                  _node_ip_address="127.0.0.1", log_to_driver=True)
     else:
         ray.init(address=address, runtime_env=runtime_env)
