@@ -13,8 +13,8 @@ and its blocks are never copied.
 Three exact ways to run a conv with per-sample kernels (:class:`ModulationMode`):
 
 * ``grouped``: one conv with ``groups=B`` over the (1, B*C_in, H, W) input and the materialised
-  kernels (B*C_out, C_in, kh, kw);
-* ``loop``: one conv per sample (the reference);
+  kernels (B*C_out, C_in, kh, kw) (a 1x1 conv: one ``bmm``; B=1: the plain conv);
+* ``loop``: one conv per sample, plain autograd (the reference);
 * ``lowrank``: no per-sample kernel at all. Because every tap's offset is rank one,
 
       conv(x, theta_hat_b) = conv(x, theta) + sum_{h,w} B_b[h,w] * (theta[:, :, h, w] @ (A_b[h,w] * x_{h,w}))
@@ -299,11 +299,24 @@ _PATHS = {
 
 
 def resolve_mode(mode: ModulationMode | str, device: torch.device, batch: int) -> ModulationMode:
-    """The concrete path for ``auto``.
+    """The concrete path for ``auto``: ``grouped`` on every device and batch size.
 
-    CPU (2 threads, tiny 32x32 backbone, benchmarks/rectifier.py): see the table in that file's
-    docstring; ``grouped`` won forward and forward+backward at B=1 and B=8.
-    CUDA: not measured here; ``grouped`` (one kernel launch per layer, cuDNN grouped conv).
+    Measured with ``benchmarks/rectifier.py`` on the 2-core CPU (tiny 32x32 backbone, 24
+    targets, 1 thread, best of interleaved runs), ratio to the plain backbone pass (fwd) or to
+    a plain training step (fwd+bwd):
+
+        path      B=1 fwd  B=1 fwd+bwd  B=8 fwd  B=8 fwd+bwd   B=8 step memory
+        grouped    1.16x      1.21x      1.28x      1.15x        102 MB
+        loop       1.14x      1.07x      1.42x      1.36x         97 MB
+        lowrank    2.30x      2.62x      2.25x      2.30x        110 MB
+
+    At B=1 ``grouped`` runs the very conv the loop runs (one sample, one kernel); from B=2 on it
+    beats the loop, and the loop is never chosen (DESIGN.md: no Python loop over the batch).
+    ``lowrank`` does twice the conv FLOPs plus per-tap elementwise work, but never builds the
+    (B, C_out, C_in, kh, kw) kernels that ``grouped`` keeps for backward (B x 74.5M floats for
+    the CelebA-HQ-256 U-Net's 63 targets, 2.4 GB at B=8): choose it explicitly when those do
+    not fit. CUDA: not measured (no GPU here); ``grouped`` (cuDNN grouped conv, one launch per
+    layer) until the benchmark says otherwise.
     """
     mode = ModulationMode(mode)
     if mode is not ModulationMode.auto:

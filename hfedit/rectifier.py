@@ -125,9 +125,9 @@ class Rectifier(nn.Module):
         n, c = self.num_targets, self.cfg.branch_channels
         feat = self.trunk(torch.cat([x0, p_t.clamp(-1.0, 1.0)], dim=1))  # (B, 512, H/32, W/32)
         temb = self.time_embedding(_timesteps(t, bsz, x0.device))  # (B, D)
-        h = self.branch_conv1(feat)  # (B, n*c, H/64, W/64)
+        h = self.branch_conv1(feat)  # (B, n*c, H/64, W/64), at least 1x1
         h = h + self.branch_time(F.silu(temb))[:, :, None, None]
-        h = self.branch_conv2(F.silu(h))  # (B, n*c, H/128, W/128), grouped per branch
+        h = self.branch_conv2(F.silu(h))  # (B, n*c, H/128, W/128), at least 1x1; per branch
         h = F.adaptive_avg_pool2d(F.silu(h), 1).view(bsz, n, c)  # (B, n, c)
         out: dict[str, ConvFactors] = {}
         for g, (name, (co, ci, kh, kw)) in enumerate(zip(self.target_names, self.kernel_shapes)):
@@ -169,14 +169,17 @@ def modulated_eps(denoiser: nn.Module, factors: dict[str, ConvFactors], x_t: Ten
 
 
 def rectified_step(denoiser: nn.Module, rectifier: Rectifier, x_t: Tensor, t: Tensor | int,
-                   x0: Tensor, mode: ModulationMode | str = ModulationMode.auto,
+                   x0: Tensor, mode: ModulationMode | str | None = None,
                    reuse_prefix: bool = True) -> RectifiedStep:
     """Plain pass for ``P_t`` (no grad), hypernetwork, modulated pass: ALGORITHMS.md section 3.
 
     ``x_t``, ``x0``: (B, C, H, W); ``t``: int or (B,). Cost: two U-Net passes plus the rectifier,
     less the part of the modulated pass before the first target (the down path of a U-Net
     modulated in its middle and up blocks): with ``reuse_prefix`` the modulated pass takes those
-    outputs from the plain pass (exact, see :func:`hfedit.modulation.record_prefix`).
+    outputs from the plain pass (exact, see :func:`hfedit.modulation.record_prefix`); not when
+    ``x_t`` requires grad (the recorded outputs carry no graph). Gradients reach ``x_t`` through
+    the modulated pass only (``P_t`` is a constant input of the rectifier).
+    ``mode``: the modulation path; None = ``rectifier.cfg.modulation``.
     """
     if x_t.shape != x0.shape:
         raise ValueError(f"x_t {tuple(x_t.shape)} and x0 {tuple(x0.shape)} differ in shape")
@@ -185,7 +188,9 @@ def rectified_step(denoiser: nn.Module, rectifier: Rectifier, x_t: Tensor, t: Te
         eps_plain = denoiser(x_t, t)  # (B, C, H, W)
     p_t = predict_x0(denoiser.schedule, x_t, t, eps_plain)
     factors = rectifier(x0, p_t, t)
-    eps_hat = modulated_eps(denoiser, factors, x_t, t, mode, reuse=prefix if reuse_prefix else None)
+    mode = rectifier.cfg.modulation if mode is None else mode
+    reuse = reuse_prefix and not (torch.is_grad_enabled() and x_t.requires_grad)
+    eps_hat = modulated_eps(denoiser, factors, x_t, t, mode, reuse=prefix if reuse else None)
     return RectifiedStep(eps_hat, eps_plain, p_t, factors)
 
 
@@ -193,19 +198,20 @@ class ModulatedDenoiser(nn.Module):
     """The frozen backbone and its rectifier: ``eps_hat = md(x_t, t, x0)``.
 
     Freezes the backbone (``requires_grad=False``, eval mode, also after ``.train()``); only
-    the rectifier's parameters train. Checkpoint ``md.rectifier.state_dict()``.
+    the rectifier's parameters train. Checkpoint ``md.rectifier.state_dict()``. ``mode``: the
+    modulation path; None = ``rectifier.cfg.modulation``.
     ``md.conditioned(x0)`` is an ordinary ``eps = d(x_t, t)`` denoiser for sampling/replay.
     """
 
     def __init__(self, denoiser: nn.Module, rectifier: Rectifier,
-                 mode: ModulationMode | str = ModulationMode.auto) -> None:
+                 mode: ModulationMode | str | None = None) -> None:
         super().__init__()
         missing = [n for n in rectifier.target_names if not _is_conv(denoiser.unet, n)]
         if missing:
             raise ValueError(f"rectifier targets not in this backbone: {missing[:5]}")
         self.denoiser = denoiser.freeze()
         self.rectifier = rectifier
-        self.mode = ModulationMode(mode)
+        self.mode = ModulationMode(rectifier.cfg.modulation if mode is None else mode)
 
     @property
     def schedule(self):

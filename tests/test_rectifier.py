@@ -14,7 +14,6 @@ from hfedit.modulation import (
     ConvFactors,
     find_targets,
     load_target_patterns,
-    modulate,
     modulated_conv,
     patterns_from_config,
 )
@@ -155,6 +154,18 @@ def test_every_path_has_the_loops_gradients(random_denoiser, small, faces):
     assert scale > 0
     for mode in ("grouped", "lowrank"):
         assert (grads[mode] - grads["loop"]).abs().max().item() <= 1e-5 * max(scale, 1.0), mode
+
+
+def test_gradient_reaches_x_t_through_the_modulated_pass(random_denoiser, small, faces):
+    """With x_t requiring grad (a Markovian chain) the down path is recomputed, not reused."""
+    rect = perturbed(small)
+    x_t, t = noisy(random_denoiser, faces)
+    grads = []
+    for reuse in (True, False):
+        x = x_t.clone().requires_grad_()
+        rectified_step(random_denoiser, rect, x, t, faces, reuse_prefix=reuse).eps_hat.sum().backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().max() > 0
 
 
 @pytest.mark.parametrize("kernel,stride,padding,dilation", [
