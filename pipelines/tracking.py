@@ -98,3 +98,25 @@ def stage_run(cfg: HfeditConfig, stage: str, tags: dict[str, Any] | None = None)
             tracker.log_artifact(cfg_file)
         log.info("MLflow run %s (%s) in %s", run.info.run_id, stage, mlflow.get_tracking_uri())
         yield tracker
+
+
+def experiment_id(cfg: HfeditConfig) -> str:
+    """The id of the configured experiment in the configured store (created when missing)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    return _experiment_id(mlflow, cfg)
+
+
+@contextlib.contextmanager
+def child_run(uri: str, experiment_id: str, parent_run_id: str, name: str,
+              tags: dict[str, Any] | None = None) -> Iterator[StageRun]:
+    """A run nested under ``parent_run_id`` (tag ``mlflow.parentRunId``), started in whatever
+    process does the work (a Ray task: one per attribute under the stage's run). Ends FAILED
+    when the block raises."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    run_tags = {"mlflow.parentRunId": parent_run_id, **{k: str(v) for k, v in (tags or {}).items()}}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=run_tags) as run:
+        yield StageRun(mlflow, run)

@@ -1,0 +1,258 @@
+"""DVC stage ``edit_ablation``: score-matching vs Markovian edit training (the paper's Fig. 6).
+
+    python pipelines/edit_ablation.py --backbone models/backbone --rectifier models/rectifier \
+        --data data/prepared --metrics metrics/edit_ablation.json --plots plots/edit_ablation
+
+Trains ``edits.ablation.attribute`` twice from the same reconstruction rectifier, once per
+method, at an equal budget (``edits.ablation.steps`` optimisation steps of the attribute's batch
+size; 0 = the attribute's own ``steps``), as two Ray tasks in parallel, each an MLflow run nested
+under the stage's. Both are then evaluated on the first ``eval_images`` held-out (val) images,
+edited the same way (edit-friendly inversion with the ``inversion`` settings, the same seeds,
+replay through each rectifier): directional CLIP similarity (edit strength) and fidelity to the
+source (L1, SSIM, PSNR, dlib identity where faces reach ``min_face_px``). The replay through the
+reconstruction rectifier is reported beside them as the no-edit reference. Writes ``<metrics>``
+and ``<plots>/grid.png`` (rows: source, reconstruction rectifier, score matching, Markovian).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from hfedit.checkpoint import atomic_write_json
+from hfedit.config import ConfigError, EditMethod, HfeditConfig, load_config, to_flat_dict
+from pipelines.train_edits import (
+    NOT_SEMANTIC,
+    announce_random_clip,
+    clip_tags,
+    config_dict,
+    config_from_dict,
+    load_inputs,
+    mlflow_child,
+    summarise,
+    task_error,
+    train_logged,
+)
+
+log = logging.getLogger("hfedit.edit_ablation")
+STAGE = "edit_ablation"
+METHODS = (EditMethod.score_matching, EditMethod.markovian)
+REFERENCE = "reconstruction_rectifier"
+
+
+class AblationFailed(RuntimeError):
+    pass
+
+
+def identity_scorer(min_face_px: int, resolution: int):
+    """``(IdentityScorer or None, note)``: None with the reason when faces cannot be scored."""
+    if resolution < min_face_px:
+        return None, (f"identity not scored: images are {resolution} px, smaller than "
+                      f"edits.ablation.min_face_px={min_face_px} (dlib needs larger faces)")
+    try:
+        from hfedit.identity import IdentityScorer
+
+        return IdentityScorer(min_face_px=min_face_px), ""
+    except Exception as err:  # dlib or its model files missing
+        return None, f"identity not scored: {type(err).__name__}: {err}"
+
+
+def held_out(cfg: HfeditConfig, data: Path) -> tuple[torch.Tensor, list[int]]:
+    """The first ``eval_images`` val images and their seeds (``inversion.seed + index``)."""
+    from hfedit.data import load_split
+
+    images = load_split(data, "val")[: cfg.edits.ablation.eval_images]
+    if images.shape[0] == 0:
+        raise ValueError(f"{data}/val.safetensors holds no images: nothing to evaluate on")
+    return images, [cfg.inversion.seed + i for i in range(images.shape[0])]
+
+
+def evaluate(cfg: HfeditConfig, denoiser, clip, rectifier, data: Path):
+    """Edit the held-out images through ``rectifier`` and score them (see the module doc)."""
+    from hfedit.clip_loss import DirectionalClipLoss
+    from hfedit.edit_evaluation import evaluate_edit
+    from hfedit.editing import Editor
+
+    ab = cfg.edits.ablation
+    attr = cfg.edits.attributes[ab.attribute]
+    images, seeds = held_out(cfg, data)
+    images = images.to(next(denoiser.parameters()).device)
+    scorer, note = identity_scorer(ab.min_face_px, int(images.shape[-1]))
+    editor = Editor(denoiser, cfg.inversion, {ab.attribute: rectifier})
+    direction = DirectionalClipLoss(clip, attr.source, attr.target)
+    return evaluate_edit(editor, ab.attribute, images, seeds, direction, scorer,
+                         identity_note=note)
+
+
+def run_method(spec: dict) -> dict:
+    """Ray task: train the ablation attribute with ``spec["method"]`` and evaluate it."""
+    cfg = config_from_dict(spec["cfg"])
+    torch.set_num_threads(max(1, cfg.runtime.ray.torch_threads_per_worker))
+    ab = cfg.edits.ablation
+    method = EditMethod(spec["method"])
+    tags = {"hfedit.stage": STAGE, "hfedit.attribute": ab.attribute, "hfedit.method": method.value}
+    with mlflow_child(spec, f"ablation:{ab.attribute}:{method.value}", tags) as run:
+        try:
+            loaded = load_inputs(spec)
+            if run is not None:
+                run.set_tags(clip_tags(loaded.clip))
+                params = {f"edit.{k}": v for k, v in
+                          to_flat_dict(cfg.edits.attributes[ab.attribute]).items()}
+                params.update({"edit.method": method.value, "edit.steps": spec["steps"]})
+                params.update({f"markovian.{k}": v
+                               for k, v in to_flat_dict(cfg.edits.markovian).items()})
+                run.log_params(params)
+            result = train_logged(loaded, ab.attribute, run, method=method, steps=spec["steps"])
+            ev = evaluate(cfg, loaded.denoiser, loaded.clip, result.rectifier, Path(spec["data"]))
+            summary = {**summarise(result, method), **ev.summary()}
+            if run is not None:
+                run.log_metrics({f"eval/{k}": v for k, v in summary.items()
+                                 if isinstance(v, (int, float))}, step=spec["steps"])
+        except BaseException as err:
+            if run is not None:
+                run.set_tags({"hfedit.error": f"{type(err).__name__}: {err}"[:4000]})
+            raise
+    return {"summary": summary, "edited": ev.edited.numpy(),
+            "per_image": {k: v.tolist() for k, v in ev.per_image.items()}}
+
+
+def compare(sm: dict, mk: dict) -> dict[str, Any]:
+    """Score matching minus Markovian, per metric, and which is better on each."""
+    better_high = {"clip_direction": True, "ssim": True, "psnr": True, "identity": True,
+                   "l1": False}
+    out: dict[str, Any] = {}
+    for key, high in better_high.items():
+        a, b = sm.get(key), mk.get(key)
+        if not isinstance(a, float) or not isinstance(b, float) or a != a or b != b:
+            continue
+        out[f"{key}_difference"] = a - b
+        out[f"{key}_better"] = "score_matching" if (a > b) == high and a != b else (
+            "equal" if a == b else "markovian")
+    return out
+
+
+def run_stage(cfg: HfeditConfig, backbone: Path, rectifier: Path, data: Path, plots: Path,
+              tracker=None, mlflow_info: Optional[dict] = None) -> dict:
+    import ray
+
+    from hfedit.data import make_grid_png
+
+    ab = cfg.edits.ablation
+    if not ab.enabled:
+        return {"enabled": False}
+    if ab.attribute not in cfg.edits.attributes:
+        raise ConfigError(f"edits.ablation.attribute='{ab.attribute}' is not in edits.attributes "
+                          f"({sorted(cfg.edits.attributes)})")
+    attr = cfg.edits.attributes[ab.attribute]
+    steps = ab.steps or attr.steps
+    random_clip = announce_random_clip(cfg, STAGE)
+    report: dict[str, Any] = {
+        "enabled": True, "attribute": ab.attribute, "source": attr.source, "target": attr.target,
+        "steps": steps, "batch_size": attr.batch_size, "eval_images": ab.eval_images,
+        "inversion": to_flat_dict(cfg.inversion), "markovian_settings": to_flat_dict(cfg.edits.markovian),
+        "clip": {"model": cfg.clip.model, "semantic": not random_clip}}
+    if random_clip:
+        report["note"] = NOT_SEMANTIC
+    rc = cfg.runtime.ray
+    task = ray.remote(run_method)
+    refs = {}
+    for method in METHODS:
+        spec = {"method": method.value, "steps": steps, "cfg": config_dict(cfg),
+                "backbone": str(backbone.resolve()), "rectifier": str(rectifier.resolve()),
+                "data": str(data.resolve()), "mlflow": mlflow_info}
+        refs[method] = task.options(num_cpus=rc.edit_task_cpus, num_gpus=rc.edit_task_gpus,
+                                    max_retries=rc.max_failures,
+                                    name=f"{STAGE}:{method.value}").remote(spec)
+    results, errors = {}, {}
+    for method, ref in refs.items():
+        try:
+            results[method] = ray.get(ref)
+            report[method.value] = results[method]["summary"]
+        except Exception as err:
+            errors[method.value] = task_error(err)
+            report[method.value] = {"status": "failed", "error": task_error(err)}
+
+    # The no-edit reference and the grid, in the driver (cheap next to training).
+    spec = {"cfg": config_dict(cfg), "backbone": str(backbone), "rectifier": str(rectifier),
+            "data": str(data)}
+    loaded = load_inputs(spec)
+    ref_ev = evaluate(cfg, loaded.denoiser, loaded.clip, loaded.reconstruction, data)
+    report[REFERENCE] = ref_ev.summary()
+    if len(results) == len(METHODS):
+        report["comparison"] = compare(report["score_matching"], report["markovian"])
+    images, _ = held_out(cfg, data)
+    rows = [images, ref_ev.edited] + [torch.from_numpy(results[m]["edited"]) for m in METHODS
+                                      if m in results]
+    plots.mkdir(parents=True, exist_ok=True)
+    make_grid_png(torch.cat(rows), plots / "grid.png", nrow=images.shape[0])
+    if tracker is not None:
+        for name in [m.value for m in METHODS] + [REFERENCE]:
+            values = {f"{name}/{k}": v for k, v in report[name].items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if values:
+                tracker.log_metrics(values, step=steps)
+        tracker.log_artifact(plots / "grid.png", "plots")
+    if errors:
+        report["failed"] = errors
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description="Score matching vs Markovian edit training.")
+    parser.add_argument("--backbone", type=Path, default=Path("models/backbone"))
+    parser.add_argument("--rectifier", type=Path, default=Path("models/rectifier"))
+    parser.add_argument("--data", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/edit_ablation.json"))
+    parser.add_argument("--plots", type=Path, default=Path("plots/edit_ablation"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hfedit").setLevel(logging.INFO)  # not open_clip's INFO chatter
+    cfg = load_config(overrides=args.overrides)
+    from pipelines.ray_runtime import init_ray
+    from pipelines.tracking import stage_run, tracking_uri
+
+    random_clip = not cfg.clip.weights.strip()
+    tags = {"hfedit.clip_semantic": str(not random_clip).lower()}
+    if random_clip:
+        tags["hfedit.warning"] = NOT_SEMANTIC
+    start = time.perf_counter()
+    if cfg.edits.ablation.enabled:
+        init_ray(cfg)
+    with stage_run(cfg, STAGE, tags=tags) as tracker:
+        info = {"uri": tracking_uri(cfg), "experiment_id": tracker.run.info.experiment_id,
+                "parent_run_id": tracker.run_id}
+        report = run_stage(cfg, args.backbone, args.rectifier, args.data, args.plots, tracker, info)
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        atomic_write_json(args.metrics, report)
+        tracker.log_artifact(args.metrics)
+        if not report["enabled"]:
+            args.plots.mkdir(parents=True, exist_ok=True)
+            print("edit_ablation: disabled (edits.ablation.enabled=false)")
+            return report
+        for name in [m.value for m in METHODS] + [REFERENCE]:
+            r = report[name]
+            if "error" in r:
+                print(f"edit_ablation: {name}: FAILED ({r['error']})")
+                continue
+            print(f"edit_ablation: {name:>24}: clip_direction {r['clip_direction']:+.4f}  "
+                  f"L1 {r['l1']:.4f}  SSIM {r['ssim']:.4f}  PSNR {r['psnr']:.2f}"
+                  + (f"  identity {r['identity']:.3f}" if r.get("identity") is not None else "")
+                  + (f"  ({r['seconds_per_step']:.2f} s/step)" if "seconds_per_step" in r else ""))
+        if "failed" in report:
+            raise AblationFailed("edit_ablation: failed: " + "; ".join(
+                f"{m} ({e})" for m, e in report["failed"].items()))
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, AblationFailed) as err:
+        sys.exit(str(err))

@@ -1,0 +1,417 @@
+"""DVC stage ``train_edits``: one Ray task per attribute trains its edit rectifier (Algorithm 1).
+
+    python pipelines/train_edits.py --backbone models/backbone --rectifier models/rectifier \
+        --data data/prepared --out models/edits --metrics metrics/train_edits.json [--set k=v]
+
+For every entry of ``edits.attributes`` the driver computes a fingerprint of that attribute's
+params, the CLIP config (and the Markovian settings when the attribute uses that method), and
+the digests of its inputs: the backbone, the reconstruction rectifier, the training split and
+the library code that trains it. An attribute whose ``<out>/<name>/rectifier.json`` holds the
+same fingerprint is skipped; the others run as Ray tasks in parallel
+(``runtime.ray.edit_task_cpus`` / ``edit_task_gpus`` each). Each task opens an MLflow run nested
+under the stage's run, trains with :func:`hfedit.edit_training.train_edit`, and publishes
+``<out>/<name>/`` atomically (a temporary folder renamed into place), so a failing or killed
+task leaves the attribute's previous output as it was. One attribute failing does not stop the
+others: its error is recorded in ``<out>/status.json`` and ``<metrics>``, and the stage exits
+non-zero naming it once every task has finished. Folders of attributes no longer configured
+are removed.
+
+With random CLIP weights (``clip.weights: ""``, the offline default) the edits are not semantic:
+the stage says so in its log (a warning), as an MLflow tag on every run, and in ``<metrics>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from hfedit.checkpoint import (
+    RECTIFIER,
+    atomic_write_json,
+    file_digest,
+    fingerprint,
+    has_checkpoint,
+    save_rectifier,
+)
+from hfedit.config import ConfigError, EditMethod, HfeditConfig, load_config, to_flat_dict
+
+log = logging.getLogger("hfedit.train_edits")
+
+STAGE = "train_edits"
+EDIT_FORMAT = 1  # bump when the meaning of a saved edit rectifier changes
+STATUS_FILE = "status.json"
+# The library code whose behaviour an edit rectifier depends on (part of every fingerprint).
+CODE_MODULES = ("hfedit.edit_training", "hfedit.training", "hfedit.rectifier",
+                "hfedit.modulation", "hfedit.clip_loss", "hfedit.schedule")
+NOT_SEMANTIC = ("edits are not semantic: CLIP has random weights (clip.weights=''); set "
+                "clip.weights to an open_clip tag or a local weights file for real edits")
+
+
+class AttributesFailed(RuntimeError):
+    """Some attributes failed; the message names each with its error."""
+
+
+# ---------------------------------------------------------------------------- fingerprints
+def input_digests(backbone: Path, rectifier: Path, data: Path) -> dict[str, Any]:
+    """Digests of everything an edit rectifier is trained from, besides its params."""
+    code = {}
+    for name in CODE_MODULES:
+        code[name] = file_digest(importlib.import_module(name).__file__)
+    return {
+        "backbone": file_digest(Path(backbone) / "unet" / "diffusion_pytorch_model.safetensors"),
+        "rectifier": file_digest(Path(rectifier) / f"{RECTIFIER}.safetensors"),
+        "data": file_digest(Path(data) / "train.safetensors"),
+        "code": code,
+        "format": EDIT_FORMAT,
+    }
+
+
+def attribute_fingerprint(cfg: HfeditConfig, name: str, inputs: dict[str, Any]) -> str:
+    """Fingerprint of attribute ``name``: its params, the CLIP config, the Markovian settings
+    when it uses them, and ``inputs`` (:func:`input_digests`)."""
+    attr = cfg.edits.attributes[name]
+    method = EditMethod(attr.method)
+    return fingerprint({
+        "attribute": to_flat_dict(attr),
+        "clip": to_flat_dict(cfg.clip),
+        "markovian": to_flat_dict(cfg.edits.markovian) if method is EditMethod.markovian else None,
+        "inputs": inputs,
+    })
+
+
+def saved_meta(folder: Path) -> Optional[dict]:
+    """The JSON sidecar of a complete edit rectifier in ``folder``, else None."""
+    if not has_checkpoint(folder, RECTIFIER):
+        return None
+    try:
+        return json.loads((folder / f"{RECTIFIER}.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def publish(out_root: Path, name: str, rectifier, meta: dict) -> Path:
+    """Write ``out_root/name/`` atomically: save into a temporary sibling, then rename it into
+    place (the previous version is renamed away first and deleted after)."""
+    out_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_root, prefix=f".tmp-{name}-"))
+    old = None
+    try:
+        os.chmod(tmp, 0o755)
+        save_rectifier(tmp, rectifier, meta)
+        dest = out_root / name
+        if dest.exists():
+            old = out_root / f".old-{name}-{uuid.uuid4().hex[:8]}"
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out_root / name
+
+
+# ------------------------------------------------------------------------------- the task
+@dataclass
+class Loaded:
+    """What every edit-training task loads: the config, the frozen backbone, the
+    reconstruction rectifier, CLIP and the training split."""
+
+    cfg: HfeditConfig
+    denoiser: Any
+    reconstruction: Any
+    clip: Any
+    images: torch.Tensor
+
+
+def config_from_dict(config: dict) -> HfeditConfig:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(HfeditConfig), config))
+
+
+def config_dict(cfg: HfeditConfig) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+
+
+def load_inputs(spec: dict) -> Loaded:
+    from hfedit.backbone import load_backbone
+    from hfedit.checkpoint import load_rectifier
+    from hfedit.clip_loss import RandomClipWarning, load_clip
+    from hfedit.data import load_split
+
+    cfg = config_from_dict(spec["cfg"])
+    device = "cuda" if cfg.runtime.ray.edit_task_gpus > 0 and torch.cuda.is_available() else "cpu"
+    denoiser = load_backbone(spec["backbone"], device=device)
+    recon, _ = load_rectifier(spec["rectifier"], denoiser.unet, device=device)
+    with warnings.catch_warnings():  # announced by the driver, the tags and the metrics
+        warnings.simplefilter("ignore", RandomClipWarning)
+        clip = load_clip(cfg.clip, device)
+    images = load_split(spec["data"], "train")
+    return Loaded(cfg, denoiser, recon, clip, images)
+
+
+def clip_tags(clip) -> dict[str, str]:
+    tags = {"hfedit.clip_model": clip.name, "hfedit.clip_semantic": str(clip.semantic).lower()}
+    if not clip.semantic:
+        tags["hfedit.warning"] = NOT_SEMANTIC
+    return tags
+
+
+def train_logged(loaded: Loaded, name: str, tracker, method: Optional[EditMethod] = None,
+                 steps: Optional[int] = None, prefix: str = ""):
+    """:func:`train_edit` for attribute ``name``, logging every ``edits.log_every`` steps."""
+    from hfedit.edit_training import train_edit
+
+    cfg = loaded.cfg
+    every = max(1, cfg.edits.log_every)
+    total = steps if steps is not None else cfg.edits.attributes[name].steps
+
+    def on_step(step: int, stats, lr: float) -> None:
+        if not (step % every == 0 or step == total or step == 1):
+            return
+        print(f"{name}: step {step}/{total} loss {stats.loss:.4f} (direction {stats.direction:.4f}, "
+              f"L1 {stats.l1:.4f}) lr {lr:.2e}", flush=True)  # reaches the driver's log via Ray
+        if tracker is not None:
+            tracker.log_metrics({f"{prefix}loss": stats.loss, f"{prefix}direction": stats.direction,
+                                 f"{prefix}l1": stats.l1, f"{prefix}delta_rms": stats.delta_rms,
+                                 f"{prefix}lr": lr}, step=step)
+
+    return train_edit(cfg.edits.attributes[name], loaded.denoiser, loaded.reconstruction,
+                      loaded.clip, loaded.images, cfg.edits.markovian, method=method, steps=steps,
+                      on_step=on_step)
+
+
+def summarise(result, method: EditMethod) -> dict[str, Any]:
+    first, last = result.history[0], result.history[-1]
+    return {"method": method.value, "steps": len(result.history), "num_images": result.num_images,
+            "first_loss": first.loss, "final_loss": last.loss, "final_direction": last.direction,
+            "final_l1": last.l1, "final_delta_rms": last.delta_rms,
+            "train_seconds": round(result.seconds, 3),
+            "seconds_per_step": round(result.seconds_per_step, 4),
+            "setup_seconds": round(result.setup_seconds, 3)}
+
+
+def mlflow_child(spec: dict, run_name: str, tags: dict):
+    """The nested MLflow run of a task, or a null context when the stage tracks nothing."""
+    from pipelines.tracking import child_run
+
+    m = spec.get("mlflow")
+    if not m:
+        return contextlib.nullcontext(None)
+    return child_run(m["uri"], m["experiment_id"], m["parent_run_id"], run_name, tags)
+
+
+def run_attribute(spec: dict) -> dict:
+    """Train attribute ``spec["attribute"]`` and publish it to ``spec["out"]/<attribute>/``.
+
+    Runs in a Ray task (or in-process); returns the attribute's summary. Raises on failure, after
+    marking its MLflow run FAILED with the error as a tag.
+    """
+    started = time.time()
+    cfg = config_from_dict(spec["cfg"])
+    torch.set_num_threads(max(1, cfg.runtime.ray.torch_threads_per_worker))
+    name = spec["attribute"]
+    attr = cfg.edits.attributes[name]
+    method = EditMethod(attr.method)
+    tags = {"hfedit.stage": STAGE, "hfedit.attribute": name, "hfedit.method": method.value,
+            "hfedit.fingerprint": spec["fingerprint"]}
+    with mlflow_child(spec, f"edit:{name}", tags) as run:
+        try:
+            if run is not None:
+                run.log_params({f"edit.{k}": v for k, v in to_flat_dict(attr).items()})
+                if method is EditMethod.markovian:
+                    run.log_params({f"markovian.{k}": v
+                                    for k, v in to_flat_dict(cfg.edits.markovian).items()})
+            loaded = load_inputs(spec)
+            if run is not None:
+                run.set_tags(clip_tags(loaded.clip))
+            result = train_logged(loaded, name, run)
+            summary = summarise(result, method)
+            meta = {"attribute": name, "edit": to_flat_dict(attr), "fingerprint": spec["fingerprint"],
+                    "inputs": spec["inputs"], "backbone": str(spec["backbone"]),
+                    "reconstruction_rectifier": str(spec["rectifier"]),
+                    "clip": {"model": loaded.clip.name, "weights": cfg.clip.weights,
+                             "semantic": loaded.clip.semantic, "note": loaded.clip.weights_note},
+                    "training": summary}
+            if method is EditMethod.markovian:
+                meta["markovian"] = to_flat_dict(cfg.edits.markovian)
+            folder = publish(Path(spec["out"]), name, result.rectifier.cpu(), meta)
+            if run is not None:
+                run.log_artifacts(folder, f"edits/{name}")
+        except BaseException as err:
+            if run is not None:
+                run.set_tags({"hfedit.error": f"{type(err).__name__}: {err}"[:4000]})
+            raise
+    return {**summary, "status": "trained", "fingerprint": spec["fingerprint"],
+            "clip_semantic": loaded.clip.semantic, "started_at": started, "finished_at": time.time()}
+
+
+# ------------------------------------------------------------------------------ the driver
+def task_error(err: BaseException) -> str:
+    """``Type: message`` of the exception a Ray task raised (unwrapped), first line."""
+    cause = getattr(err, "cause", None) or err
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}"
+
+
+def remove_stale(out: Path, keep: set[str]) -> list[str]:
+    """Delete attribute folders not in ``keep`` and leftovers of interrupted publishes."""
+    removed = []
+    if not out.is_dir():
+        return removed
+    for p in out.iterdir():
+        if not p.is_dir():
+            continue
+        if p.name.startswith((".tmp-", ".old-")):
+            shutil.rmtree(p, ignore_errors=True)
+        elif not p.name.startswith(".") and p.name not in keep:
+            shutil.rmtree(p)
+            removed.append(p.name)
+    return sorted(removed)
+
+
+def announce_random_clip(cfg: HfeditConfig, stage: str = STAGE) -> bool:
+    """Whether CLIP is random; if so, say it loudly (warning + log). No CLIP is loaded here."""
+    random_clip = not cfg.clip.weights.strip()
+    if random_clip:
+        from hfedit.clip_loss import RandomClipWarning
+
+        warnings.warn(f"{stage}: {NOT_SEMANTIC}", RandomClipWarning, stacklevel=2)
+        logging.getLogger(f"hfedit.{stage}").warning("%s: %s", stage, NOT_SEMANTIC)
+        print(f"\n*** {stage}: {NOT_SEMANTIC} ***\n", file=sys.stderr, flush=True)
+    return random_clip
+
+
+def run_stage(cfg: HfeditConfig, backbone: Path, rectifier: Path, data: Path, out: Path,
+              tracker=None, mlflow_info: Optional[dict] = None) -> dict:
+    """Plan, fan out, collect. Returns the stage report (also what ``<metrics>`` holds)."""
+    import ray
+
+    names = list(cfg.edits.attributes)
+    if not names:
+        raise ConfigError("edits.attributes is empty: nothing to train")
+    random_clip = announce_random_clip(cfg)
+    inputs = input_digests(backbone, rectifier, data)
+    removed = remove_stale(out, set(names))
+    report: dict[str, Any] = {"clip": {"model": cfg.clip.model, "weights": cfg.clip.weights,
+                                       "semantic": not random_clip},
+                              "attributes": {}, "removed": removed}
+    if random_clip:
+        report["note"] = NOT_SEMANTIC
+    todo: dict[str, str] = {}
+    for name in names:
+        fp = attribute_fingerprint(cfg, name, inputs)
+        meta = saved_meta(out / name)
+        if meta is not None and meta.get("fingerprint") == fp:
+            report["attributes"][name] = {**meta.get("training", {}), "status": "skipped",
+                                          "fingerprint": fp}
+            log.info("train_edits: %s unchanged (fingerprint %s): skipped", name, fp)
+        else:
+            todo[name] = fp
+
+    rc = cfg.runtime.ray
+    task = ray.remote(run_attribute)
+    refs = {}
+    for name, fp in todo.items():
+        spec = {"attribute": name, "cfg": config_dict(cfg), "fingerprint": fp, "inputs": inputs,
+                "backbone": str(Path(backbone).resolve()), "rectifier": str(Path(rectifier).resolve()),
+                "data": str(Path(data).resolve()), "out": str(Path(out).resolve()),
+                "mlflow": mlflow_info}
+        ref = task.options(num_cpus=rc.edit_task_cpus, num_gpus=rc.edit_task_gpus,
+                           max_retries=rc.max_failures, name=f"{STAGE}:{name}").remote(spec)
+        refs[ref] = name
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        name = refs[done[0]]
+        try:
+            report["attributes"][name] = ray.get(done[0])
+            log.info("train_edits: %s trained", name)
+        except Exception as err:  # one attribute failing never loses the others
+            report["attributes"][name] = {"status": "failed", "fingerprint": todo[name],
+                                          "error": task_error(err)}
+            log.error("train_edits: %s failed: %s", name, task_error(err))
+    report["attributes"] = {n: report["attributes"][n] for n in names}  # params order
+    statuses = [a["status"] for a in report["attributes"].values()]
+    report.update({k: statuses.count(k) for k in ("trained", "skipped", "failed")})
+    atomic_write_json(out / STATUS_FILE, {
+        n: {k: a[k] for k in ("status", "fingerprint", "error") if k in a}
+        for n, a in report["attributes"].items()})
+    if tracker is not None:
+        for name, a in report["attributes"].items():
+            if "final_loss" in a:
+                tracker.log_metrics({f"{name}/final_loss": a["final_loss"],
+                                     f"{name}/final_direction": a["final_direction"],
+                                     f"{name}/final_l1": a["final_l1"],
+                                     f"{name}/seconds_per_step": a["seconds_per_step"]},
+                                    step=a["steps"])
+        tracker.log_metrics({k: report[k] for k in ("trained", "skipped", "failed")}, step=0)
+    return report
+
+
+def failure_message(report: dict) -> str:
+    failed = {n: a["error"] for n, a in report["attributes"].items() if a["status"] == "failed"}
+    return (f"train_edits: {len(failed)} attribute(s) failed: "
+            + "; ".join(f"{n} ({e})" for n, e in failed.items()))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description="Edit rectifiers, one Ray task per attribute.")
+    parser.add_argument("--backbone", type=Path, default=Path("models/backbone"))
+    parser.add_argument("--rectifier", type=Path, default=Path("models/rectifier"))
+    parser.add_argument("--data", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--out", type=Path, default=Path("models/edits"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/train_edits.json"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hfedit").setLevel(logging.INFO)  # not open_clip's INFO chatter
+    cfg = load_config(overrides=args.overrides)
+    from pipelines.ray_runtime import init_ray
+    from pipelines.tracking import stage_run, tracking_uri
+
+    init_ray(cfg)
+    random_clip = not cfg.clip.weights.strip()
+    tags = {"hfedit.clip_semantic": str(not random_clip).lower()}
+    if random_clip:
+        tags["hfedit.warning"] = NOT_SEMANTIC
+    with stage_run(cfg, STAGE, tags=tags) as tracker:
+        info = {"uri": tracking_uri(cfg), "experiment_id": tracker.run.info.experiment_id,
+                "parent_run_id": tracker.run_id}
+        report = run_stage(cfg, args.backbone, args.rectifier, args.data, args.out, tracker, info)
+        atomic_write_json(args.metrics, report)
+        tracker.log_artifact(args.metrics)
+        tracker.log_artifact(args.out / STATUS_FILE)
+        for name, a in report["attributes"].items():
+            print(f"train_edits: {name}: {a['status']}"
+                  + (f" ({a['error']})" if "error" in a else
+                     f" (loss {a.get('first_loss', float('nan')):.4f} -> "
+                     f"{a.get('final_loss', float('nan')):.4f})"))
+        if report["failed"]:
+            raise AttributesFailed(failure_message(report))
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, AttributesFailed) as err:
+        sys.exit(str(err) if str(err).startswith("train_edits") else f"train_edits: {err}")

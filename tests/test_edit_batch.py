@@ -1,0 +1,397 @@
+"""Batch editing on Ray Data (pipelines/edit_batch.py): every input edited or listed with its
+reason, reruns that do no work, a killed actor, outputs independent of concurrency, an
+interrupted run finished by a rerun, and `ray job submit` against a real head node."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from hfedit.backbone import save_backbone
+from hfedit.checkpoint import save_rectifier
+from hfedit.config import RectifierConfig, RectifierTrunk, load_config
+from hfedit.data import load_image, to_tensor
+from hfedit.rectifier import build_rectifier
+from pipelines import edit_batch as eb
+from tests.test_data import folder  # noqa: F401 - real faces, odd modes, broken files, bad links
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 5
+ATTRS = ["reconstruction", "smiling"]
+LISTING_REASONS = {"outside_root", "broken_link", "not_a_file"}  # refused before Ray
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def models(random_denoiser, tmp_path_factory) -> tuple[Path, Path]:
+    """(backbone folder, edits folder with a 'smiling' rectifier whose heads are perturbed: an
+    untrained rectifier is the identity)."""
+    base = tmp_path_factory.mktemp("models")
+    save_backbone(random_denoiser, base / "backbone")
+    torch.manual_seed(0)
+    rect = build_rectifier(RectifierConfig(trunk=RectifierTrunk.resnet18, branch_channels=16,
+                                           time_embed_dim=32), random_denoiser.unet)
+    with torch.no_grad():
+        for head in rect.head_a:
+            head.weight.normal_(0, 0.05)
+    save_rectifier(base / "edits" / "smiling", rect)
+    return base / "backbone", base / "edits"
+
+
+def _cfg(edits: Path, *sets: str):
+    return load_config(overrides=[f"inversion.num_steps={STEPS}", f"edit_batch.edits_dir={edits}",
+                                  f"edit_batch.attributes=[{','.join(ATTRS)}]", *sets])
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A private local Ray (own temp dir, 2 CPUs) that ray.shutdown() stops; nobody else's."""
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="rayeb", dir="/tmp")  # short: Unix socket paths are limited
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # a loopback-only cluster; no token file
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp,
+             _node_ip_address="127.0.0.1", log_to_driver=False,
+             runtime_env={"env_vars": {"HFEDIT_ROOT": str(ROOT), "HF_HUB_OFFLINE": "1"}})
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _run(cfg, source, out, backbone, **kw) -> eb.JobResult:
+    return eb.run_job(cfg, source, out, str(backbone), progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def first_run(folder, models, ray_cluster, tmp_path_factory):  # noqa: F811
+    root, _ = folder
+    backbone, edits = models
+    out = tmp_path_factory.mktemp("first") / "out"
+    cfg = _cfg(edits, "edit_batch.actors=2", "edit_batch.batch_size=2")
+    return out, _run(cfg, root, out, backbone)
+
+
+def _pngs(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.png"))}
+
+
+def _assert_accounted(result: eb.JobResult, expected: dict[str, str], out: Path) -> None:
+    """Exactly one row per (input, attribute); ok rows have a complete PNG, the others the
+    reason the input deserves."""
+    df = result.manifest
+    assert sorted(zip(df.id, df.attribute)) == sorted((i, a) for i in expected for a in ATTRS)
+    for row in df.itertuples():
+        if expected[row.id] == "ok":
+            assert row.status == "ok", (row.id, row.reason, row.message)
+            with Image.open(out / row.output) as img:
+                img.load()  # a complete PNG
+                assert img.size == (32, 32) and img.mode == "RGB"
+        else:
+            assert (row.status, row.reason) == ("error", expected[row.id]), row
+            assert pd.isna(row.output) and row.id.split("/")[-1] in row.message
+
+
+# ------------------------------------------------------------------------- no Ray needed
+def test_seeds_and_output_names_depend_on_the_id_alone():
+    assert eb.image_seed(0, "faces/a.png") == eb.image_seed(0, "faces/a.png") == 7292052230631365485
+    assert len({eb.image_seed(0, "a"), eb.image_seed(1, "a"), eb.image_seed(0, "b")}) == 3
+    assert eb.output_relpath("smiling", "faces/a.jpg") == "smiling/faces/a.jpg.png"
+    assert eb.output_relpath("smiling", "a.png") != eb.output_relpath("smiling", "a.jpg")
+    with pytest.raises(ValueError, match="relative path"):
+        eb.output_relpath("smiling", "../escape.png")
+
+
+def test_list_file_refuses_paths_that_leave_the_root(folder, tmp_path):  # noqa: F811
+    root, expected = folder
+    listing = tmp_path / "inputs.txt"
+    listing.write_text("\n".join(["# faces", "faces/astronaut.png", str(root / "faces/lfw_0.png"),
+                                  "faces/astronaut.png", "../secret.png", "bad/outside.png",
+                                  "bad/dangling.png", "faces", "missing.png", ""]))
+    got = {e.id: e.error.reason if e.error else "ok" for e in eb.list_inputs(listing, root=root)}
+    assert got == {"faces/astronaut.png": "ok", "faces/lfw_0.png": "ok", "../secret.png": "outside_root",
+                   "bad/outside.png": "outside_root", "bad/dangling.png": "broken_link",
+                   "faces": "not_a_file", "missing.png": "not_a_file"}
+    by_folder = {e.id: e.error.reason for e in eb.list_inputs(root) if e.error}
+    assert by_folder == {i: r for i, r in expected.items() if r in LISTING_REASONS}
+
+
+def test_a_missing_edit_rectifier_fails_fast_naming_it(folder, models, tmp_path, capsys):  # noqa: F811
+    root, _ = folder
+    backbone, edits = models
+    with pytest.raises(eb.UsageError, match=r"attribute 'old': no edit rectifier in .*edits/old"):
+        _run(_cfg(edits, "edit_batch.attributes=[reconstruction,old]"), root, tmp_path / "o", backbone)
+    code = eb.main(["--input", str(root), "--out", str(tmp_path / "o"), "--backbone", str(backbone),
+                    "--edits", str(edits), "--attributes", "reconstruction", "old", "--no-track"])
+    assert code == eb.EXIT_USAGE and "'old'" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "manifest.parquet").exists()
+
+
+def test_prepared_split_in_a_plain_loop_reconstructs_exactly(folder, models, tmp_path):  # noqa: F811
+    from hfedit.config import DataConfig
+    from hfedit.data import load_split, prepare_dataset
+
+    root, _ = folder
+    backbone, edits = models
+    prepare_dataset(DataConfig(source=str(root), resolution=32), tmp_path / "prep", progress=False)
+    cfg = _cfg(edits, "edit_batch.attributes=[reconstruction]")
+    result = _run(cfg, tmp_path / "prep", tmp_path / "out", backbone, split="val",
+                  executor=eb.execute_plain)
+    val = load_split(tmp_path / "prep", "val")
+    df = result.manifest
+    assert result.exit_code == 0 and len(df) == val.shape[0] and (df.status == "ok").all()
+    assert df.max_error.max() < 1e-4  # edit-friendly inversion: the input back
+    for row in df.itertuples():
+        png = np.asarray(Image.open(tmp_path / "out" / row.output), dtype=np.int16)
+        src = ((val[int(row.input.rsplit("#", 1)[1])] + 1) * 127.5).round().permute(1, 2, 0).numpy()
+        assert np.abs(png - src).max() <= 1
+
+
+def test_an_output_folder_inside_the_input_is_not_read_back(folder, models, tmp_path):  # noqa: F811
+    root, _ = folder
+    backbone, edits = models
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(root / "faces/lfw_0.png", photos / "a.png")
+    cfg = _cfg(edits, "edit_batch.attributes=[reconstruction]")
+    for _ in range(2):
+        result = _run(cfg, photos, photos / "edited", backbone, executor=eb.execute_plain)
+        assert result.manifest.id.tolist() == ["a.png"] and result.exit_code == 0
+
+
+# ------------------------------------------------------------------------------- on Ray
+@pytest.mark.timeout(300)
+def test_every_input_is_edited_or_listed_with_its_reason(folder, first_run):  # noqa: F811
+    root, expected = folder
+    out, result = first_run
+    _assert_accounted(result, expected, out)
+    n_ok = sum(v == "ok" for v in expected.values())
+    assert result.counts["edited"] == result.counts["edited_now"] == n_ok
+    assert result.counts["failed"] == len(expected) - n_ok and result.exit_code == eb.EXIT_FAILED
+    assert f"{n_ok} edited" in result.summary and f"{len(expected) - n_ok} failed" in result.summary
+    assert "truncated" in result.table and "smiling" in result.table
+    df = result.manifest[result.manifest.status == "ok"]
+    rec, smile = (df[df.attribute == a].set_index("id") for a in ATTRS)
+    assert rec.max_error.max() < 1e-4 and smile.max_error.isna().all()
+    assert (smile.l1 > rec.l1 + 1e-3).all()  # the rectifier changed the images
+    assert df.seed.tolist() == [eb.image_seed(0, i) for i in df.id]
+    # The reconstruction is the input prepared exactly as the prepare stage does.
+    src = to_tensor(load_image(root / "faces/astronaut.jpg", 10**8).image, 32)
+    png = np.asarray(Image.open(out / rec.loc["faces/astronaut.jpg", "output"]), dtype=np.int16)
+    assert np.abs(png - ((src + 1) * 127.5).round().permute(1, 2, 0).numpy()).max() <= 1
+    assert not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.timeout(300)
+def test_a_rerun_does_no_work(folder, models, first_run):  # noqa: F811
+    root, expected = folder
+    out, first = first_run
+    backbone, edits = models
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+
+    def no_ray():
+        raise AssertionError("a rerun with nothing left must not start Ray")
+
+    again = _run(_cfg(edits), root, out, backbone, start_ray=no_ray)
+    assert again.counts["scheduled"] == 0 and again.counts["edited_now"] == 0
+    assert again.counts["edited_before"] == first.counts["edited"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before
+    _assert_accounted(again, expected, out)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("how", ["plain loop, batch 3", pytest.param("1 actor, batch 3", marks=pytest.mark.slow)])
+def test_outputs_are_bit_identical_across_concurrency(folder, models, first_run, tmp_path, how):  # noqa: F811
+    """first_run: 2 actors, batches of 2. Here: one process without Ray, or one actor."""
+    root, _ = folder
+    out, first = first_run
+    backbone, edits = models
+    cfg = _cfg(edits, "edit_batch.actors=1", "edit_batch.batch_size=3")
+    executor = eb.execute_plain if how.startswith("plain") else eb.execute
+    other = _run(cfg, root, tmp_path / "out", backbone, executor=executor)
+    assert _pngs(tmp_path / "out") == _pngs(out) and len(_pngs(out)) > 0
+    cols = ["id", "attribute", "status", "reason", "output", "seed", "l1", "ssim", "max_error"]
+    pd.testing.assert_frame_equal(other.manifest[cols], first.manifest[cols])
+    assert set(first.manifest.worker_pid.dropna()) != set(other.manifest.worker_pid.dropna())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_killed_actor_is_restarted_and_every_image_accounted(folder, models, ray_cluster, tmp_path):  # noqa: F811
+    root, expected = folder
+    backbone, edits = models
+    out, pids = tmp_path / "out", tmp_path / "pids"
+    cfg = _cfg(edits, "edit_batch.actors=1", "edit_batch.batch_size=4", "inversion.num_steps=12")
+    killed: dict[str, float] = {}
+
+    def kill_the_actor_mid_job():
+        deadline = time.time() + 200
+        while time.time() < deadline:
+            logs = list((out / eb.LOG_DIR).glob("2*.jsonl"))
+            if logs and any(p.stat().st_size for p in logs) and list(pids.glob("*.pid")):
+                pid = int(next(pids.glob("*.pid")).read_text())
+                killed["at"] = time.time()
+                os.kill(pid, signal.SIGKILL)
+                killed["pid"] = pid
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=kill_the_actor_mid_job, daemon=True).start()
+    result = _run(cfg, root, out, backbone, pid_dir=str(pids))
+    assert "pid" in killed, "the actor finished before it could be killed"
+    assert len(list(pids.glob("*.pid"))) >= 2  # Ray started a replacement
+    _assert_accounted(result, expected, out)
+    df = result.manifest[result.manifest.status == "ok"]
+    assert set(df.worker_pid) - {killed["pid"]}  # the replacement did the rest ...
+    for row in df[df.worker_pid == killed["pid"]].itertuples():  # ... and redid nothing
+        assert (out / row.output).stat().st_mtime < killed["at"]
+
+
+# ------------------------------------------------------------------- as a user runs it
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(tmp_path: Path) -> dict:
+    venv_bin = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "HFEDIT_ROOT": str(ROOT),
+            "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PYTHONUNBUFFERED": "1"}
+
+
+def _cli_args(root, out, backbone, edits, *extra) -> list[str]:
+    return ["--input", str(root), "--out", str(out), "--backbone", str(backbone), "--edits", str(edits),
+            "--attributes", *ATTRS, "--steps", str(STEPS), "--no-progress", *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_interrupted_job_is_finished_by_a_rerun(folder, models, tmp_path):  # noqa: F811
+    root, expected = folder
+    backbone, edits = models
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "pipelines/edit_batch.py"),
+           *_cli_args(root, out, backbone, edits, "--actors", "1", "--batch-size", "2",
+                      "--steps", "20", "--no-track")]
+    proc = subprocess.Popen(cmd, env=_env(tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 200
+    while time.time() < deadline and proc.poll() is None:
+        logs = list((out / eb.LOG_DIR).glob("*.jsonl")) if (out / eb.LOG_DIR).exists() else []
+        if sum(p.read_text().count('"status": "ok"') for p in logs) >= 4:  # 2 images edited
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.1)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == eb.EXIT_INTERRUPTED, log[-3000:]
+    first = eb.read_manifest(out)
+    assert (first.reason == eb.NOT_PROCESSED).any(), "interrupted too late to test anything"
+    done_first = first[first.status == "ok"]
+    mtimes = {r.output: (out / r.output).stat().st_mtime_ns for r in done_first.itertuples()}
+
+    proc = subprocess.run([*cmd[:-1]], env=_env(tmp_path), cwd=ROOT, capture_output=True,
+                          text=True, timeout=240)  # the same command (tracked in MLflow)
+    assert proc.returncode == eb.EXIT_FAILED, proc.stdout[-3000:] + proc.stderr[-3000:]
+    second = eb.read_manifest(out)
+    n_ok = sum(v == "ok" for v in expected.values())
+    assert (second[second.status == "ok"].groupby("id").size() == len(ATTRS)).sum() == n_ok
+    assert not (second.reason == eb.NOT_PROCESSED).any()
+    # nothing done twice: what the first run finished kept its PNG and its row
+    assert {o: (out / o).stat().st_mtime_ns for o in mtimes} == mtimes
+    kept = second.set_index(["id", "attribute"]).loc[done_first.set_index(["id", "attribute"]).index]
+    assert (kept.run == done_first.run.iloc[0]).all()
+    assert f"{n_ok} edited" in proc.stdout and "failed" in proc.stdout
+
+
+def _wait_http(url: str, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer in {seconds} s")
+
+
+def _stop_cluster(head: subprocess.Popen, temp: str) -> None:
+    """Stop only this cluster: SIGTERM to its `ray start --block` (which kills what it started),
+    then SIGKILL any process still naming its temp dir. Never `ray stop`."""
+    head.send_signal(signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        head.kill()
+    for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if temp.encode() in cmdline and pid != os.getpid():
+            with __import__("contextlib").suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ray_job_submit_against_a_head_node(folder, models, tmp_path):  # noqa: F811
+    root, expected = folder
+    backbone, edits = models
+    out, env = tmp_path / "out", _env(tmp_path)
+    temp = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")
+    port, dash, agent, client = (_free_port() for _ in range(4))
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+         # not the defaults (52365, 10001): other clusters on this machine may hold them
+         f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
+         f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
+        address = f"http://127.0.0.1:{dash}"
+        for _ in range(30):  # the dashboard answers before the node's job agent is up
+            runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/job.db"}}
+            job = subprocess.run(
+                [ray_bin, "job", "submit", "--address", address, "--working-dir", str(ROOT),
+                 "--runtime-env-json", json.dumps(runtime_env), "--",
+                 "python", "pipelines/edit_batch.py", *_cli_args(root, out, backbone, edits),
+                 "--allow-failed"],
+                env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+            log = job.stdout + job.stderr
+            if "No available agent" not in log:
+                break
+            time.sleep(2)
+        assert job.returncode == 0 and "edit_batch:" in log and f"{sum(v == 'ok' for v in expected.values())} edited" in log, log[-4000:]
+        with urllib.request.urlopen(f"{address}/api/jobs/") as resp:
+            jobs = json.load(resp)
+        assert [(j["status"], j["driver_exit_code"]) for j in jobs] == [("SUCCEEDED", 0)], jobs
+        result = eb.read_manifest(out)
+        assert sorted(zip(result.id, result.attribute)) == sorted((i, a) for i in expected for a in ATTRS)
+        ok = result[result.status == "ok"]
+        assert set(ok.id) == {i for i, v in expected.items() if v == "ok"}
+        assert all((out / o).is_file() for o in ok.output)
+        assert (tmp_path / "job.db").is_file()  # the run was tracked where the job was told
+    finally:
+        _stop_cluster(head, temp)
+        shutil.rmtree(temp, ignore_errors=True)
