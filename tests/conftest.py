@@ -32,6 +32,20 @@ def real_faces(n: int, resolution: int = RES) -> torch.Tensor:
     return (torch.cat(faces)[:n].clamp(0, 1) * 2 - 1).contiguous()
 
 
+def perturbed(rect, scale: float = 0.05, seed: int = 0):
+    """A copy of a rectifier whose A heads are no longer zero: Delta != 0 and differs between
+    samples (a stand-in for a trained rectifier)."""
+    import copy
+
+    rect = copy.deepcopy(rect)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for head in rect.head_a:
+            head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * scale)
+            head.bias.copy_(torch.randn(head.bias.shape, generator=gen) * scale)
+    return rect
+
+
 @pytest.fixture(scope="session")
 def faces() -> torch.Tensor:
     return real_faces(4)

@@ -40,7 +40,7 @@ from hfedit.editing import Editor, load_edit_rectifiers, sdedit
 from hfedit.rectifier import ModulatedDenoiser, Rectifier, build_rectifier
 from hfedit.schedule import Schedule, posterior_mean, predict_x0, q_sample
 from hfedit.training import make_optimizer
-from tests.conftest import real_faces
+from tests.conftest import real_faces, perturbed
 
 TINY_CLIP = "hfedit-test-tiny-clip-edits"
 SMALL = RectifierConfig(trunk=RectifierTrunk.resnet18, branch_channels=16, time_embed_dim=32)
@@ -74,15 +74,6 @@ def clip(tmp_path_factory):
         return load_clip(ClipConfig(model=TINY_CLIP, seed=5))
 
 
-def perturbed(rect: Rectifier, scale: float = 0.05, seed: int = 0) -> Rectifier:
-    """A copy with nonzero A heads: Delta != 0, a 'trained' rectifier."""
-    rect = copy.deepcopy(rect)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for head in rect.head_a:
-            head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * scale)
-            head.bias.copy_(torch.randn(head.bias.shape, generator=gen) * scale)
-    return rect
 
 
 @pytest.fixture(scope="module")

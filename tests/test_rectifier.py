@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+
+from tests.conftest import perturbed
 from torch import nn
 
 from hfedit.backbone import Denoiser
@@ -39,15 +41,6 @@ def celebahq256_denoiser() -> Denoiser:
     return Denoiser(unet, Schedule.linear(), "celebahq256-random").freeze()
 
 
-def perturbed(rect: Rectifier, scale: float = 0.05, seed: int = 0) -> Rectifier:
-    """A copy whose A heads are no longer zero, so Delta != 0 and differs between samples."""
-    rect = copy.deepcopy(rect)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for head in rect.head_a:
-            head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * scale)
-            head.bias.copy_(torch.randn(head.bias.shape, generator=gen) * scale)
-    return rect
 
 
 def noisy(denoiser: Denoiser, x0: torch.Tensor, seed: int = 0):
