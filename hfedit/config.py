@@ -43,6 +43,8 @@ class DataConfig:
     max_pixels: int = 40_000_000
     # Crop to a centred square before resizing (no aspect distortion).
     center_crop: bool = True
+    # Use only the first N inputs in sorted order (0 = all): a quick run on a subset.
+    max_images: int = 0
 
 
 # ----------------------------------------------------------------------------------- backbone
@@ -298,6 +300,10 @@ class MlflowConfig:
     # Empty = a local SQLite store in the project root; MLFLOW_TRACKING_URI overrides both.
     tracking_uri: str = ""
     experiment: str = "hfedit"
+    # Register the reconstruction rectifier and every edit rectifier in the model registry as
+    # <registry_prefix>-rectifier and <registry_prefix>-edit-<attribute>.
+    register: bool = True
+    registry_prefix: str = "hfedit"
 
 
 @dataclass
@@ -324,6 +330,17 @@ class RuntimeConfig:
 
 # ------------------------------------------------------------------------------------- whole
 @dataclass
+class EvaluateConfig:
+    """Stage ``evaluate``: the paper's comparisons on held-out (val) images."""
+
+    # Inversion + sampling step counts of every comparison (reconstruction and editing).
+    steps: list[int] = field(default_factory=lambda: [10, 50, 100])
+    images: int = 8  # the first N val images
+    # LPIPS is added when its weights are on disk (hfedit.metrics.lpips_available), else the
+    # report says why it is missing; it never downloads.
+
+
+@dataclass
 class HfeditConfig:
     profile: str = "tiny"
     data: DataConfig = field(default_factory=DataConfig)
@@ -334,6 +351,7 @@ class HfeditConfig:
     clip: ClipConfig = field(default_factory=ClipConfig)
     edits: EditsConfig = field(default_factory=EditsConfig)
     edit_batch: EditBatchConfig = field(default_factory=EditBatchConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 

@@ -396,14 +396,16 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | os.PathLike, progress: bool 
     Raises :class:`DatasetError` naming the source when no input is a usable image (the manifest
     listing every refusal is written first).
     """
-    if cfg.resolution <= 0 or cfg.max_pixels <= 0:
+    if cfg.resolution <= 0 or cfg.max_pixels <= 0 or cfg.max_images < 0:
         raise ValueError(f"data.resolution={cfg.resolution} and data.max_pixels={cfg.max_pixels} "
-                         "must be positive")
+                         f"must be positive, data.max_images={cfg.max_images} >= 0 (0 = all)")
     split_ids([], cfg.val_fraction, cfg.seed)  # validates val_fraction early
     out = Path(out_dir)
     rows: list[ManifestRow] = []
     pixels: dict[str, np.ndarray] = {}  # id -> (R, R, 3) uint8
     inputs = _inputs(cfg)
+    if cfg.max_images:
+        inputs = inputs[: cfg.max_images]
     for id_, source, load in tqdm(inputs, desc="prepare", unit="file", disable=not progress):
         try:
             loaded = load()

@@ -9,14 +9,14 @@ over ``t`` on held-out images.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from hfedit import metrics as M
 from hfedit.backbone import Denoiser
-from hfedit.inversion import ddim_invert, ddim_sample, invert, replay
+from hfedit.inversion import ddim_invert, ddim_sample, invert, per_image_noise, replay
 from hfedit.schedule import q_sample
 
 
@@ -67,3 +67,58 @@ def reconstruction_report(denoiser: Denoiser, x0: Tensor, num_steps: int,
     report = {k: float(torch.cat(v).mean()) for k, v in rows.items()}
     report["edit_friendly_max_error"] = ef_max
     return report
+
+
+# ------------------------------------------------------------------ the evaluate stage's tables
+MODELS = ("backbone", "rectifier")
+INVERSIONS = ("ddim", "edit_friendly")
+
+
+@torch.no_grad()
+def reconstruction_table(denoiser: Denoiser, x0: Tensor, steps: Sequence[int],
+                         rectifier: Optional[torch.nn.Module] = None, eta: float = 1.0,
+                         seed: int = 0, batch_size: int = 8,
+                         with_lpips: bool = False) -> list[dict[str, float]]:
+    """The paper's Table 1 comparisons at every ``N`` in ``steps``: rows of
+    ``{steps, model, inversion, l1, l2, ssim, psnr, max_error[, lpips]}`` (means over ``x0``)
+    for model in backbone / rectifier (when given) and inversion in DDIM (invert to x_T, sample
+    back) / edit-friendly (maps with image i's noise seeded ``seed + i``, replayed)."""
+    models = {"backbone": None, **({"rectifier": rectifier} if rectifier is not None else {})}
+    rows = []
+    for n in steps:
+        for name, rect in models.items():
+            per: dict[str, dict[str, list[Tensor]]] = {inv: {} for inv in INVERSIONS}
+            for start in range(0, x0.shape[0], batch_size):
+                xb = x0[start:start + batch_size]
+                model = _model(denoiser, rect, xb)
+                ddim = ddim_sample(model, denoiser.schedule,
+                                   ddim_invert(model, denoiser.schedule, xb, n), n)
+                seeds = range(seed + start, seed + start + xb.shape[0])
+                inv = invert(model, denoiser.schedule, xb, n, eta=eta,
+                             noise=per_image_noise(list(seeds), n, xb.shape[1:]))
+                ef = replay(model, denoiser.schedule, inv)
+                for kind, rec in (("ddim", ddim), ("edit_friendly", ef)):
+                    values = M.reconstruction_metrics(xb, rec.clamp(-1, 1), with_lpips=with_lpips)
+                    values["max_error"] = (rec - xb).abs().flatten(1).amax(1)
+                    for k, v in values.items():
+                        per[kind].setdefault(k, []).append(v.float().cpu())
+            for kind in INVERSIONS:
+                row: dict = {"steps": int(n), "model": name, "inversion": kind}
+                for k, v in per[kind].items():
+                    t = torch.cat(v)
+                    row[k] = float(t.amax() if k == "max_error" else t.mean())
+                rows.append(row)
+    return rows
+
+
+def posterior_gaps(denoiser: Denoiser, x0: Tensor, rectifier: Optional[torch.nn.Module] = None,
+                   seed: int = 0, batch_size: int = 8) -> dict[str, float]:
+    """Mean posterior gap ``||eps - eps_model||^2`` (:func:`posterior_gap`) per model."""
+    out = {}
+    for name, rect in (("backbone", None), ("rectifier", rectifier)):
+        if name == "rectifier" and rect is None:
+            continue
+        gaps = [posterior_gap(denoiser, rect, x0[s:s + batch_size], seed=seed)
+                for s in range(0, x0.shape[0], batch_size)]
+        out[name] = float(torch.cat(gaps).mean())
+    return out

@@ -124,21 +124,9 @@ def _rank0_tracker(config: dict):
     """Rank 0 logs into the stage's MLflow run, which the driver created."""
     if not config.get("mlflow_run_id"):
         return None
-    import mlflow
+    from pipelines.tracking import attach_run
 
-    mlflow.set_tracking_uri(config["mlflow_uri"])
-    client = mlflow.MlflowClient()
-    run_id = config["mlflow_run_id"]
-
-    class _Tracker:
-        def log_metrics(self, metrics: dict, step: int) -> None:
-            from mlflow.entities import Metric
-            import time
-
-            now = int(time.time() * 1000)
-            client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
-
-    return _Tracker()
+    return attach_run(config["mlflow_uri"], config["mlflow_run_id"])
 
 
 # ------------------------------------------------------------------------------- driver
@@ -256,6 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
                                 step=cfg.pretrain.steps)
         tracker.log_artifacts(args.out, "rectifier")
         tracker.log_artifact(args.metrics)
+        tracker.register(cfg, "rectifier", "rectifier", tags={
+            f"held_out_{k}_improvement": f"{v:.6g}" for k, v in report["improvement"].items()})
     imp = report["improvement"]
     print(f"pretrain_rectifier: held-out L1 {report['backbone']['l1']:.4f} -> "
           f"{report['rectifier']['l1']:.4f}, gap {report['backbone']['gap']:.4f} -> "

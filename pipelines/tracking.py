@@ -1,5 +1,16 @@
 """MLflow at the edge: one run per stage, params flattened, metrics always with ``step=``.
 
+Runs nest: a *pipeline* run per ``dvc repro`` / ``dvc exp run`` invocation, a run per stage
+under it, and runs per attribute (or method) under their stage. DVC starts every stage as its own
+process and passes no run id, so a stage finds its pipeline run by a key of the ``dvc`` process
+it runs under (host, pid, start time): the first stage of an invocation creates the run, the
+later ones nest under it. ``$HFEDIT_PARENT_RUN_ID`` names the parent explicitly instead (a
+wrapper script, ``ray job submit``); a stage run by hand has none.
+
+The reconstruction rectifier and every edit rectifier are registered in the model registry
+(``runtime.mlflow.register``), as ``<prefix>-rectifier`` and ``<prefix>-edit-<attribute>``, each
+version pointing at the run's safetensors + JSON artifacts (no pickled code).
+
 The store defaults to a local SQLite file (``<project>/mlflow.db``, artifacts in
 ``<project>/mlartifacts``); ``MLFLOW_TRACKING_URI`` or ``runtime.mlflow.tracking_uri`` point
 elsewhere (a remote ``mlflow server``). ``mlflow ui --backend-store-uri sqlite:///mlflow.db``
@@ -11,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -49,55 +62,161 @@ def _experiment_id(mlflow, cfg: HfeditConfig) -> str:
 class StageRun:
     """What a stage logs through; a thin facade so stages never call MLflow directly."""
 
-    def __init__(self, mlflow, run) -> None:
-        self._mlflow = mlflow
+    def __init__(self, run, client) -> None:
+        self._client = client
         self.run = run
         self.run_id = run.info.run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for start in range(0, len(items), 1000):  # MLflow's batch limit
+            self._client.log_batch(self.run_id, metrics=items[start:start + 1000])
 
     def log_params(self, params: dict[str, Any]) -> None:
-        for start in range(0, len(params), 100):  # MLflow's batch limit
-            chunk = dict(list(params.items())[start:start + 100])
-            self._mlflow.log_params({k: str(v)[:500] for k, v in chunk.items()})
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:500]) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow's batch limit
+            self._client.log_batch(self.run_id, params=items[start:start + 100])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        for k, v in tags.items():
+            self._client.set_tag(self.run_id, k, str(v))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        self._client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
 
     def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
-        self._mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+        self._client.log_artifacts(self.run_id, str(folder), artifact_path=artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._mlflow.log_text(text, artifact_file)
+        self._client.log_text(self.run_id, text, artifact_file)
+
+    def parent(self) -> "StageRun | None":
+        """The run this one is nested under (the pipeline run of a stage), or None."""
+        parent_id = self._client.get_run(self.run_id).data.tags.get("mlflow.parentRunId")
+        return StageRun(self._client.get_run(parent_id), self._client) if parent_id else None
+
+    def register(self, cfg: HfeditConfig, artifact_path: str, name: str,
+                 tags: dict[str, Any] | None = None) -> str | None:
+        """Register this run's ``artifact_path`` folder as a new version of the model
+        ``<runtime.mlflow.registry_prefix>-<name>``; returns the version (None when
+        ``runtime.mlflow.register`` is off)."""
+        mc = cfg.runtime.mlflow
+        if not mc.register:
+            return None
+        return register_folder(self._client, self.run, f"{mc.registry_prefix}-{name}", artifact_path, tags)
+
+
+def register_folder(client, run, model: str, artifact_path: str,
+                    tags: dict[str, Any] | None = None) -> str:
+    """A new version of registered model ``model`` (created when missing) whose source is the
+    ``artifact_path`` folder of ``run``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(
+            model, description="hfedit rectifier: safetensors weights + JSON config "
+                               "(load with hfedit.checkpoint.load_rectifier)")
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(
+        model, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=run.info.run_id,
+        tags={k: str(v) for k, v in (tags or {}).items()})
+    log.info("registered %s version %s", model, version.version)
+    return str(version.version)
+
+
+def dvc_invocation() -> tuple[str, str] | None:
+    """``(key, command line)`` of the nearest ``dvc`` ancestor process, or None when this process
+    does not run under DVC. The key (host, pid, start time) is unique per invocation."""
+    import psutil
+
+    try:
+        proc = psutil.Process().parent()
+        while proc is not None and proc.pid > 1:
+            cmd = proc.cmdline()
+            heads = [os.path.basename(a) for a in cmd[:2]]
+            if "dvc" in heads or cmd[1:3] == ["-m", "dvc"]:
+                return f"{socket.gethostname()}:{proc.pid}:{proc.create_time():.2f}", " ".join(cmd)
+            proc = proc.parent()
+    except psutil.Error:
+        return None
+    return None
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def pipeline_run_id(mlflow, exp_id: str, cfg: HfeditConfig) -> str | None:
+    """The parent of a stage run: ``$HFEDIT_PARENT_RUN_ID``, else the pipeline run of the
+    enclosing ``dvc`` invocation (created by its first stage), else None."""
+    explicit = os.environ.get(PARENT_ENV)
+    if explicit:
+        return explicit
+    found = dvc_invocation()
+    if found is None:
+        return None
+    key, command = found
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([exp_id], filter_string=f"tags.`hfedit.pipeline_key` = '{key}'",
+                              max_results=1)
+    if runs:
+        return runs[0].info.run_id
+    tags = {"hfedit.kind": "pipeline", "hfedit.pipeline_key": key, "hfedit.command": command,
+            "hfedit.profile": cfg.profile, "mlflow.source.git.commit": _git_commit(),
+            "mlflow.runName": "pipeline"}
+    run = client.create_run(exp_id, run_name="pipeline", tags=tags)
+    StageRun(run, client).log_params(to_flat_dict(cfg))
+    log.info("MLflow pipeline run %s for `%s`", run.info.run_id, command)
+    return run.info.run_id
 
 
 @contextlib.contextmanager
 def stage_run(cfg: HfeditConfig, stage: str, tags: dict[str, Any] | None = None) -> Iterator[StageRun]:
-    """Start the MLflow run of ``stage`` (nested under $HFEDIT_PARENT_RUN_ID when set), log the
-    flattened config as params, yield a :class:`StageRun`, and end the run (FAILED on error)."""
+    """Start the MLflow run of ``stage`` nested under the pipeline run (:func:`pipeline_run_id`),
+    log the flattened config as params, yield a :class:`StageRun`, and end the run (FAILED on
+    error). The pipeline run is marked FINISHED (or FAILED) with it; a later stage of the same
+    invocation logs into it again."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
     exp_id = _experiment_id(mlflow, cfg)
-    parent = os.environ.get(PARENT_ENV)
+    parent = pipeline_run_id(mlflow, exp_id, cfg)
     run_tags = {"hfedit.stage": stage, "hfedit.profile": cfg.profile, **(tags or {})}
     if parent:
         run_tags["mlflow.parentRunId"] = parent
-    with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=run_tags) as run:
-        tracker = StageRun(mlflow, run)
-        tracker.log_params(to_flat_dict(cfg))
-        with tempfile.TemporaryDirectory() as tmp:
-            from hfedit.config import to_yaml
+    status = "FAILED"
+    try:
+        with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=run_tags) as run:
+            tracker = StageRun(run, mlflow.MlflowClient())
+            tracker.log_params(to_flat_dict(cfg))
+            with tempfile.TemporaryDirectory() as tmp:
+                from hfedit.config import to_yaml
 
-            cfg_file = Path(tmp) / "config.yaml"
-            cfg_file.write_text(to_yaml(cfg))
-            tracker.log_artifact(cfg_file)
-        log.info("MLflow run %s (%s) in %s", run.info.run_id, stage, mlflow.get_tracking_uri())
-        yield tracker
+                cfg_file = Path(tmp) / "config.yaml"
+                cfg_file.write_text(to_yaml(cfg))
+                tracker.log_artifact(cfg_file)
+            log.info("MLflow run %s (%s) in %s", run.info.run_id, stage, mlflow.get_tracking_uri())
+            yield tracker
+            status = "FINISHED"
+    finally:
+        if parent and not os.environ.get(PARENT_ENV):
+            client = mlflow.MlflowClient()
+            client.set_tag(parent, "hfedit.last_stage", stage)
+            client.set_terminated(parent, status)
 
 
 def experiment_id(cfg: HfeditConfig) -> str:
@@ -119,4 +238,12 @@ def child_run(uri: str, experiment_id: str, parent_run_id: str, name: str,
     mlflow.set_tracking_uri(uri)
     run_tags = {"mlflow.parentRunId": parent_run_id, **{k: str(v) for k, v in (tags or {}).items()}}
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=run_tags) as run:
-        yield StageRun(mlflow, run)
+        yield StageRun(run, mlflow.MlflowClient())
+
+
+def attach_run(uri: str, run_id: str) -> StageRun:
+    """Log into an existing run from another process (Ray Train's rank 0 into its stage's run)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    return StageRun(client.get_run(run_id), client)

@@ -256,6 +256,9 @@ def run_attribute(spec: dict) -> dict:
             folder = publish(Path(spec["out"]), name, result.rectifier.cpu(), meta)
             if run is not None:
                 run.log_artifacts(folder, f"edits/{name}")
+                run.register(cfg, f"edits/{name}", f"edit-{name}",
+                             tags={"attribute": name, "method": method.value,
+                                   "fingerprint": spec["fingerprint"]})
         except BaseException as err:
             if run is not None:
                 run.set_tags({"hfedit.error": f"{type(err).__name__}: {err}"[:4000]})

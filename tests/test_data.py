@@ -294,3 +294,16 @@ def test_bundled_faces_ship_offline(monkeypatch, tmp_path):
     train, val = load_split(tmp_path, "train"), load_split(tmp_path, "val")
     assert len(train) + len(val) >= 100 and len(val) >= 1
     assert train.std() > 0.2  # real images, not blanks
+
+
+def test_max_images_takes_the_first_inputs_in_order(folder, prepared, tmp_path):
+    root, _ = folder
+    full = prepared[1]
+    n = len(full.rows) - 3
+    sub = prepare_dataset(DataConfig(source=str(root), resolution=RES, max_images=n),
+                          tmp_path / "sub", progress=False)
+    assert [r.id for r in sub.rows] == [r.id for r in full.rows][:n]
+    assert [r.status for r in sub.rows] == [r.status for r in full.rows][:n]
+    assert sub.counts["ok"] < full.counts["ok"]
+    with pytest.raises(ValueError, match="max_images"):
+        prepare_dataset(DataConfig(source=str(root), max_images=-1), tmp_path / "bad", progress=False)

@@ -1,0 +1,369 @@
+"""DVC stage ``evaluate``: the paper's comparisons, on held-out images, in one report.
+
+    python stages/evaluate.py --backbone models/backbone --rectifier models/rectifier \
+        --edits models/edits --data data/prepared --batch outputs/val \
+        --ablation metrics/edit_ablation.json --out eval
+
+On the first ``evaluate.images`` val images, at every ``N`` in ``evaluate.steps``:
+
+- reconstruction, backbone vs rectifier x DDIM inversion vs edit-friendly inversion: L1, L2,
+  SSIM, PSNR, max error (LPIPS too when its weights are on disk, else a note why not), and the
+  posterior gap per model;
+- editing, per attribute with an edit rectifier: directional CLIP similarity, L1/SSIM/PSNR to
+  the source, dlib identity similarity where a face is large enough (else "not applicable" with
+  the reason);
+- score matching vs Markovian edit training: read from the ``edit_ablation`` stage's metrics;
+- the batch run (``edit_batch``): images done and failed per attribute, mean fidelity.
+
+Writes ``<out>/metrics.json`` (DVC metrics), ``<out>/reconstruction.csv`` and
+``<out>/editing/<attribute>.csv`` (DVC plots), ``<out>/plots/*.png``, a before/after grid per
+attribute in ``<out>/grids/`` (rows: source, then the edit at each N) and ``<out>/results.md``
+(the README's results table). Everything goes to the stage's MLflow run, the headline numbers
+also to the pipeline run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import platform
+import sys
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from hfedit.checkpoint import atomic_write_json
+from hfedit.config import ConfigError, HfeditConfig, load_config
+
+log = logging.getLogger("hfedit.evaluate")
+STAGE = "evaluate"
+# The paper's Table 1 (CelebA-HQ 256, DDIM inversion + sampling): L1 without / with the rectifier.
+PAPER_L1 = {"backbone": 0.090, "rectifier": 0.085}
+
+
+# ------------------------------------------------------------------------------- computing
+def held_out(cfg: HfeditConfig, data: Path) -> torch.Tensor:
+    from hfedit.data import load_split
+
+    images = load_split(data, "val")[: cfg.evaluate.images]
+    if images.shape[0] == 0:
+        raise ValueError(f"{data}/val.safetensors holds no images: nothing to evaluate "
+                         "(raise data.val_fraction or add images)")
+    return images
+
+
+def evaluate_reconstruction(cfg: HfeditConfig, denoiser, rectifier, images) -> dict[str, Any]:
+    from hfedit import metrics as M
+    from hfedit.evaluation import posterior_gaps, reconstruction_table
+
+    with_lpips, lpips_note = M.lpips_available()
+    rows = reconstruction_table(denoiser, images, cfg.evaluate.steps, rectifier,
+                                eta=cfg.inversion.eta, seed=cfg.inversion.seed,
+                                with_lpips=with_lpips)
+    return {"rows": rows, "gap": posterior_gaps(denoiser, images, rectifier, cfg.inversion.seed),
+            "lpips": with_lpips, "lpips_note": lpips_note}
+
+
+def evaluate_edits(cfg: HfeditConfig, denoiser, edits: dict, clip, images) -> tuple[dict, dict]:
+    """``({attribute: [summary per N]}, {attribute: [(N, edited)]})``."""
+    from hfedit.clip_loss import DirectionalClipLoss
+    from hfedit.edit_evaluation import evaluate_edit
+    from hfedit.editing import Editor
+    from pipelines.edit_ablation import identity_scorer
+
+    seeds = [cfg.inversion.seed + i for i in range(images.shape[0])]
+    scorer, note = identity_scorer(cfg.edits.ablation.min_face_px, int(images.shape[-1]))
+    results: dict[str, list] = {}
+    edited: dict[str, list] = {}
+    for name, rect in edits.items():
+        attr = cfg.edits.attributes.get(name)
+        if attr is None:
+            log.warning("models/edits/%s has no entry in edits.attributes: not evaluated", name)
+            continue
+        direction = DirectionalClipLoss(clip, attr.source, attr.target)
+        for n in cfg.evaluate.steps:
+            editor = Editor(denoiser, replace(cfg.inversion, num_steps=int(n)), {name: rect})
+            ev = evaluate_edit(editor, name, images, seeds, direction, scorer, identity_note=note)
+            results.setdefault(name, []).append({"steps": int(n), **ev.summary()})
+            edited.setdefault(name, []).append((int(n), ev.edited))
+    return results, edited
+
+
+def batch_summary(batch: Path) -> dict[str, Any]:
+    """Per attribute of the ``edit_batch`` run in ``batch``: ok / failed counts, mean L1, SSIM."""
+    manifest = batch / "manifest.parquet"
+    if not manifest.is_file():
+        return {"note": f"{manifest} not found: run the edit_batch stage"}
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(manifest).to_pylist()
+    out: dict[str, Any] = {}
+    for row in table:
+        key = row.get("attribute") or "(input)"
+        s = out.setdefault(key, {"ok": 0, "failed": 0, "reasons": {}, "_l1": [], "_ssim": []})
+        if row.get("status") == "ok":
+            s["ok"] += 1
+            for k in ("l1", "ssim"):
+                v = row.get(k)
+                if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                    s[f"_{k}"].append(float(v))
+        else:
+            s["failed"] += 1
+            reason = row.get("reason") or "unknown"
+            s["reasons"][reason] = s["reasons"].get(reason, 0) + 1
+    for s in out.values():
+        for k in ("l1", "ssim"):
+            values = s.pop(f"_{k}")
+            s[k] = sum(values) / len(values) if values else None
+    return out
+
+
+# ------------------------------------------------------------------------------- writing
+def write_reconstruction_csv(rows: list[dict], path: Path) -> list[str]:
+    """Wide CSV, one row per N: ``<model>_<inversion>_<metric>`` columns. Returns the columns."""
+    metrics = [k for k in rows[0] if k not in ("steps", "model", "inversion")]
+    by_n: dict[int, dict[str, float]] = {}
+    for r in rows:
+        for k in metrics:
+            by_n.setdefault(r["steps"], {})[f"{r['model']}_{r['inversion']}_{k}"] = r[k]
+    columns = ["steps"] + sorted({c for v in by_n.values() for c in v})
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(columns)
+        for n in sorted(by_n):
+            w.writerow([n] + [by_n[n].get(c, "") for c in columns[1:]])
+    return columns
+
+
+def write_editing_csvs(results: dict[str, list], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, per_n in results.items():
+        keys = ["steps", "clip_direction", "l1", "ssim", "psnr", "identity"]
+        with open(folder / f"{name}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(keys)
+            for r in per_n:
+                w.writerow(["" if r.get(k) is None else r.get(k) for k in keys])
+
+
+def plot_reconstruction(rows: list[dict], gap: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for model in ("backbone", "rectifier"):
+        for inv, style in (("ddim", "-o"), ("edit_friendly", "--s")):
+            pts = [(r["steps"], r["l1"]) for r in rows if r["model"] == model and r["inversion"] == inv]
+            if pts:
+                xs, ys = zip(*pts)
+                axes[0].plot(xs, ys, style, label=f"{model}, {inv.replace('_', '-')}")
+    axes[0].set_xlabel("inversion + sampling steps N")
+    axes[0].set_ylabel("L1 to the source")
+    axes[0].set_yscale("symlog", linthresh=1e-4)
+    axes[0].legend(fontsize=7)
+    axes[0].set_title("reconstruction (held out)")
+    names = list(gap)
+    axes[1].bar(names, [gap[n] for n in names], color=["tab:gray", "tab:blue"][: len(names)])
+    axes[1].set_title("posterior gap ||eps - eps_model||^2")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_editing(results: dict[str, list], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for name, per_n in results.items():
+        xs = [r["steps"] for r in per_n]
+        axes[0].plot(xs, [r["clip_direction"] for r in per_n], "-o", label=name)
+        axes[1].plot(xs, [r["l1"] for r in per_n], "-o", label=name)
+    axes[0].set_title("edit strength: directional CLIP similarity")
+    axes[1].set_title("fidelity: L1 to the source")
+    for ax in axes:
+        ax.set_xlabel("inversion + sampling steps N")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def results_markdown(report: dict[str, Any]) -> str:
+    """The README's results table: this run beside the paper's numbers."""
+    rec = report["reconstruction"]
+    n = report["headline_steps"]
+    row = {(r["model"], r["inversion"]): r for r in rec["rows"] if r["steps"] == n}
+    lines = [
+        f"Held-out reconstruction, {report['images']} val images, N = {n} (DDIM inversion + "
+        "sampling, as the paper's Table 1; edit-friendly inversion beside it):",
+        "",
+        "| model | L1 (DDIM) | PSNR (DDIM) | SSIM (DDIM) | posterior gap | max error (edit-friendly) "
+        "| paper L1 (DDIM) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model in ("backbone", "rectifier"):
+        d, e = row.get((model, "ddim")), row.get((model, "edit_friendly"))
+        if d is None:
+            continue
+        lines.append(f"| {model} | {d['l1']:.4f} | {d['psnr']:.2f} | {d['ssim']:.4f} | "
+                     f"{rec['gap'].get(model, float('nan')):.5f} | {e['l1']:.1e} | "
+                     f"{PAPER_L1[model]:.3f} |")
+    if report.get("editing"):
+        lines += ["", f"Editing, same images, N = {n} (CLIP: {report['clip']['model']}, "
+                  f"{'semantic' if report['clip']['semantic'] else 'random weights: not semantic'}):",
+                  "", "| attribute | CLIP direction | L1 to source | SSIM | identity |",
+                  "|---|---|---|---|---|"]
+        for name, per_n in report["editing"].items():
+            r = next((x for x in per_n if x["steps"] == n), per_n[-1])
+            ident = "n/a" if r.get("identity") is None else f"{r['identity']:.3f}"
+            lines.append(f"| {name} | {r['clip_direction']:+.4f} | {r['l1']:.4f} | "
+                         f"{r['ssim']:.4f} | {ident} |")
+    ab = report.get("ablation") or {}
+    if ab.get("enabled") and "score_matching" in ab and "markovian" in ab:
+        lines += ["", f"Edit training, score matching vs Markovian ({ab['attribute']}, "
+                  f"{ab['steps']} steps each):", "",
+                  "| method | CLIP direction | L1 to source | SSIM |", "|---|---|---|---|"]
+        for m in ("score_matching", "markovian"):
+            r = ab[m]
+            if "clip_direction" in r:
+                lines.append(f"| {m} | {r['clip_direction']:+.4f} | {r['l1']:.4f} | {r['ssim']:.4f} |")
+    lines += ["", f"Machine: {report['machine']}."]
+    return "\n".join(lines) + "\n"
+
+
+def headline(report: dict[str, Any]) -> dict[str, float]:
+    """A few numbers for the pipeline run's overview (metric names MLflow accepts)."""
+    out: dict[str, float] = {}
+    n = report["headline_steps"]
+    for r in report["reconstruction"]["rows"]:
+        if r["steps"] == n:
+            out[f"eval_{r['model']}_{r['inversion']}_l1"] = r["l1"]
+    for model, gap in report["reconstruction"]["gap"].items():
+        out[f"eval_{model}_gap"] = gap
+    for name, per_n in (report.get("editing") or {}).items():
+        r = next((x for x in per_n if x["steps"] == n), per_n[-1])
+        out[f"eval_edit_{name}_clip_direction"] = r["clip_direction"]
+        out[f"eval_edit_{name}_l1"] = r["l1"]
+    return out
+
+
+# ------------------------------------------------------------------------------- the stage
+def run(cfg: HfeditConfig, backbone: Path, rectifier_dir: Path, edits_dir: Path, data: Path,
+        batch: Path, ablation: Path, out: Path, tracker=None) -> dict[str, Any]:
+    from hfedit.backbone import load_backbone
+    from hfedit.checkpoint import load_rectifier
+    from hfedit.clip_loss import RandomClipWarning, load_clip
+    from hfedit.data import make_grid_png
+    from hfedit.editing import load_edit_rectifiers
+
+    if not cfg.evaluate.steps or any(int(n) < 1 for n in cfg.evaluate.steps):
+        raise ConfigError(f"evaluate.steps={list(cfg.evaluate.steps)}: give step counts >= 1")
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    denoiser = load_backbone(backbone)
+    rectifier, _ = load_rectifier(rectifier_dir, denoiser.unet)
+    images = held_out(cfg, data)
+    steps = sorted(int(n) for n in cfg.evaluate.steps)
+    head = cfg.inversion.num_steps if cfg.inversion.num_steps in steps else steps[len(steps) // 2]
+    report: dict[str, Any] = {
+        "images": int(images.shape[0]), "resolution": int(images.shape[-1]), "steps": steps,
+        "headline_steps": head, "inversion": {"eta": cfg.inversion.eta, "seed": cfg.inversion.seed},
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+                   f"{'CUDA' if torch.cuda.is_available() else 'CPU'}",
+    }
+    log.info("evaluate: reconstruction at N=%s on %d images", steps, images.shape[0])
+    report["reconstruction"] = evaluate_reconstruction(cfg, denoiser, rectifier, images)
+
+    edits = load_edit_rectifiers(edits_dir, denoiser.unet) if edits_dir.is_dir() else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomClipWarning)
+        clip = load_clip(cfg.clip)
+    report["clip"] = {"model": clip.name, "weights": cfg.clip.weights, "semantic": clip.semantic}
+    if not clip.semantic:
+        from pipelines.train_edits import NOT_SEMANTIC
+
+        report["clip"]["note"] = NOT_SEMANTIC
+    log.info("evaluate: editing %s", sorted(edits))
+    report["editing"], edited = evaluate_edits(cfg, denoiser, edits, clip, images)
+    report["ablation"] = (json.loads(ablation.read_text()) if ablation.is_file()
+                          else {"note": f"{ablation} not found: run the edit_ablation stage"})
+    report["batch"] = batch_summary(batch)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plots").mkdir(exist_ok=True)
+    (out / "grids").mkdir(exist_ok=True)
+    rows = report["reconstruction"]["rows"]
+    write_reconstruction_csv(rows, out / "reconstruction.csv")
+    write_editing_csvs(report["editing"], out / "editing")
+    plot_reconstruction(rows, report["reconstruction"]["gap"], out / "plots" / "reconstruction.png")
+    if report["editing"]:
+        plot_editing(report["editing"], out / "plots" / "editing.png")
+    for name, per_n in edited.items():
+        grid = torch.cat([images] + [e for _, e in per_n])  # rows: source, edit at each N
+        make_grid_png(grid, out / "grids" / f"{name}.png", nrow=images.shape[0])
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    (out / "results.md").write_text(results_markdown(report))
+    atomic_write_json(out / "metrics.json", report)
+
+    if tracker is not None:
+        for r in rows:
+            tracker.log_metrics({f"recon/{r['model']}_{r['inversion']}/{k}": v
+                                 for k, v in r.items() if isinstance(v, float)}, step=r["steps"])
+        tracker.log_metrics({f"recon/{m}/gap": g for m, g in report["reconstruction"]["gap"].items()},
+                            step=head)
+        for name, per_n in report["editing"].items():
+            for r in per_n:
+                tracker.log_metrics({f"edit/{name}/{k}": v for k, v in r.items()
+                                     if isinstance(v, float) and math.isfinite(v)}, step=r["steps"])
+        tracker.log_artifacts(out, "eval")
+        parent = tracker.parent()
+        if parent is not None:
+            parent.log_metrics(headline(report), step=head)
+            parent.log_artifact(out / "results.md", "eval")
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description="Evaluate reconstruction and editing (DVC stage).")
+    parser.add_argument("--backbone", type=Path, default=Path("models/backbone"))
+    parser.add_argument("--rectifier", type=Path, default=Path("models/rectifier"))
+    parser.add_argument("--edits", type=Path, default=Path("models/edits"))
+    parser.add_argument("--data", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--batch", type=Path, default=Path("outputs/val"))
+    parser.add_argument("--ablation", type=Path, default=Path("metrics/edit_ablation.json"))
+    parser.add_argument("--out", type=Path, default=Path("eval"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hfedit").setLevel(logging.INFO)
+    cfg = load_config(overrides=args.overrides)
+    if cfg.runtime.torch_threads:
+        torch.set_num_threads(cfg.runtime.torch_threads)
+    from pipelines.tracking import stage_run
+
+    with stage_run(cfg, STAGE) as tracker:
+        report = run(cfg, args.backbone, args.rectifier, args.edits, args.data, args.batch,
+                     args.ablation, args.out, tracker)
+    print((args.out / "results.md").read_text())
+    if not report["reconstruction"]["lpips"]:
+        print(f"evaluate: LPIPS not computed: {report['reconstruction']['lpips_note']}")
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, ValueError, FileNotFoundError, KeyError) as err:
+        sys.exit(f"evaluate: {err}")
