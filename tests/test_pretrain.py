@@ -21,7 +21,7 @@ from hfedit.inversion import ddim_invert, ddim_sample, invert, replay
 from hfedit.rectifier import ModulatedDenoiser, build_rectifier
 from hfedit.schedule import q_sample
 from hfedit.training import ReconstructionObjective, make_optimizer, reconstruction_step
-from tests.conftest import real_faces
+from tests.conftest import perturbed, real_faces
 
 SMALL = RectifierConfig(trunk=RectifierTrunk.resnet18, branch_channels=16, time_embed_dim=32)
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,11 +66,7 @@ def test_image_space_losses_are_selectable(random_denoiser, faces, kind):
 
 def _perturbed_rectifier(denoiser, seed=0):
     torch.manual_seed(seed)
-    rect = build_rectifier(SMALL, denoiser.unet)
-    with torch.no_grad():
-        for head in rect.head_a:
-            head.weight.normal_(0, 0.02)
-    return rect
+    return perturbed(build_rectifier(SMALL, denoiser.unet), scale=0.02, seed=seed)
 
 
 def test_rectifier_checkpoint_round_trip(random_denoiser, faces, tmp_path):
