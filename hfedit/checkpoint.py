@@ -87,8 +87,27 @@ def save_checkpoint(folder: str | Path, name: str, tensors: dict[str, Tensor], m
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    full_meta = {"format_version": FORMAT_VERSION, "versions": versions(), **meta}
+    data = folder / f"{name}.safetensors"
+    full_meta = {"format_version": FORMAT_VERSION, "versions": versions(), **meta,
+                 "data_bytes": data.stat().st_size, "data_sha256": file_digest(data)}
     atomic_write_json(folder / f"{name}.json", full_meta)
+
+
+def checkpoint_complete(folder: str | Path, name: str) -> bool:
+    """Whether ``folder`` holds a whole checkpoint ``name``: both files, the JSON readable and the
+    tensors' size and sha256 those the JSON recorded (a copy interrupted half-way is refused;
+    checkpoints written before the digest was recorded pass on the files alone)."""
+    folder = Path(folder)
+    if not has_checkpoint(folder, name):
+        return False
+    try:
+        meta = json.loads((folder / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return False
+    data = folder / f"{name}.safetensors"
+    if "data_bytes" in meta and data.stat().st_size != meta["data_bytes"]:
+        return False
+    return "data_sha256" not in meta or file_digest(data) == meta["data_sha256"]
 
 
 def load_checkpoint(folder: str | Path, name: str, device: str = "cpu") -> Checkpoint:

@@ -34,384 +34,33 @@ manifest; ``--allow-failed`` makes that 0); 2 bad arguments or configuration (no
 the job itself failed and 130 interrupted (both after writing the manifest of what was done).
 """
 
+
 from __future__ import annotations
 
 import argparse
 import contextlib
 import fcntl
-import hashlib
 import io
 import json
 import math
 import os
-import re
 import sys
 import time
-import uuid
-from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import pandas as pd
-import torch
 
-from hfedit.checkpoint import atomic_write_bytes, atomic_write_json, file_digest, fingerprint
-from hfedit.config import ConfigError, HfeditConfig, InversionConfig, load_config, to_flat_dict
-from hfedit.data import (SPLITS, ImageError, iter_folder, load_image, load_manifest, load_split,
-                         save_png, to_tensor)
-from hfedit.editing import RECONSTRUCTION, available_edits, load_editor
-
-EXIT_OK, EXIT_CRASHED, EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-MANIFEST, LOG_DIR, COMPACTED = "manifest.parquet", "_log", "0-compacted.jsonl"
-EDIT_FAILED = "edit_failed"  # the image decoded but inversion/edit/writing raised
-NOT_PROCESSED = "not_processed"  # the job stopped (crash, interrupt) before reaching it
-WORKER_CRASHED = "worker_crashed"  # its worker process died edit_batch.max_attempts times on it
-RETRIED = {"unreadable", EDIT_FAILED, NOT_PROCESSED, WORKER_CRASHED}  # a rerun tries these again
-FORMAT = 1  # bump when the meaning of the outputs changes: every fingerprint changes with it
-COLUMNS = ["id", "attribute", "status", "reason", "message", "input", "output", "seed", "l1", "ssim",
-           "max_error", "decode_s", "invert_s", "edit_s", "write_s", "run", "worker_pid",
-           "fingerprint", "signature"]
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-class UsageError(ValueError):
-    """Bad arguments or configuration, found before any work (exit status 2)."""
-
-
-# ------------------------------------------------------------------------------ inputs
-@dataclass
-class Entry:
-    """One input. ``id``: POSIX path relative to the root (or the prepared id); ``input``: the
-    file (``<split>.safetensors#<index>`` for a prepared split); ``signature``: size and mtime,
-    which change when the file does; ``error``: set when it must not be opened."""
-
-    id: str
-    input: str
-    signature: str = ""
-    index: int = -1
-    error: Optional[ImageError] = None
-
-
-def _signature(path: Path) -> str:
-    try:
-        st = path.stat()
-    except OSError:
-        return ""
-    return f"{st.st_size}:{st.st_mtime_ns}"
-
-
-def list_inputs(source: str | os.PathLike, split: Optional[str] = None,
-                root: Optional[str | os.PathLike] = None) -> list[Entry]:
-    """Every input of a folder (recursive, :func:`hfedit.data.iter_folder`), a list file, or the
-    ``split`` of a prepared dataset folder, sorted by id, duplicates dropped."""
-    source = Path(source).absolute()
-    if split is not None:
-        entries = _split_entries(source, split)
-    elif source.is_dir():
-        entries = [Entry(e.id, str(e.path), _signature(e.path), error=e.error)
-                   for e in iter_folder(source)]
-    elif source.is_file():
-        entries = _listed_entries(source, Path(root) if root else source.parent)
-    else:
-        raise UsageError(f"--input {source}: no such folder or list file")
-    unique: dict[str, Entry] = {}
-    for entry in entries:
-        unique.setdefault(entry.id, entry)
-    return sorted(unique.values(), key=lambda e: e.id)
-
-
-def _split_entries(folder: Path, split: str) -> list[Entry]:
-    if split not in SPLITS:
-        raise UsageError(f"--split {split!r}: expected one of {SPLITS}")
-    try:
-        manifest = load_manifest(folder)
-    except FileNotFoundError as err:
-        raise UsageError(f"--input {folder} --split {split}: {err}") from None
-    path = folder / f"{split}.safetensors"
-    sig = _signature(path)
-    return [Entry(r.id, f"{path}#{r.index}", sig, index=r.index)
-            for r in manifest.rows if r.split == split]
-
-
-def _listed_entries(list_file: Path, root: Path) -> list[Entry]:
-    """One entry per non-empty, non-# line; paths leaving ``root`` (lexically or by a link),
-    missing files, folders and special files get their reason, as in :func:`iter_folder`."""
-    root_abs = Path(os.path.normpath(root.absolute()))
-    real_root = root.resolve()
-    entries = []
-    for line in list_file.read_text().splitlines():
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        path = Path(os.path.normpath((root_abs / text).absolute()))
-        try:
-            id_ = path.relative_to(root_abs).as_posix()
-        except ValueError:
-            entries.append(Entry(text, str(path), error=ImageError(
-                "outside_root", path, f"listed path is outside the root {root_abs} (set --root)")))
-            continue
-        real, error = path.resolve(), None
-        if not real.is_relative_to(real_root):
-            error = ImageError("outside_root", path,
-                               f"leads to {real}, outside {real_root}; not followed")
-        elif path.is_symlink() and not real.exists():
-            error = ImageError("broken_link", path, f"dangling symlink to {real}")
-        elif not real.exists():
-            error = ImageError("not_a_file", path, "no such file")
-        elif not real.is_file():
-            error = ImageError("not_a_file", path, "a folder or special file, not a regular file")
-        entries.append(Entry(id_, str(path), _signature(path), error=error))
-    return entries
-
-
-def image_seed(global_seed: int, id_: str) -> int:
-    """The noise seed of image ``id_``: a function of its id alone, never of the scheduling."""
-    return int.from_bytes(hashlib.sha256(f"{global_seed}:{id_}".encode()).digest()[:8], "big") >> 1
-
-
-def output_relpath(attribute: str, id_: str) -> str:
-    """``<attribute>/<id>.png``: the id with ``.png`` appended (a.jpg and a.png stay apart)."""
-    parts = PurePosixPath(id_).parts
-    if not parts or PurePosixPath(id_).is_absolute() or ".." in parts:
-        raise ValueError(f"image id {id_!r} is not a relative path inside the input")
-    return f"{attribute}/{id_}.png"
-
-
-# --------------------------------------------------------------------------- the job
-@dataclass
-class Job:
-    """Everything an actor needs; the same for every actor of a run."""
-
-    backbone: str
-    out: str
-    run: str
-    attributes: list[str]
-    edits_dir: str  # edit rectifiers: <edits_dir>/<attribute>/
-    fingerprints: dict[str, str]  # attribute -> fingerprint of what its outputs depend on
-    inversion: InversionConfig
-    max_pixels: int
-    center_crop: bool
-    torch_threads: int = 1
-    use_gpu: bool = False
-    pid_dir: str = ""
-    max_attempts: int = 2
-
-
-def _tree_digest(path: str | os.PathLike) -> str:
-    """Digest of every file under a local folder (or of the string: a hub id)."""
-    path = Path(path)
-    if not path.exists():
-        return f"id:{path}"
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return fingerprint([(p.relative_to(path).as_posix() if path.is_dir() else p.name, file_digest(p))
-                        for p in files])
-
-
-def check_attributes(attributes: list[str], edits_dir: str | os.PathLike) -> dict[str, str]:
-    """attribute -> rectifier folder ("" for reconstruction); fails fast naming the attribute
-    and the folder when an edit rectifier is missing."""
-    if not attributes:
-        raise UsageError("no attributes requested (--attributes / edit_batch.attributes)")
-    edits_dir = Path(edits_dir)
-    have = available_edits(edits_dir)
-    folders = {}
-    for name in attributes:
-        if not _NAME.match(name):
-            raise UsageError(f"attribute {name!r}: use letters, digits, '_', '-' and '.'")
-        if name != RECONSTRUCTION and name not in have:
-            raise UsageError(
-                f"attribute '{name}': no edit rectifier in {edits_dir / name}/ (rectifier.safetensors "
-                f"+ rectifier.json). Train it (stage train_edits, params.yaml edits.attributes.{name}) "
-                f"or drop it from --attributes. Available: {[RECONSTRUCTION, *have]}")
-        folders[name] = "" if name == RECONSTRUCTION else str((edits_dir / name).resolve())
-    return dict(sorted(folders.items()))
-
-
-def make_job(cfg: HfeditConfig, backbone: str, out: Path, rectifiers: dict[str, str],
-             split_input: bool, pid_dir: str = "") -> Job:
-    eb, inv = cfg.edit_batch, cfg.inversion
-    local = Path(backbone)
-    if not local.exists() and (backbone.startswith((".", "/")) or backbone.count("/") != 1):
-        raise UsageError(f"--backbone {backbone}: no such folder (the backbone stage writes "
-                         "models/backbone) and not a hub id 'owner/name'")
-    common = {"format": FORMAT, "backbone": _tree_digest(backbone),
-              "inversion": to_flat_dict(inv),
-              "preprocess": "prepared" if split_input else [cfg.data.max_pixels, cfg.data.center_crop]}
-    prints = {a: fingerprint({**common, "attribute": a, "rectifier": _tree_digest(f) if f else None})
-              for a, f in rectifiers.items()}
-    run = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    return Job(str(local.resolve()) if local.exists() else backbone, str(out.resolve()), run,
-               list(rectifiers), str(Path(eb.edits_dir).resolve()), prints, inv,
-               cfg.data.max_pixels, cfg.data.center_crop, eb.torch_threads, eb.num_gpus > 0,
-               str(Path(pid_dir).absolute()) if pid_dir else "", eb.max_attempts)
-
-
-# ------------------------------------------------------------------------ done log
-class DoneIndex:
-    """What ``<out>/_log/*.jsonl`` says: ``rows``, latest per (id, attribute), and ``attempts``
-    per (run, id) (how often a worker started on the image). Read incrementally; a line torn by a
-    killed process is ignored."""
-
-    def __init__(self, out: str | os.PathLike) -> None:
-        self.folder = Path(out) / LOG_DIR
-        self.rows: dict[tuple[str, str], dict] = {}
-        self.attempts: Counter[tuple[str, str]] = Counter()
-        self._offsets: dict[str, int] = {}
-
-    def refresh(self) -> "DoneIndex":
-        for path in sorted(self.folder.glob("*.jsonl")):
-            start = self._offsets.get(path.name, 0)
-            with open(path, "rb") as f:
-                f.seek(start)
-                data = f.read()
-            end = data.rfind(b"\n") + 1
-            for line in data[:end].splitlines():
-                try:
-                    row = json.loads(line)
-                    if "attempt" in row:
-                        self.attempts[(row["run"], row["attempt"])] += 1
-                    else:
-                        self.rows[(row["id"], row["attribute"])] = row
-                except (ValueError, KeyError, TypeError):
-                    continue
-            self._offsets[path.name] = start + end
-        return self
-
-
-def is_complete(row: Optional[dict], signature: str, fingerprint_: str, out: Path) -> bool:
-    """Whether a logged row still stands: same input file, same job, PNG present (for errors:
-    a failure a rerun would repeat)."""
-    if row is None or row.get("signature") != signature or row.get("fingerprint") != fingerprint_:
-        return False
-    if row["status"] == "ok":
-        return (out / row["output"]).is_file()
-    return row.get("reason") not in RETRIED
-
-
-class _Log:
-    """This process's append-only log: one line per row, one write + fsync per image."""
-
-    def __init__(self, out: Path, run: str) -> None:
-        self.path = out / LOG_DIR / f"{run}-{os.getpid()}-{uuid.uuid4().hex[:6]}.jsonl"
-        self._file = None
-
-    def append(self, rows: list[dict]) -> None:
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")
-        self._file.write("".join(json.dumps(r, default=float) + "\n" for r in rows))  # one write
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-
-# ------------------------------------------------------------------ the callable class
-class EditImages:
-    """Ray Data callable class (and the plain loop's function): decode -> preprocess -> invert
-    once -> replay per attribute -> PNGs + rows. Loads the backbone and rectifiers once."""
-
-    def __init__(self, job: Job) -> None:
-        torch.set_num_threads(max(1, job.torch_threads))
-        self.job, self.out, self.pid = job, Path(job.out), os.getpid()
-        self.device = torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
-        edits = [a for a in job.attributes if a != RECONSTRUCTION]
-        self.editor = load_editor(job.backbone, job.inversion, job.edits_dir if edits else None,
-                                  edits, device=self.device)
-        self.done = DoneIndex(self.out)
-        self.log = _Log(self.out, job.run)
-        self._splits: dict[str, torch.Tensor] = {}
-        if job.pid_dir:  # lets operators (and tests) find and signal the actors
-            Path(job.pid_dir).mkdir(parents=True, exist_ok=True)
-            (Path(job.pid_dir) / f"{self.pid}.pid").write_text(str(self.pid))
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        rows = [row for item in batch.to_dict("records") for row in self.process(item)]
-        return pd.DataFrame(rows, columns=COLUMNS)
-
-    def process(self, item: dict) -> list[dict]:
-        """Rows of one image for its pending attributes (``item["pending"]``, comma-separated)."""
-        id_, seed = item["id"], int(item["seed"])
-        base = {"id": id_, "input": item["input"], "seed": seed, "signature": item["signature"],
-                "run": self.job.run, "worker_pid": self.pid}
-        rows, todo = [], []
-        for a in item["pending"].split(","):
-            if (self.out / output_relpath(a, id_)).exists():  # a retried batch: logged before?
-                row = self.done.refresh().rows.get((id_, a))
-                if is_complete(row, item["signature"], self.job.fingerprints[a], self.out):
-                    rows.append(row)
-                    continue
-            todo.append(a)
-        if not todo:
-            return rows
-        new = [dict(base, attribute=a, fingerprint=self.job.fingerprints[a]) for a in todo]
-        tries = self.done.refresh().attempts[(self.job.run, id_)]
-        if tries >= self.job.max_attempts:  # it killed its worker each time: do not loop forever
-            why = RuntimeError(f"the worker process died {tries} times while editing this image "
-                               f"(edit_batch.max_attempts={self.job.max_attempts})")
-            failed = [_error(r, WORKER_CRASHED, why) for r in new]
-            self.log.append(failed)
-            return rows + failed
-        self.log.append([{"attempt": id_, "run": self.job.run}])
-        start = time.perf_counter()
-        try:
-            x0 = self._load(item)  # (1, 3, R, R) in [-1, 1]
-            decode_s = time.perf_counter() - start
-            start = time.perf_counter()
-            inv = self.editor.invert(x0, [seed])
-            invert_s = time.perf_counter() - start
-        except Exception as err:  # noqa: BLE001 - one bad image never stops the batch
-            reason = err.reason if isinstance(err, ImageError) else EDIT_FAILED
-            failed = [_error(r, reason, err, decode_s=time.perf_counter() - start) for r in new]
-            self.log.append(failed)
-            return rows + failed
-        for row in new:
-            row.update(decode_s=decode_s, invert_s=invert_s)
-            row.update(self._edit(x0, seed, inv, row["attribute"], id_))
-        self.log.append(new)
-        return rows + new
-
-    def _edit(self, x0: torch.Tensor, seed: int, inv, attribute: str, id_: str) -> dict:
-        from hfedit.metrics import l1, ssim
-
-        try:
-            start = time.perf_counter()
-            result = self.editor.edit(x0, [seed], [attribute], inversion=inv).outputs[attribute]
-            if not torch.isfinite(result).all():
-                raise FloatingPointError("the edit produced NaN or inf values")
-            edit_s = time.perf_counter() - start
-            image = result.clamp(-1, 1)  # what the PNG holds, before rounding to 8 bits
-            exact = attribute == RECONSTRUCTION
-            metrics = {"l1": float(l1(x0, image)[0]),
-                       "ssim": float(ssim(x0, image)[0]) if min(x0.shape[-2:]) >= 11 else math.nan,
-                       "max_error": float((result - x0).abs().max()) if exact else math.nan}
-            start = time.perf_counter()
-            rel = output_relpath(attribute, id_)
-            save_png(image[0].cpu(), self.out / rel)  # temporary name + rename
-            return {"status": "ok", "output": rel, "edit_s": edit_s,
-                    "write_s": time.perf_counter() - start, **metrics}
-        except Exception as err:  # noqa: BLE001
-            return _error({}, EDIT_FAILED, err)
-
-    def _load(self, item: dict) -> torch.Tensor:
-        """Decode + preprocess exactly as the prepare stage does (or read a prepared split)."""
-        size = self.editor.denoiser.sample_size
-        if int(item["index"]) >= 0:
-            path = item["input"].rsplit("#", 1)[0]
-            if path not in self._splits:
-                self._splits[path] = load_split(Path(path).parent, Path(path).stem)
-            x0 = self._splits[path][int(item["index"])][None]
-            if x0.shape[-1] != size:
-                raise ValueError(f"{path} holds {x0.shape[-1]} px images; the backbone expects "
-                                 f"{size} px: rerun prepare with data.resolution={size}")
-        else:
-            loaded = load_image(item["input"], self.job.max_pixels)
-            x0 = to_tensor(loaded.image, size, self.job.center_crop)[None]
-        return x0.to(self.device)
-
-
-def _error(row: dict, reason: str, err: Exception, **extra) -> dict:
-    message = str(err) if isinstance(err, ImageError) else f"{type(err).__name__}: {err}"
-    return {**row, "status": "error", "reason": reason, "message": message, "output": None, **extra}
+from hfedit.checkpoint import atomic_write_bytes, atomic_write_json
+from hfedit.config import ConfigError, HfeditConfig, load_config
+from hfedit.data import SPLITS
+from hfedit.editing import RECONSTRUCTION
+from pipelines.batch_actor import EditImages, error_row
+from pipelines.batch_job import (  # noqa: F401 (LOG_DIR, output_relpath: part of this module's API)
+    COLUMNS, COMPACTED, EXIT_CRASHED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, LOG_DIR,
+    MANIFEST, NOT_PROCESSED, RETRIED, DoneIndex, Entry, Job, UsageError, check_attributes,
+    image_seed, is_complete, list_inputs, make_job, output_relpath)
 
 
 # ------------------------------------------------------------------------- the driver
@@ -455,7 +104,7 @@ def plan(entries: list[Entry], job: Job, done: DoneIndex, global_seed: int
     for e in entries:
         seed = image_seed(global_seed, e.id)
         if e.error is not None:
-            rows += [_error({"id": e.id, "attribute": a, "input": e.input, "seed": seed,
+            rows += [error_row({"id": e.id, "attribute": a, "input": e.input, "seed": seed,
                              "run": job.run, "signature": e.signature,
                              "fingerprint": job.fingerprints[a]}, e.error.reason, e.error)
                      for a in job.attributes]
@@ -593,7 +242,7 @@ def _assemble(entries: list[Entry], job: Job, standing: list[dict], got: list[pd
             row = rows.get((e.id, a))
             if row is None:
                 why = RuntimeError(error or "the job ended before this image was processed")
-                row = _error({"id": e.id, "attribute": a, "input": e.input, "run": job.run,
+                row = error_row({"id": e.id, "attribute": a, "input": e.input, "run": job.run,
                               "seed": image_seed(job.inversion.seed, e.id), "signature": e.signature,
                               "fingerprint": job.fingerprints[a]}, NOT_PROCESSED, why)
             out.append({c: row.get(c) for c in COLUMNS})
@@ -764,7 +413,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 if __name__ == "__main__":
-    # Run as the importable module, so actors unpickle pipelines.edit_batch.EditImages by name.
+    # Run as the importable module, so actors unpickle pipelines.batch_actor.EditImages by name.
     from pipelines.edit_batch import main as _main
 
     sys.exit(_main())

@@ -28,10 +28,10 @@ from hfedit.backbone import load_backbone
 from hfedit.checkpoint import (
     RECTIFIER,
     atomic_write_json,
+    checkpoint_complete,
     file_digest,
     fingerprint,
     flatten_optimizer,
-    has_checkpoint,
     load_checkpoint,
     load_rectifier,
     save_checkpoint,
@@ -75,7 +75,7 @@ def train_loop_per_worker(config: dict) -> None:
     opt, lr_sched = make_optimizer(rectifier, pc.lr, pc.weight_decay, pc.lr_decay_every, pc.lr_decay)
 
     start, restarts = 0, 0
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = _resume_point(ray.train.get_checkpoint(), config)
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             ck = load_checkpoint(folder, STATE)
@@ -120,6 +120,24 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics)
 
 
+def _resume_point(committed, config: dict):
+    """The checkpoint a (re)started worker group resumes from: the newest *complete* one of this
+    run, whether Ray committed it or it is only on disk. Ray Train commits a checkpoint once the
+    controller has collected every rank's report; a worker killed just after rank 0 wrote one can
+    restart the group with the previous (or no) committed checkpoint, although a whole newer one
+    is on disk. Every rank scans the same folder while no rank is writing, so all pick the same.
+    """
+    best, best_step = committed, -1
+    if committed is not None:
+        with committed.as_directory() as folder:
+            best_step = int(load_checkpoint(folder, STATE).meta["step"])
+    if config.get("storage"):
+        on_disk, step = latest_checkpoint(Path(config["storage"]), config["fingerprint"])
+        if on_disk is not None and step > best_step:
+            best = on_disk
+    return best
+
+
 def _rank0_tracker(config: dict):
     """Rank 0 logs into the stage's MLflow run, which the driver created."""
     if not config.get("mlflow_run_id"):
@@ -136,9 +154,12 @@ def latest_checkpoint(storage: Path, run_fingerprint: str):
 
     best, best_step = None, -1
     for meta_file in storage.glob(f"**/{STATE}.json"):
-        meta = json.loads(meta_file.read_text())
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError):  # being copied
+            continue
         if meta.get("run_fingerprint") == run_fingerprint and meta["step"] > best_step:
-            if has_checkpoint(meta_file.parent, STATE):
+            if checkpoint_complete(meta_file.parent, STATE):
                 best, best_step = meta_file.parent, meta["step"]
     return (ray.train.Checkpoint.from_directory(str(best)), best_step) if best else (None, 0)
 
@@ -166,7 +187,7 @@ def train(cfg: HfeditConfig, backbone: Path, data: Path, out: Path, checkpoints:
         train_loop_config={
             "cfg": _config_dict(cfg), "backbone": str(backbone.resolve()),
             "data": str(data.resolve()), "fingerprint": run_fp, "mlflow_run_id": mlflow_run_id,
-            "mlflow_uri": mlflow_uri, "pid_dir": pid_dir,
+            "mlflow_uri": mlflow_uri, "pid_dir": pid_dir, "storage": str(storage),
         },
         torch_config=TorchConfig(backend="nccl" if rc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=rc.num_workers, use_gpu=rc.use_gpu,

@@ -196,8 +196,11 @@ def stage_run(cfg: HfeditConfig, stage: str, tags: dict[str, Any] | None = None)
     exp_id = _experiment_id(mlflow, cfg)
     parent = pipeline_run_id(mlflow, exp_id, cfg)
     run_tags = {"hfedit.stage": stage, "hfedit.profile": cfg.profile, **(tags or {})}
+    owned = bool(parent) and not os.environ.get(PARENT_ENV)  # a pipeline run of ours
     if parent:
         run_tags["mlflow.parentRunId"] = parent
+    if owned:
+        mlflow.MlflowClient().update_run(parent, status="RUNNING")
     status = "FAILED"
     try:
         with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=run_tags) as run:
@@ -213,7 +216,7 @@ def stage_run(cfg: HfeditConfig, stage: str, tags: dict[str, Any] | None = None)
             yield tracker
             status = "FINISHED"
     finally:
-        if parent and not os.environ.get(PARENT_ENV):
+        if owned:
             client = mlflow.MlflowClient()
             client.set_tag(parent, "hfedit.last_stage", stage)
             client.set_terminated(parent, status)

@@ -29,6 +29,7 @@ import csv
 import json
 import logging
 import math
+import os
 import platform
 import sys
 import time
@@ -218,7 +219,7 @@ def results_markdown(report: dict[str, Any]) -> str:
         if d is None:
             continue
         lines.append(f"| {model} | {d['l1']:.4f} | {d['psnr']:.2f} | {d['ssim']:.4f} | "
-                     f"{rec['gap'].get(model, float('nan')):.5f} | {e['l1']:.1e} | "
+                     f"{rec['gap'].get(model, float('nan')):.5f} | {e['max_error']:.1e} | "
                      f"{PAPER_L1[model]:.3f} |")
     if report.get("editing"):
         lines += ["", f"Editing, same images, N = {n} (CLIP: {report['clip']['model']}, "
@@ -259,6 +260,26 @@ def headline(report: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def machine() -> str:
+    """What ran the evaluation, for the results table: CPU model, cores, memory, GPU."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kb / 2**20:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores{mem}, {gpu}, {torch.get_num_threads()} torch threads"
+
+
 # ------------------------------------------------------------------------------- the stage
 def run(cfg: HfeditConfig, backbone: Path, rectifier_dir: Path, edits_dir: Path, data: Path,
         batch: Path, ablation: Path, out: Path, tracker=None) -> dict[str, Any]:
@@ -280,8 +301,7 @@ def run(cfg: HfeditConfig, backbone: Path, rectifier_dir: Path, edits_dir: Path,
     report: dict[str, Any] = {
         "images": int(images.shape[0]), "resolution": int(images.shape[-1]), "steps": steps,
         "headline_steps": head, "inversion": {"eta": cfg.inversion.eta, "seed": cfg.inversion.seed},
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                   f"{'CUDA' if torch.cuda.is_available() else 'CPU'}",
+        "machine": machine(),
     }
     log.info("evaluate: reconstruction at N=%s on %d images", steps, images.shape[0])
     report["reconstruction"] = evaluate_reconstruction(cfg, denoiser, rectifier, images)

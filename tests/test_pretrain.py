@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hfedit.checkpoint import load_rectifier, save_rectifier
+from hfedit.checkpoint import checkpoint_complete, load_rectifier, save_checkpoint, save_rectifier
 from hfedit.config import RectifierConfig, RectifierTrunk
 from hfedit.inversion import ddim_invert, ddim_sample, invert, replay
 from hfedit.rectifier import ModulatedDenoiser, build_rectifier
@@ -144,30 +144,30 @@ def test_torch_trainer_survives_a_killed_worker_and_resumes(tmp_path, random_den
     killed = threading.Event()
     killed_pid: list[int] = []
 
-    def kill_rank1_after_a_committed_checkpoint():
-        # A checkpoint counts once every rank has reported it; when the second one is on disk
-        # the first is committed, so the restarted group must resume from step >= 2.
+    def kill_rank1_after_a_checkpoint():
+        # Once a whole checkpoint is on disk the restarted group must resume from it, whether
+        # or not Ray had committed it when the worker died (pretrain_rectifier._resume_point).
         deadline = time.time() + 400
         while time.time() < deadline and proc.poll() is None:
-            ckpts = list((tmp_path / "ckpt").glob("**/train_state.json"))
+            ckpts = [p.parent for p in (tmp_path / "ckpt").glob("**/train_state.json")]
             pid_file = pid_dir / "rank1.pid"
-            if len(ckpts) >= 2 and pid_file.exists():
+            if any(checkpoint_complete(c, "train_state") for c in ckpts) and pid_file.exists():
                 killed_pid.append(int(pid_file.read_text()))
                 os.kill(killed_pid[0], signal.SIGKILL)
                 killed.set()
                 return
-            time.sleep(0.5)
+            time.sleep(0.2)
 
-    threading.Thread(target=kill_rank1_after_a_committed_checkpoint, daemon=True).start()
+    threading.Thread(target=kill_rank1_after_a_checkpoint, daemon=True).start()
     out, _ = proc.communicate(timeout=550)
     assert proc.returncode == 0, out[-4000:]
     assert killed.is_set()
     report = json.loads((tmp_path / "m.json").read_text())
     assert report["training"]["step"] == 40
-    # Ray restarted the worker group (rank 1 is a new process) and training completed. Whether
-    # the new group resumed from the last checkpoint (restarts >= 1) or from step 0 depends on
-    # whether that checkpoint was committed by every rank before the kill; both were seen here.
+    # Ray restarted the worker group (rank 1 is a new process), which resumed from the
+    # checkpoint (restarts counts resumptions) and completed.
     assert int((pid_dir / "rank1.pid").read_text()) != killed_pid[0], out[-3000:]
+    assert report["training"]["restarts"] >= 1, out[-3000:]
     assert (tmp_path / "rect" / "rectifier.safetensors").is_file()
     for model in ("backbone", "rectifier"):
         assert report[model]["edit_friendly_max_error"] <= 1e-4
@@ -178,3 +178,19 @@ def test_torch_trainer_survives_a_killed_worker_and_resumes(tmp_path, random_den
     assert proc.returncode == 0, out[-4000:]
     report = json.loads((tmp_path / "m.json").read_text())
     assert report["training"]["resumed_from_step"] == 40
+
+
+def test_a_checkpoint_copied_half_way_is_not_complete(tmp_path):
+    tensors = {"w": torch.arange(4096, dtype=torch.float32)}
+    save_checkpoint(tmp_path / "a", "state", tensors, {"step": 3})
+    assert checkpoint_complete(tmp_path / "a", "state")
+    data = (tmp_path / "a" / "state.safetensors").read_bytes()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "state.json").write_text((tmp_path / "a" / "state.json").read_text())
+    (tmp_path / "b" / "state.safetensors").write_bytes(data[: len(data) // 2])  # copy cut short
+    assert not checkpoint_complete(tmp_path / "b", "state")
+    flipped = bytearray(data)
+    flipped[-1] ^= 1  # same size, other bytes
+    (tmp_path / "b" / "state.safetensors").write_bytes(bytes(flipped))
+    assert not checkpoint_complete(tmp_path / "b", "state")
+    assert not checkpoint_complete(tmp_path / "c", "state")

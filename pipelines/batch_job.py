@@ -1,0 +1,267 @@
+"""Batch editing, the job's data: what to edit, under which fingerprint, and what is done.
+
+The inputs (a folder, a list file or a prepared split), per-image seeds and output paths, the
+job (backbone, rectifiers, inversion settings and their fingerprints) and the done-log that makes
+reruns skip finished images. Used by the driver (:mod:`pipelines.edit_batch`) and the Ray Data
+actors (:mod:`pipelines.batch_actor`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Optional
+
+from hfedit.checkpoint import file_digest, fingerprint
+from hfedit.config import HfeditConfig, InversionConfig, to_flat_dict
+from hfedit.data import SPLITS, ImageError, iter_folder, load_manifest
+from hfedit.editing import RECONSTRUCTION, available_edits
+
+EXIT_OK, EXIT_CRASHED, EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+MANIFEST, LOG_DIR, COMPACTED = "manifest.parquet", "_log", "0-compacted.jsonl"
+EDIT_FAILED = "edit_failed"  # the image decoded but inversion/edit/writing raised
+NOT_PROCESSED = "not_processed"  # the job stopped (crash, interrupt) before reaching it
+WORKER_CRASHED = "worker_crashed"  # its worker process died edit_batch.max_attempts times on it
+RETRIED = {"unreadable", EDIT_FAILED, NOT_PROCESSED, WORKER_CRASHED}  # a rerun tries these again
+FORMAT = 1  # bump when the meaning of the outputs changes: every fingerprint changes with it
+COLUMNS = ["id", "attribute", "status", "reason", "message", "input", "output", "seed", "l1", "ssim",
+           "max_error", "decode_s", "invert_s", "edit_s", "write_s", "run", "worker_pid",
+           "fingerprint", "signature"]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class UsageError(ValueError):
+    """Bad arguments or configuration, found before any work (exit status 2)."""
+
+
+# ------------------------------------------------------------------------------ inputs
+@dataclass
+class Entry:
+    """One input. ``id``: POSIX path relative to the root (or the prepared id); ``input``: the
+    file (``<split>.safetensors#<index>`` for a prepared split); ``signature``: size and mtime,
+    which change when the file does; ``error``: set when it must not be opened."""
+
+    id: str
+    input: str
+    signature: str = ""
+    index: int = -1
+    error: Optional[ImageError] = None
+
+
+def _signature(path: Path) -> str:
+    try:
+        st = path.stat()
+    except OSError:
+        return ""
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def list_inputs(source: str | os.PathLike, split: Optional[str] = None,
+                root: Optional[str | os.PathLike] = None) -> list[Entry]:
+    """Every input of a folder (recursive, :func:`hfedit.data.iter_folder`), a list file, or the
+    ``split`` of a prepared dataset folder, sorted by id, duplicates dropped."""
+    source = Path(source).absolute()
+    if split is not None:
+        entries = _split_entries(source, split)
+    elif source.is_dir():
+        entries = [Entry(e.id, str(e.path), _signature(e.path), error=e.error)
+                   for e in iter_folder(source)]
+    elif source.is_file():
+        entries = _listed_entries(source, Path(root) if root else source.parent)
+    else:
+        raise UsageError(f"--input {source}: no such folder or list file")
+    unique: dict[str, Entry] = {}
+    for entry in entries:
+        unique.setdefault(entry.id, entry)
+    return sorted(unique.values(), key=lambda e: e.id)
+
+
+def _split_entries(folder: Path, split: str) -> list[Entry]:
+    if split not in SPLITS:
+        raise UsageError(f"--split {split!r}: expected one of {SPLITS}")
+    try:
+        manifest = load_manifest(folder)
+    except FileNotFoundError as err:
+        raise UsageError(f"--input {folder} --split {split}: {err}") from None
+    path = folder / f"{split}.safetensors"
+    sig = _signature(path)
+    return [Entry(r.id, f"{path}#{r.index}", sig, index=r.index)
+            for r in manifest.rows if r.split == split]
+
+
+def _listed_entries(list_file: Path, root: Path) -> list[Entry]:
+    """One entry per non-empty, non-# line; paths leaving ``root`` (lexically or by a link),
+    missing files, folders and special files get their reason, as in :func:`iter_folder`."""
+    root_abs = Path(os.path.normpath(root.absolute()))
+    real_root = root.resolve()
+    entries = []
+    for line in list_file.read_text().splitlines():
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        path = Path(os.path.normpath((root_abs / text).absolute()))
+        try:
+            id_ = path.relative_to(root_abs).as_posix()
+        except ValueError:
+            entries.append(Entry(text, str(path), error=ImageError(
+                "outside_root", path, f"listed path is outside the root {root_abs} (set --root)")))
+            continue
+        real, error = path.resolve(), None
+        if not real.is_relative_to(real_root):
+            error = ImageError("outside_root", path,
+                               f"leads to {real}, outside {real_root}; not followed")
+        elif path.is_symlink() and not real.exists():
+            error = ImageError("broken_link", path, f"dangling symlink to {real}")
+        elif not real.exists():
+            error = ImageError("not_a_file", path, "no such file")
+        elif not real.is_file():
+            error = ImageError("not_a_file", path, "a folder or special file, not a regular file")
+        entries.append(Entry(id_, str(path), _signature(path), error=error))
+    return entries
+
+
+def image_seed(global_seed: int, id_: str) -> int:
+    """The noise seed of image ``id_``: a function of its id alone, never of the scheduling."""
+    return int.from_bytes(hashlib.sha256(f"{global_seed}:{id_}".encode()).digest()[:8], "big") >> 1
+
+
+def output_relpath(attribute: str, id_: str) -> str:
+    """``<attribute>/<id>.png``: the id with ``.png`` appended (a.jpg and a.png stay apart)."""
+    parts = PurePosixPath(id_).parts
+    if not parts or PurePosixPath(id_).is_absolute() or ".." in parts:
+        raise ValueError(f"image id {id_!r} is not a relative path inside the input")
+    return f"{attribute}/{id_}.png"
+
+
+# --------------------------------------------------------------------------- the job
+@dataclass
+class Job:
+    """Everything an actor needs; the same for every actor of a run."""
+
+    backbone: str
+    out: str
+    run: str
+    attributes: list[str]
+    edits_dir: str  # edit rectifiers: <edits_dir>/<attribute>/
+    fingerprints: dict[str, str]  # attribute -> fingerprint of what its outputs depend on
+    inversion: InversionConfig
+    max_pixels: int
+    center_crop: bool
+    torch_threads: int = 1
+    use_gpu: bool = False
+    pid_dir: str = ""
+    max_attempts: int = 2
+
+
+def _tree_digest(path: str | os.PathLike) -> str:
+    """Digest of every file under a local folder (or of the string: a hub id)."""
+    path = Path(path)
+    if not path.exists():
+        return f"id:{path}"
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return fingerprint([(p.relative_to(path).as_posix() if path.is_dir() else p.name, file_digest(p))
+                        for p in files])
+
+
+def check_attributes(attributes: list[str], edits_dir: str | os.PathLike) -> dict[str, str]:
+    """attribute -> rectifier folder ("" for reconstruction); fails fast naming the attribute
+    and the folder when an edit rectifier is missing."""
+    if not attributes:
+        raise UsageError("no attributes requested (--attributes / edit_batch.attributes)")
+    edits_dir = Path(edits_dir)
+    have = available_edits(edits_dir)
+    folders = {}
+    for name in attributes:
+        if not _NAME.match(name):
+            raise UsageError(f"attribute {name!r}: use letters, digits, '_', '-' and '.'")
+        if name != RECONSTRUCTION and name not in have:
+            raise UsageError(
+                f"attribute '{name}': no edit rectifier in {edits_dir / name}/ (rectifier.safetensors "
+                f"+ rectifier.json). Train it (stage train_edits, params.yaml edits.attributes.{name}) "
+                f"or drop it from --attributes. Available: {[RECONSTRUCTION, *have]}")
+        folders[name] = "" if name == RECONSTRUCTION else str((edits_dir / name).resolve())
+    return dict(sorted(folders.items()))
+
+
+def make_job(cfg: HfeditConfig, backbone: str, out: Path, rectifiers: dict[str, str],
+             split_input: bool, pid_dir: str = "") -> Job:
+    eb, inv = cfg.edit_batch, cfg.inversion
+    local = Path(backbone)
+    if not local.exists() and (backbone.startswith((".", "/")) or backbone.count("/") != 1):
+        raise UsageError(f"--backbone {backbone}: no such folder (the backbone stage writes "
+                         "models/backbone) and not a hub id 'owner/name'")
+    common = {"format": FORMAT, "backbone": _tree_digest(backbone),
+              "inversion": to_flat_dict(inv),
+              "preprocess": "prepared" if split_input else [cfg.data.max_pixels, cfg.data.center_crop]}
+    prints = {a: fingerprint({**common, "attribute": a, "rectifier": _tree_digest(f) if f else None})
+              for a, f in rectifiers.items()}
+    run = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    return Job(str(local.resolve()) if local.exists() else backbone, str(out.resolve()), run,
+               list(rectifiers), str(Path(eb.edits_dir).resolve()), prints, inv,
+               cfg.data.max_pixels, cfg.data.center_crop, eb.torch_threads, eb.num_gpus > 0,
+               str(Path(pid_dir).absolute()) if pid_dir else "", eb.max_attempts)
+
+
+# ------------------------------------------------------------------------ done log
+class DoneIndex:
+    """What ``<out>/_log/*.jsonl`` says: ``rows``, latest per (id, attribute), and ``attempts``
+    per (run, id) (how often a worker started on the image). Read incrementally; a line torn by a
+    killed process is ignored."""
+
+    def __init__(self, out: str | os.PathLike) -> None:
+        self.folder = Path(out) / LOG_DIR
+        self.rows: dict[tuple[str, str], dict] = {}
+        self.attempts: Counter[tuple[str, str]] = Counter()
+        self._offsets: dict[str, int] = {}
+
+    def refresh(self) -> "DoneIndex":
+        for path in sorted(self.folder.glob("*.jsonl")):
+            start = self._offsets.get(path.name, 0)
+            with open(path, "rb") as f:
+                f.seek(start)
+                data = f.read()
+            end = data.rfind(b"\n") + 1
+            for line in data[:end].splitlines():
+                try:
+                    row = json.loads(line)
+                    if "attempt" in row:
+                        self.attempts[(row["run"], row["attempt"])] += 1
+                    else:
+                        self.rows[(row["id"], row["attribute"])] = row
+                except (ValueError, KeyError, TypeError):
+                    continue
+            self._offsets[path.name] = start + end
+        return self
+
+
+def is_complete(row: Optional[dict], signature: str, fingerprint_: str, out: Path) -> bool:
+    """Whether a logged row still stands: same input file, same job, PNG present (for errors:
+    a failure a rerun would repeat)."""
+    if row is None or row.get("signature") != signature or row.get("fingerprint") != fingerprint_:
+        return False
+    if row["status"] == "ok":
+        return (out / row["output"]).is_file()
+    return row.get("reason") not in RETRIED
+
+
+class DoneLog:
+    """This process's append-only log: one line per row, one write + fsync per image."""
+
+    def __init__(self, out: Path, run: str) -> None:
+        self.path = out / LOG_DIR / f"{run}-{os.getpid()}-{uuid.uuid4().hex[:6]}.jsonl"
+        self._file = None
+
+    def append(self, rows: list[dict]) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+        self._file.write("".join(json.dumps(r, default=float) + "\n" for r in rows))  # one write
+        self._file.flush()
+        os.fsync(self._file.fileno())
