@@ -50,6 +50,14 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()[:16]
 
 
+def module_digests(names: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """``{module: digest of its source file}``: part of a run's fingerprint, so that a result is
+    never reused across a change of the code that computes it."""
+    import importlib
+
+    return {name: file_digest(importlib.import_module(name).__file__) for name in names}
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

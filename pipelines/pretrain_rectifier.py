@@ -34,21 +34,35 @@ from hfedit.checkpoint import (
     flatten_optimizer,
     load_checkpoint,
     load_rectifier,
+    module_digests,
     save_checkpoint,
     save_rectifier,
     unflatten_optimizer,
 )
-from hfedit.config import ConfigError, HfeditConfig, load_config, to_flat_dict
+from hfedit.config import ConfigError, HfeditConfig, load_config, project_root, to_flat_dict
 from hfedit.data import load_split
 from pipelines.ray_runtime import init_ray
 from pipelines.tracking import stage_run
 
 STATE = "train_state"
+# A checkpoint is resumed only by a run of the same code (see :func:`train`'s fingerprint).
+CODE_MODULES = ("hfedit.rectifier", "hfedit.modulation", "hfedit.training", "hfedit.schedule",
+                "hfedit.backbone", "pipelines.pretrain_rectifier")
 
 
 def _step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     """Randomness of (rank, step) alone: a resumed run draws exactly what the first would."""
     return torch.Generator().manual_seed(seed * 1_000_003 + rank * 10_007 + step)
+
+
+def initial_rectifier(cfg: HfeditConfig, unet: torch.nn.Module):
+    """The rectifier a run starts from, drawn from ``pretrain.seed`` alone (DDP broadcasts rank
+    0's to the others), so that a rerun of the same config trains the same rectifier."""
+    from hfedit.rectifier import build_rectifier
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.pretrain.seed)
+        return build_rectifier(cfg.rectifier, unet)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -57,7 +71,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     from omegaconf import OmegaConf
 
-    from hfedit.rectifier import ModulatedDenoiser, build_rectifier
+    from hfedit.rectifier import ModulatedDenoiser
     from hfedit.training import ReconstructionObjective, make_optimizer, reconstruction_step
 
     cfg: HfeditConfig = OmegaConf.to_object(
@@ -71,7 +85,7 @@ def train_loop_per_worker(config: dict) -> None:
         (Path(config["pid_dir"]) / f"rank{rank}.pid").write_text(str(os.getpid()))
     device = ray.train.torch.get_device()
     denoiser = load_backbone(config["backbone"], device=device)
-    rectifier = build_rectifier(cfg.rectifier, denoiser.unet)
+    rectifier = initial_rectifier(cfg, denoiser.unet)
     opt, lr_sched = make_optimizer(rectifier, pc.lr, pc.weight_decay, pc.lr_decay_every, pc.lr_decay)
 
     start, restarts = 0, 0
@@ -173,7 +187,9 @@ def train(cfg: HfeditConfig, backbone: Path, data: Path, out: Path, checkpoints:
     rc = cfg.runtime.ray
     run_fp = fingerprint({"pretrain": to_flat_dict(cfg.pretrain), "rectifier": to_flat_dict(cfg.rectifier),
                           "backbone": file_digest(backbone / "unet" / "diffusion_pytorch_model.safetensors"),
-                          "data": file_digest(data / "train.safetensors"), "workers": rc.num_workers})
+                          "data": file_digest(data / "train.safetensors"), "workers": rc.num_workers,
+                          "targets": file_digest(project_root() / cfg.rectifier.targets_file),
+                          "code": module_digests(CODE_MODULES)})
     storage = checkpoints.resolve()
     resume, resume_step = latest_checkpoint(storage, run_fp)
     if resume is not None and resume_step >= cfg.pretrain.steps:  # finished before: nothing to do

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -44,6 +43,7 @@ from hfedit.checkpoint import (
     RECTIFIER,
     atomic_write_json,
     file_digest,
+    module_digests,
     fingerprint,
     has_checkpoint,
     save_rectifier,
@@ -69,9 +69,7 @@ class AttributesFailed(RuntimeError):
 # ---------------------------------------------------------------------------- fingerprints
 def input_digests(backbone: Path, rectifier: Path, data: Path) -> dict[str, Any]:
     """Digests of everything an edit rectifier is trained from, besides its params."""
-    code = {}
-    for name in CODE_MODULES:
-        code[name] = file_digest(importlib.import_module(name).__file__)
+    code = module_digests(CODE_MODULES)
     return {
         "backbone": file_digest(Path(backbone) / "unet" / "diffusion_pytorch_model.safetensors"),
         "rectifier": file_digest(Path(rectifier) / f"{RECTIFIER}.safetensors"),

@@ -194,3 +194,19 @@ def test_a_checkpoint_copied_half_way_is_not_complete(tmp_path):
     (tmp_path / "b" / "state.safetensors").write_bytes(bytes(flipped))
     assert not checkpoint_complete(tmp_path / "b", "state")
     assert not checkpoint_complete(tmp_path / "c", "state")
+
+
+def test_every_run_starts_from_the_same_rectifier(random_denoiser):
+    from hfedit.config import HfeditConfig, PretrainConfig
+    from pipelines.pretrain_rectifier import initial_rectifier
+
+    cfg = HfeditConfig(rectifier=SMALL)
+    state = torch.random.get_rng_state()
+    a = initial_rectifier(cfg, random_denoiser.unet).state_dict()
+    torch.manual_seed(1234)  # whatever the process drew before
+    b = initial_rectifier(cfg, random_denoiser.unet).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = initial_rectifier(HfeditConfig(rectifier=SMALL, pretrain=PretrainConfig(seed=1)),
+                              random_denoiser.unet).state_dict()
+    assert not torch.equal(a["head_b.0.weight"], other["head_b.0.weight"])
+    torch.random.set_rng_state(state)
