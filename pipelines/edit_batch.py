@@ -44,7 +44,9 @@ import io
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,12 +201,17 @@ def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike
 
             bar = tqdm(total=len(items), unit="img", desc="edit_batch", disable=not progress)
 
+            stop = threading.Event()
+
             def on_batch(batch: pd.DataFrame) -> None:
                 got.append(batch)
                 bar.update(batch["id"].nunique())
+                if stop.is_set():  # Ctrl-C that Ray's iterator absorbed: stop at this batch
+                    raise KeyboardInterrupt
 
             try:
-                executor(items, job, cfg, on_batch, progress)
+                with _sigint_sets(stop):
+                    executor(items, job, cfg, on_batch, progress)
             except KeyboardInterrupt:
                 error, code = "interrupted", EXIT_INTERRUPTED
             except Exception as err:  # noqa: BLE001 - still account for every input
@@ -223,6 +230,27 @@ def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike
     result = JobResult(manifest, counts, code, job.run, seconds, error=error)
     result.table, result.summary = summary_table(manifest, job.run), summary_line(result, out)
     return result
+
+
+@contextlib.contextmanager
+def _sigint_sets(stop: threading.Event) -> Iterator[None]:
+    """While the job runs, Ctrl-C (SIGINT) also sets ``stop``: when a KeyboardInterrupt raised
+    inside Ray Data's iterator is absorbed there and the dataset goes on, the driver still stops
+    at the next batch it receives (seen once: a job ran to the end after SIGINT)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        stop.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
 
 
 def _assemble(entries: list[Entry], job: Job, standing: list[dict], got: list[pd.DataFrame],
