@@ -50,75 +50,68 @@ def reconstruction_report(denoiser: Denoiser, x0: Tensor, num_steps: int,
                           batch_size: int = 8) -> dict[str, float]:
     """Means over ``x0`` (B, C, H, W) of L1, L2, SSIM, PSNR of the DDIM reconstruction at
     ``num_steps`` and of the posterior gap, for the backbone or the rectified model; plus the
-    edit-friendly reconstruction's max error at min(N, 10) steps (exact for any model)."""
-    rows: dict[str, list[Tensor]] = {k: [] for k in ("l1", "l2", "ssim", "psnr", "gap")}
-    ef_max = 0.0
-    for start in range(0, x0.shape[0], batch_size):
-        xb = x0[start:start + batch_size]
-        model = _model(denoiser, rectifier, xb)
-        rec = ddim_sample(model, denoiser.schedule,
-                          ddim_invert(model, denoiser.schedule, xb, num_steps), num_steps).clamp(-1, 1)
-        for name in ("l1", "l2", "ssim", "psnr"):
-            rows[name].append(getattr(M, name)(xb, rec))
-        rows["gap"].append(posterior_gap(denoiser, rectifier, xb, seed=seed))
-        inv = invert(model, denoiser.schedule, xb, min(num_steps, 10),
-                     generator=torch.Generator().manual_seed(seed))
-        ef_max = max(ef_max, (replay(model, denoiser.schedule, inv) - xb).abs().max().item())
-    report = {k: float(torch.cat(v).mean()) for k, v in rows.items()}
-    report["edit_friendly_max_error"] = ef_max
+    edit-friendly reconstruction's max error at the same N (exact for any model)."""
+    both = reconstruct(denoiser, x0, num_steps, rectifier, seed=seed, batch_size=batch_size)
+    report = {k: both["ddim"][k] for k in ("l1", "l2", "ssim", "psnr")}
+    report["gap"] = mean_posterior_gap(denoiser, x0, rectifier, seed, batch_size)
+    report["edit_friendly_max_error"] = both["edit_friendly"]["max_error"]
     return report
 
-
 # ------------------------------------------------------------------ the evaluate stage's tables
-MODELS = ("backbone", "rectifier")
 INVERSIONS = ("ddim", "edit_friendly")
 
 
 @torch.no_grad()
+def reconstruct(denoiser: Denoiser, x0: Tensor, n: int, rectifier: Optional[torch.nn.Module] = None,
+                eta: float = 1.0, seed: int = 0, batch_size: int = 8,
+                with_lpips: bool = False) -> dict[str, dict[str, float]]:
+    """``{inversion: {metric: value}}`` for one model at ``n`` steps: DDIM (invert to x_T,
+    sample back) and edit-friendly (maps with image i's noise seeded ``seed + i``, replayed);
+    metrics are means over ``x0`` of L1, L2, SSIM, PSNR (LPIPS) and the max error."""
+    per: dict[str, dict[str, list[Tensor]]] = {inv: {} for inv in INVERSIONS}
+    for start in range(0, x0.shape[0], batch_size):
+        xb = x0[start:start + batch_size]
+        model = _model(denoiser, rectifier, xb)
+        ddim = ddim_sample(model, denoiser.schedule, ddim_invert(model, denoiser.schedule, xb, n), n)
+        seeds = list(range(seed + start, seed + start + xb.shape[0]))
+        inv = invert(model, denoiser.schedule, xb, n, eta=eta,
+                     noise=per_image_noise(seeds, n, xb.shape[1:]))
+        for kind, rec in (("ddim", ddim), ("edit_friendly", replay(model, denoiser.schedule, inv))):
+            values = M.reconstruction_metrics(xb, rec.clamp(-1, 1), with_lpips=with_lpips)
+            values["max_error"] = (rec - xb).abs().flatten(1).amax(1)
+            for k, v in values.items():
+                per[kind].setdefault(k, []).append(v.float().cpu())
+    return {kind: {k: float(torch.cat(v).amax() if k == "max_error" else torch.cat(v).mean())
+                   for k, v in per[kind].items()} for kind in INVERSIONS}
+
+
 def reconstruction_table(denoiser: Denoiser, x0: Tensor, steps: Sequence[int],
                          rectifier: Optional[torch.nn.Module] = None, eta: float = 1.0,
                          seed: int = 0, batch_size: int = 8,
                          with_lpips: bool = False) -> list[dict[str, float]]:
     """The paper's Table 1 comparisons at every ``N`` in ``steps``: rows of
-    ``{steps, model, inversion, l1, l2, ssim, psnr, max_error[, lpips]}`` (means over ``x0``)
-    for model in backbone / rectifier (when given) and inversion in DDIM (invert to x_T, sample
-    back) / edit-friendly (maps with image i's noise seeded ``seed + i``, replayed)."""
+    ``{steps, model, inversion, l1, l2, ssim, psnr, max_error[, lpips]}`` (:func:`reconstruct`)
+    for model in backbone / rectifier (when given) and inversion in DDIM / edit-friendly."""
     models = {"backbone": None, **({"rectifier": rectifier} if rectifier is not None else {})}
     rows = []
     for n in steps:
         for name, rect in models.items():
-            per: dict[str, dict[str, list[Tensor]]] = {inv: {} for inv in INVERSIONS}
-            for start in range(0, x0.shape[0], batch_size):
-                xb = x0[start:start + batch_size]
-                model = _model(denoiser, rect, xb)
-                ddim = ddim_sample(model, denoiser.schedule,
-                                   ddim_invert(model, denoiser.schedule, xb, n), n)
-                seeds = range(seed + start, seed + start + xb.shape[0])
-                inv = invert(model, denoiser.schedule, xb, n, eta=eta,
-                             noise=per_image_noise(list(seeds), n, xb.shape[1:]))
-                ef = replay(model, denoiser.schedule, inv)
-                for kind, rec in (("ddim", ddim), ("edit_friendly", ef)):
-                    values = M.reconstruction_metrics(xb, rec.clamp(-1, 1), with_lpips=with_lpips)
-                    values["max_error"] = (rec - xb).abs().flatten(1).amax(1)
-                    for k, v in values.items():
-                        per[kind].setdefault(k, []).append(v.float().cpu())
-            for kind in INVERSIONS:
-                row: dict = {"steps": int(n), "model": name, "inversion": kind}
-                for k, v in per[kind].items():
-                    t = torch.cat(v)
-                    row[k] = float(t.amax() if k == "max_error" else t.mean())
-                rows.append(row)
+            both = reconstruct(denoiser, x0, n, rect, eta, seed, batch_size, with_lpips)
+            rows += [{"steps": int(n), "model": name, "inversion": kind, **both[kind]}
+                     for kind in INVERSIONS]
     return rows
+
+
+def mean_posterior_gap(denoiser: Denoiser, x0: Tensor, rectifier: Optional[torch.nn.Module] = None,
+                       seed: int = 0, batch_size: int = 8) -> float:
+    """:func:`posterior_gap` averaged over ``x0``, in batches."""
+    return float(torch.cat([posterior_gap(denoiser, rectifier, x0[i:i + batch_size], seed=seed)
+                            for i in range(0, x0.shape[0], batch_size)]).mean())
 
 
 def posterior_gaps(denoiser: Denoiser, x0: Tensor, rectifier: Optional[torch.nn.Module] = None,
                    seed: int = 0, batch_size: int = 8) -> dict[str, float]:
-    """Mean posterior gap ``||eps - eps_model||^2`` (:func:`posterior_gap`) per model."""
-    out = {}
-    for name, rect in (("backbone", None), ("rectifier", rectifier)):
-        if name == "rectifier" and rect is None:
-            continue
-        gaps = [posterior_gap(denoiser, rect, x0[s:s + batch_size], seed=seed)
-                for s in range(0, x0.shape[0], batch_size)]
-        out[name] = float(torch.cat(gaps).mean())
-    return out
+    """:func:`mean_posterior_gap` of the backbone and (when given) the rectified model."""
+    models = {"backbone": None, **({"rectifier": rectifier} if rectifier is not None else {})}
+    return {name: mean_posterior_gap(denoiser, x0, rect, seed, batch_size)
+            for name, rect in models.items()}

@@ -143,8 +143,8 @@ def _resume_point(committed, config: dict):
     """
     best, best_step = committed, -1
     if committed is not None:
-        with committed.as_directory() as folder:
-            best_step = int(load_checkpoint(folder, STATE).meta["step"])
+        with committed.as_directory() as folder:  # the step from the JSON, not the tensors
+            best_step = int(json.loads((Path(folder) / f"{STATE}.json").read_text())["step"])
     if config.get("storage"):
         on_disk, step = latest_checkpoint(Path(config["storage"]), config["fingerprint"])
         if on_disk is not None and step > best_step:

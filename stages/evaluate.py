@@ -98,31 +98,21 @@ def evaluate_edits(cfg: HfeditConfig, denoiser, edits: dict, clip, images) -> tu
 
 
 def batch_summary(batch: Path) -> dict[str, Any]:
-    """Per attribute of the ``edit_batch`` run in ``batch``: ok / failed counts, mean L1, SSIM."""
-    manifest = batch / "manifest.parquet"
-    if not manifest.is_file():
-        return {"note": f"{manifest} not found: run the edit_batch stage"}
-    import pyarrow.parquet as pq
+    """Per attribute of the ``edit_batch`` run in ``batch`` (its manifest): ok / failed counts,
+    failure reasons, mean L1 and SSIM of the ok rows (None where there are none)."""
+    if not (batch / "manifest.parquet").is_file():
+        return {"note": f"{batch / 'manifest.parquet'} not found: run the edit_batch stage"}
+    from pipelines.edit_batch import read_manifest
 
-    table = pq.read_table(manifest).to_pylist()
+    def mean(values) -> Optional[float]:
+        m = values.mean()  # NaN (SSIM of tiny images) skipped
+        return None if m != m else float(m)
+
     out: dict[str, Any] = {}
-    for row in table:
-        key = row.get("attribute") or "(input)"
-        s = out.setdefault(key, {"ok": 0, "failed": 0, "reasons": {}, "_l1": [], "_ssim": []})
-        if row.get("status") == "ok":
-            s["ok"] += 1
-            for k in ("l1", "ssim"):
-                v = row.get(k)
-                if v is not None and not (isinstance(v, float) and math.isnan(v)):
-                    s[f"_{k}"].append(float(v))
-        else:
-            s["failed"] += 1
-            reason = row.get("reason") or "unknown"
-            s["reasons"][reason] = s["reasons"].get(reason, 0) + 1
-    for s in out.values():
-        for k in ("l1", "ssim"):
-            values = s.pop(f"_{k}")
-            s[k] = sum(values) / len(values) if values else None
+    for name, rows in read_manifest(batch).groupby("attribute"):
+        ok, bad = rows[rows.status == "ok"], rows[rows.status != "ok"]
+        out[str(name)] = {"ok": len(ok), "failed": len(bad), "l1": mean(ok.l1), "ssim": mean(ok.ssim),
+                          "reasons": {str(k): int(v) for k, v in bad.reason.value_counts().items()}}
     return out
 
 

@@ -29,6 +29,7 @@ from hfedit.config import RectifierConfig, RectifierTrunk, load_config
 from hfedit.data import load_image, to_tensor
 from hfedit.rectifier import build_rectifier
 from pipelines import edit_batch as eb
+from tests.conftest import perturbed
 from tests.test_data import folder  # noqa: F401 - real faces, odd modes, broken files, bad links
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,11 +46,9 @@ def models(random_denoiser, tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("models")
     save_backbone(random_denoiser, base / "backbone")
     torch.manual_seed(0)
-    rect = build_rectifier(RectifierConfig(trunk=RectifierTrunk.resnet18, branch_channels=16,
-                                           time_embed_dim=32), random_denoiser.unet)
-    with torch.no_grad():
-        for head in rect.head_a:
-            head.weight.normal_(0, 0.05)
+    rect = perturbed(build_rectifier(RectifierConfig(trunk=RectifierTrunk.resnet18,
+                                                     branch_channels=16, time_embed_dim=32),
+                                     random_denoiser.unet), scale=0.05)
     save_rectifier(base / "edits" / "smiling", rect)
     return base / "backbone", base / "edits"
 

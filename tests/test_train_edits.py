@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import real_faces
+from tests.conftest import perturbed, real_faces
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "edits.attributes.smiling.steps=2", "--set", "edits.attributes.old.steps=2",
@@ -43,11 +43,9 @@ def inputs(tmp_path_factory, random_denoiser):
     root = tmp_path_factory.mktemp("pipeline")
     save_backbone(random_denoiser, root / "backbone")
     torch.manual_seed(0)
-    rect = build_rectifier(RectifierConfig(trunk=RectifierTrunk.resnet18, branch_channels=16,
-                                           time_embed_dim=32), random_denoiser.unet)
-    with torch.no_grad():
-        for head in rect.head_a:
-            head.weight.normal_(0, 0.01)
+    rect = perturbed(build_rectifier(RectifierConfig(trunk=RectifierTrunk.resnet18,
+                                                     branch_channels=16, time_embed_dim=32),
+                                     random_denoiser.unet), scale=0.01)
     save_rectifier(root / "rectifier", rect, {"step": 1})
     (root / "data").mkdir()
     faces = real_faces(8)
