@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from hfedit.config import BackboneConfig, SchedulerConfig, UNetConfig
+from hfedit.device import Precision, autocast
 from hfedit.schedule import Schedule
 
 
@@ -27,14 +28,27 @@ class Denoiser(nn.Module):
     """``eps = denoiser(x_t, t)``: a frozen noise-prediction network plus its schedule.
 
     ``x_t``: (B, C, H, W) in the model's range ([-1, 1]); ``t``: an int or a (B,) tensor.
+    ``precision``: the U-Net runs under autocast with that dtype (hfedit.device); ``eps`` is
+    returned in the input's dtype (float32), so everything computed from it (maps, losses)
+    stays float32.
     """
 
-    def __init__(self, unet: nn.Module, schedule: Schedule, source: str = "", scheduler=None) -> None:
+    def __init__(self, unet: nn.Module, schedule: Schedule, source: str = "", scheduler=None,
+                 precision: Precision | str = Precision.fp32) -> None:
         super().__init__()
         self.unet = unet
         self.schedule = schedule
         self.source = source
         self.scheduler = scheduler  # the diffusers scheduler, saved beside the UNet
+        self.precision = Precision(precision)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def autocast(self):
+        """The autocast context of this denoiser's precision on its device."""
+        return autocast(self.device, self.precision)
 
     @property
     def sample_size(self) -> int:
@@ -50,7 +64,9 @@ class Denoiser(nn.Module):
             t = torch.full((x_t.shape[0],), int(t), device=x_t.device, dtype=torch.long)
         elif t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        return self.unet(x_t, t).sample
+        with self.autocast():
+            eps = self.unet(x_t, t).sample
+        return eps.to(x_t.dtype)  # float32 (the input's dtype) whatever the autocast
 
     def freeze(self) -> "Denoiser":
         self.eval()
@@ -125,8 +141,10 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def load_backbone(source: str | Path, device: str | torch.device = "cpu") -> Denoiser:
-    """Load a UNet2DModel and its scheduler from a local folder or a hub id.
+def load_backbone(source: str | Path, device: str | torch.device = "cpu",
+                  precision: Precision | str = Precision.fp32) -> Denoiser:
+    """Load a UNet2DModel and its scheduler from a local folder or a hub id, onto ``device``,
+    running at ``precision`` (:class:`Denoiser`).
 
     Accepts the pipeline layout (``unet/`` + ``scheduler/``) and the flat layout
     (``config.json`` + ``scheduler_config.json`` side by side), local or on the hub.
@@ -169,7 +187,7 @@ def load_backbone(source: str | Path, device: str | torch.device = "cpu") -> Den
             "hfedit needs an epsilon-prediction model."
         )
     schedule = schedule_from_scheduler(scheduler)
-    return Denoiser(unet.to(device), schedule, source, scheduler).freeze()
+    return Denoiser(unet.to(device), schedule, source, scheduler, precision).freeze()
 
 
 def describe(denoiser: Denoiser) -> dict:

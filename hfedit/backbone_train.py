@@ -58,16 +58,19 @@ def train_backbone(
     checkpoint_dir: str | Path,
     log: LogFn = None,
     show_progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> BackboneTrainResult:
     """Train a UNet2DModel on ``images`` (N, 3, R, R) in [-1, 1]; resume from ``checkpoint_dir``
-    when it holds a checkpoint of the same config and data."""
+    when it holds a checkpoint of the same config and data. The networks live on ``device``;
+    the images stay where they are and each batch is moved once; every random draw comes from a
+    CPU generator, so a run is the same draws on every device."""
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"need a non-empty (N, C, H, W) image tensor, got {tuple(images.shape)}")
     tc = cfg.train
     resolution = int(images.shape[-1])
     torch.manual_seed(tc.seed)
-    unet = build_unet(cfg.unet, resolution, channels=images.shape[1])
-    ema = build_unet(cfg.unet, resolution, channels=images.shape[1])
+    unet = build_unet(cfg.unet, resolution, channels=images.shape[1]).to(device)
+    ema = build_unet(cfg.unet, resolution, channels=images.shape[1]).to(device)
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
     scheduler = build_scheduler(cfg.scheduler)
@@ -82,7 +85,7 @@ def train_backbone(
     if has_checkpoint(ckpt_dir, CKPT):
         ck = load_checkpoint(ckpt_dir, CKPT)
         if ck.meta.get("run_id") == run_id:
-            unet.load_state_dict(prefixed(ck.tensors, "unet."))
+            unet.load_state_dict(prefixed(ck.tensors, "unet."))  # copies onto unet's device
             ema.load_state_dict(prefixed(ck.tensors, "ema."))
             opt.load_state_dict(unflatten_optimizer(ck.tensors, ck.meta["optim"]))
             gen.set_state(ck.tensors["rng"])
@@ -109,6 +112,7 @@ def train_backbone(
             x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
         t = torch.randint(0, schedule.num_train_timesteps, (tc.batch_size,), generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
+        x0, t, eps = x0.to(device), t.to(device), eps.to(device)
         loss = F.mse_loss(unet(q_sample(schedule, x0, t, eps), t).sample, eps)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, tc)
@@ -140,7 +144,8 @@ def sample_grid(denoiser: Denoiser, num: int, num_steps: int, seed: int = 0) -> 
     """``num`` DDPM samples (num, C, R, R) in [-1, 1] from pure noise."""
     shape = (num, denoiser.in_channels, denoiser.sample_size, denoiser.sample_size)
     gen = torch.Generator().manual_seed(seed)
-    return ddpm_sample(denoiser, denoiser.schedule, shape, num_steps, generator=gen).clamp(-1, 1)
+    return ddpm_sample(denoiser, denoiser.schedule, shape, num_steps, generator=gen,
+                       device=denoiser.device).clamp(-1, 1)
 
 
 __all__ = ["BackboneTrainResult", "train_backbone", "sample_grid"]

@@ -21,6 +21,7 @@ import torch
 from hfedit.backbone import BackboneUnavailable, Denoiser, load_backbone
 from hfedit.config import ConfigError, InversionConfig, load_config
 from hfedit.data import ImageError, load_image, make_grid_png, save_png, to_tensor
+from hfedit.device import DeviceUnavailable, placement
 from hfedit.inversion import InversionResult, colour_offset, invert, replay, shift_maps
 
 
@@ -54,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--eta", type=float, default=None)
         p.add_argument("--skip", type=int, default=None)
         p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--device", default=None,
+                       help="auto | cpu | cuda | cuda:<i> (default: runtime.device, auto)")
+        p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                       help="autocast of the network passes (default: runtime.precision, fp32)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
         if name == "shift":
             p.add_argument("--dx", type=int, default=8)
@@ -71,15 +76,18 @@ def main(argv: list[str] | None = None) -> int:
                            help="reconstruction rectifier folder, or 'none' for the backbone alone")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(overrides=args.overrides)
+        runtime = [f"runtime.{k}={v}" for k, v in (("device", args.device),
+                                                   ("precision", args.precision)) if v]
+        cfg = load_config(overrides=args.overrides + runtime)
+        device, precision = placement(cfg.runtime.device, cfg.runtime.precision, "editing")
         inv_cfg = cfg.inversion
         steps = args.steps or inv_cfg.num_steps
         eta = args.eta if args.eta is not None else inv_cfg.eta
         skip = args.skip if args.skip is not None else inv_cfg.skip
         seed = args.seed if args.seed is not None else inv_cfg.seed
-        denoiser = load_backbone(args.backbone)
-        x0 = _prepare(args.image, denoiser, cfg.data.max_pixels)
-    except (ConfigError, BackboneUnavailable, ImageError) as err:
+        denoiser = load_backbone(args.backbone, device, precision)
+        x0 = _prepare(args.image, denoiser, cfg.data.max_pixels).to(device)
+    except (ConfigError, BackboneUnavailable, ImageError, DeviceUnavailable, ValueError) as err:
         print(f"hfedit {args.command}: {err}", file=sys.stderr)
         return 2
     if args.command in ("edit", "translate"):
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         from safetensors.torch import save_file
 
         out.mkdir(parents=True, exist_ok=True)
-        save_file({"xts": inv.xts.contiguous(), "zs": inv.zs.contiguous(),
+        save_file({"xts": inv.xts.cpu().contiguous(), "zs": inv.zs.cpu().contiguous(),
                    "timesteps": torch.tensor(inv.timesteps)}, str(out / f"{stem}_maps.safetensors"),
                   metadata={"eta": str(eta)})
         make_grid_png(_maps_preview(inv), out / f"{stem}_maps.png", nrow=8)
@@ -124,13 +132,14 @@ def _edit_or_translate(args, denoiser: Denoiser, x0: torch.Tensor, inv_cfg: Inve
     save_png(x0[0], out / f"{stem}_input.png")
     try:
         if args.command == "edit":
-            rects = load_edit_rectifiers(args.edits, denoiser.unet, [args.attribute])
+            rects = load_edit_rectifiers(args.edits, denoiser.unet, [args.attribute],
+                                         device=denoiser.device)
             meta_file = Path(args.edits) / args.attribute / "rectifier.json"
             clip_info = json.loads(meta_file.read_text()).get("clip", {})
         else:
             recon = None
             if str(args.rectifier).lower() != "none":
-                recon, _ = load_rectifier(args.rectifier, denoiser.unet)
+                recon, _ = load_rectifier(args.rectifier, denoiser.unet, device=str(denoiser.device))
     except (KeyError, FileNotFoundError, ValueError) as err:
         print(f"hfedit {args.command}: {err}", file=sys.stderr)
         return 2

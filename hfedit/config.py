@@ -23,6 +23,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from hfedit.device import Precision, check_device_spec
+
 
 class ConfigError(ValueError):
     """A configuration value that does not fit the schema; the message names the key."""
@@ -183,6 +185,7 @@ class PretrainConfig:
     # held-out reconstruction report: inversion + sampling steps, images
     eval_steps: int = 50
     eval_images: int = 16
+    eval_gap_timesteps: int = 20  # timesteps of the posterior gap's average
 
 
 # --------------------------------------------------------------------------------------- clip
@@ -311,21 +314,38 @@ class RayConfig:
     # "" = start a local Ray (or join RAY_ADDRESS when set); "auto" = the running cluster
     address: str = ""
     num_workers: int = 2  # Ray Train workers (DDP ranks)
-    use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     torch_threads_per_worker: int = 1
     # one Ray task per attribute in train_edits / per method in edit_ablation
     edit_task_cpus: float = 1.0
-    edit_task_gpus: float = 0.0
+    # GPUs per task when runtime.device puts them on GPUs (auto on a cluster with GPUs, or
+    # cuda); fractions share a GPU between tasks. Ray Train workers take one GPU each.
+    edit_task_gpus: float = 1.0
 
 
 @dataclass
 class RuntimeConfig:
+    """Where and how things run; changes speed and memory, never which computation is done.
+
+    ``device``: auto | cpu | cuda | cuda:<i>, honoured by every stage, the CLI, Ray Train
+    workers (NCCL on GPUs, gloo on CPUs), Ray tasks and Ray Data actors (hfedit.device).
+    ``precision``: fp32 | bf16 | fp16 autocast of the network passes (maps, losses and metrics
+    stay float32); which is allowed for which work: hfedit.device.ALLOWED.
+    ``activation_checkpointing``: recompute the modulated U-Net's blocks in the backward pass of
+    rectifier training (less memory, ~1 more forward); results are identical.
+    ``eval_batch_size``: images per batch of every evaluation (pretraining report, evaluate,
+    ablation).
+    """
+
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     # torch threads per process; 0 = torch's default
     torch_threads: int = 0
+    device: str = "auto"
+    precision: Precision = Precision.fp32
+    activation_checkpointing: bool = False
+    eval_batch_size: int = 8
 
 
 # ------------------------------------------------------------------------------------- whole
@@ -336,6 +356,7 @@ class EvaluateConfig:
     # Inversion + sampling step counts of every comparison (reconstruction and editing).
     steps: list[int] = field(default_factory=lambda: [10, 50, 100])
     images: int = 8  # the first N val images
+    gap_timesteps: int = 20  # timesteps of the posterior gap's average
     # LPIPS is added when its weights are on disk (hfedit.metrics.lpips_available), else the
     # report says why it is missing; it never downloads.
 
@@ -422,7 +443,14 @@ def load_config(
         cfg = _merge(cfg, OmegaConf.create({"runtime": _read_yaml(runtime)}), str(runtime))
     cfg = _merge(cfg, cli, "command line")
     cfg.profile = chosen
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    loaded: HfeditConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    try:
+        check_device_spec(loaded.runtime.device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if loaded.runtime.eval_batch_size < 1:
+        raise ConfigError(f"runtime.eval_batch_size={loaded.runtime.eval_batch_size}: must be >= 1")
+    return loaded
 
 
 def to_flat_dict(cfg: Any) -> dict[str, Any]:

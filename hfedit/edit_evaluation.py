@@ -67,17 +67,17 @@ def evaluate_edit(editor, attribute: str, x0: Tensor, seeds: Sequence[int],
     ``identity_note`` saying why)."""
     if len(seeds) != x0.shape[0]:
         raise ValueError(f"{len(seeds)} seeds for {x0.shape[0]} images")
-    edited = []
+    device = editor.denoiser.device
+    x0 = x0.cpu()
+    edited, clip_direction = [], []
     for i in range(0, x0.shape[0], batch_size):
-        xb = x0[i:i + batch_size]
+        xb = x0[i:i + batch_size].to(device)  # one move per batch; results come back to the CPU
         batch = editor.edit(xb, list(seeds[i:i + batch_size]), names=(attribute,))
-        edited.append(batch.outputs[attribute].clamp(-1, 1))
+        out = batch.outputs[attribute].clamp(-1, 1)
+        clip_direction.append(direction.clip_directional_similarity(xb, out).float().cpu())
+        edited.append(out.float().cpu())
     x_edit = torch.cat(edited)
-    per: dict[str, Tensor] = {
-        "clip_direction": torch.cat([direction.clip_directional_similarity(x0[i:i + batch_size],
-                                                                           x_edit[i:i + batch_size])
-                                     for i in range(0, x0.shape[0], batch_size)]).float().cpu(),
-    }
+    per: dict[str, Tensor] = {"clip_direction": torch.cat(clip_direction)}
     for name in FIDELITY:
         per[name] = getattr(M, name)(x0, x_edit).float().cpu()
     reasons: list[Optional[str]] = [None] * x0.shape[0]
@@ -88,7 +88,7 @@ def evaluate_edit(editor, attribute: str, x0: Tensor, seeds: Sequence[int],
     else:
         per["identity"] = torch.full((x0.shape[0],), math.nan)
         reasons = ["not_scored"] * x0.shape[0]
-    return EditEvaluation(x_edit.cpu(), per, reasons, identity_note)
+    return EditEvaluation(x_edit, per, reasons, identity_note)
 
 
 __all__ = ["EditEvaluation", "evaluate_edit"]

@@ -193,7 +193,8 @@ class MarkovianObjective(nn.Module):
         md = self.model
         x, factors = x_t0, []
         for t, s in zip(self.timesteps, Schedule.prev_timesteps(self.timesteps)):
-            step = rectified_step(md.denoiser, md.rectifier, x, t, x0, md.mode, reuse_prefix=False)
+            step = rectified_step(md.denoiser, md.rectifier, x, t, x0, md.mode, reuse_prefix=False,
+                                  checkpoint=md.checkpoint)
             x = posterior_mean(schedule.step_coefficients(t, s, 0.0), x, step.eps_hat)
             factors.append(step.factors)
         terms = self.loss.terms(x, x0, source_embedding)
@@ -273,14 +274,16 @@ class EditTrainResult:
 def train_edit(cfg: AttributeConfig, denoiser: Denoiser, reconstruction: Rectifier,
                clip: ClipModel, images: Tensor, markovian: MarkovianConfig = MarkovianConfig(),
                method: Optional[EditMethod | str] = None, steps: Optional[int] = None,
-               on_step: Optional[StepCallback] = None) -> EditTrainResult:
+               on_step: Optional[StepCallback] = None, checkpoint: bool = False) -> EditTrainResult:
     """Train one attribute's edit rectifier from ``reconstruction`` on ``images`` (N, C, H, W).
 
     ``method`` and ``steps`` override ``cfg.method`` / ``cfg.steps`` (the ablation trains both
     methods at one budget). Adam without weight decay at ``cfg.lr``, multiplied by
     ``cfg.decay`` every ``cfg.decay_every`` steps; batches of ``cfg.batch_size`` drawn with
     replacement from ``min(cfg.num_images, N)`` images picked with ``cfg.seed``, which also
-    seeds every ``t`` and ``eps``.
+    seeds every ``t`` and ``eps``. Training runs on the denoiser's device and precision;
+    ``checkpoint``: activation checkpointing of the modulated passes (same gradients, less
+    memory: :func:`hfedit.rectifier.modulated_eps`).
     """
     method = EditMethod(method or cfg.method)
     steps = cfg.steps if steps is None else steps
@@ -289,7 +292,7 @@ def train_edit(cfg: AttributeConfig, denoiser: Denoiser, reconstruction: Rectifi
                          f"{cfg.decay_every}: each must be >= 1")
     device = next(denoiser.parameters()).device
     rectifier = edit_rectifier_from(reconstruction).to(device)
-    model = ModulatedDenoiser(denoiser, rectifier, rectifier.cfg.modulation)
+    model = ModulatedDenoiser(denoiser, rectifier, rectifier.cfg.modulation, checkpoint=checkpoint)
     loss = EditLoss(DirectionalClipLoss(clip, cfg.source, cfg.target), cfg.lambda_clip,
                     cfg.lambda_recon)
     x0 = select_images(images, cfg.num_images, cfg.seed).to(device)

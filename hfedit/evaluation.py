@@ -32,13 +32,14 @@ def _model(denoiser: Denoiser, rectifier: Optional[torch.nn.Module], x0: Tensor)
 def posterior_gap(denoiser: Denoiser, rectifier: Optional[torch.nn.Module], x0: Tensor,
                   num_t: int = 20, seed: int = 0) -> Tensor:
     """Per-image mean over ``num_t`` evenly spaced t of ``mean((eps - eps_model(x_t, t))^2)``."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on every device
+    x0 = x0.to(denoiser.device)
     model = _model(denoiser, rectifier, x0)
     T = denoiser.schedule.num_train_timesteps
     gaps = []
     for t in torch.linspace(0, T - 1, num_t).long().tolist():
-        eps = torch.randn(x0.shape, generator=gen)
-        tt = torch.full((x0.shape[0],), t, dtype=torch.long)
+        eps = torch.randn(x0.shape, generator=gen).to(x0.device)
+        tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
         x_t = q_sample(denoiser.schedule, x0, tt, eps)
         gaps.append(M.posterior_gap(eps, model(x_t, t)))
     return torch.stack(gaps).mean(0)
@@ -47,13 +48,13 @@ def posterior_gap(denoiser: Denoiser, rectifier: Optional[torch.nn.Module], x0: 
 @torch.no_grad()
 def reconstruction_report(denoiser: Denoiser, x0: Tensor, num_steps: int,
                           rectifier: Optional[torch.nn.Module] = None, seed: int = 0,
-                          batch_size: int = 8) -> dict[str, float]:
+                          batch_size: int = 8, gap_timesteps: int = 20) -> dict[str, float]:
     """Means over ``x0`` (B, C, H, W) of L1, L2, SSIM, PSNR of the DDIM reconstruction at
     ``num_steps`` and of the posterior gap, for the backbone or the rectified model; plus the
     edit-friendly reconstruction's max error at the same N (exact for any model)."""
     both = reconstruct(denoiser, x0, num_steps, rectifier, seed=seed, batch_size=batch_size)
     report = {k: both["ddim"][k] for k in ("l1", "l2", "ssim", "psnr")}
-    report["gap"] = mean_posterior_gap(denoiser, x0, rectifier, seed, batch_size)
+    report["gap"] = mean_posterior_gap(denoiser, x0, rectifier, seed, batch_size, gap_timesteps)
     report["edit_friendly_max_error"] = both["edit_friendly"]["max_error"]
     return report
 
@@ -70,7 +71,7 @@ def reconstruct(denoiser: Denoiser, x0: Tensor, n: int, rectifier: Optional[torc
     metrics are means over ``x0`` of L1, L2, SSIM, PSNR (LPIPS) and the max error."""
     per: dict[str, dict[str, list[Tensor]]] = {inv: {} for inv in INVERSIONS}
     for start in range(0, x0.shape[0], batch_size):
-        xb = x0[start:start + batch_size]
+        xb = x0[start:start + batch_size].to(denoiser.device)  # one move per batch
         model = _model(denoiser, rectifier, xb)
         ddim = ddim_sample(model, denoiser.schedule, ddim_invert(model, denoiser.schedule, xb, n), n)
         seeds = list(range(seed + start, seed + start + xb.shape[0]))
@@ -103,15 +104,15 @@ def reconstruction_table(denoiser: Denoiser, x0: Tensor, steps: Sequence[int],
 
 
 def mean_posterior_gap(denoiser: Denoiser, x0: Tensor, rectifier: Optional[torch.nn.Module] = None,
-                       seed: int = 0, batch_size: int = 8) -> float:
-    """:func:`posterior_gap` averaged over ``x0``, in batches."""
-    return float(torch.cat([posterior_gap(denoiser, rectifier, x0[i:i + batch_size], seed=seed)
-                            for i in range(0, x0.shape[0], batch_size)]).mean())
+                       seed: int = 0, batch_size: int = 8, num_t: int = 20) -> float:
+    """:func:`posterior_gap` at ``num_t`` timesteps averaged over ``x0``, in batches."""
+    return float(torch.cat([posterior_gap(denoiser, rectifier, x0[i:i + batch_size], num_t, seed)
+                            .cpu() for i in range(0, x0.shape[0], batch_size)]).mean())
 
 
 def posterior_gaps(denoiser: Denoiser, x0: Tensor, rectifier: Optional[torch.nn.Module] = None,
-                   seed: int = 0, batch_size: int = 8) -> dict[str, float]:
+                   seed: int = 0, batch_size: int = 8, num_t: int = 20) -> dict[str, float]:
     """:func:`mean_posterior_gap` of the backbone and (when given) the rectified model."""
     models = {"backbone": None, **({"rectifier": rectifier} if rectifier is not None else {})}
-    return {name: mean_posterior_gap(denoiser, x0, rect, seed, batch_size)
+    return {name: mean_posterior_gap(denoiser, x0, rect, seed, batch_size, num_t)
             for name, rect in models.items()}

@@ -37,6 +37,7 @@ from typing import Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.autograd.function import once_differentiable
 from torch import Tensor, nn
 
@@ -341,7 +342,8 @@ def _swap_forward(module: nn.Module, forward, name: str) -> None:
 @contextmanager
 def modulate(unet: nn.Module, factors: Mapping[str, ConvFactors],
              mode: ModulationMode | str = ModulationMode.auto,
-             reuse: Mapping[str, object] | None = None) -> Iterator[nn.Module]:
+             reuse: Mapping[str, object] | None = None,
+             checkpoint: bool = False) -> Iterator[nn.Module]:
     """Within the block, every conv named in ``factors`` runs with its per-sample kernels.
 
     Swaps the named convs' ``forward`` and deletes the swap on exit, also on error. Parameters,
@@ -350,11 +352,31 @@ def modulate(unet: nn.Module, factors: Mapping[str, ConvFactors],
     ``(x_t, t)``; those modules return them instead of recomputing (exact: they ran before any
     target, so nothing they saw depends on the modulation). Not re-entrant, not thread-safe for
     a module shared between threads.
+    ``checkpoint``: activation checkpointing of every top-level block that holds targets (for a
+    diffusers U-Net: the mid block and each up block): the block keeps only its inputs, and its
+    modulated forward runs again in the backward pass (a checkpointed block modulates itself,
+    so the recomputation is the modulated one even after this ``with`` block has exited).
+    Same values and gradients; less activation memory for about one more forward.
     """
     mode = ModulationMode(mode)
     swapped: list[nn.Module] = []
+    blocks = _checkpointed_blocks(unet, factors) if checkpoint else {}
     try:
+        for block_name, inner in blocks.items():
+            block = unet.get_submodule(block_name)
+
+            def run_block(*args, _block=block, _inner=inner, **kwargs):
+                def run(*a, **k):  # runs again in the backward pass: modulates itself
+                    with modulate(_block, _inner, mode):
+                        return type(_block).forward(_block, *a, **k)
+                return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+            _swap_forward(block, run_block, block_name)
+            swapped.append(block)
+        in_blocks = {f"{b}.{n}" for b, inner in blocks.items() for n in inner}
         for name, f in factors.items():
+            if name in in_blocks:
+                continue
             conv = unet.get_submodule(name)
             if not isinstance(conv, nn.Conv2d):
                 raise TypeError(f"modulation target '{name}' is a {type(conv).__name__}, not Conv2d")
@@ -374,6 +396,18 @@ def modulate(unet: nn.Module, factors: Mapping[str, ConvFactors],
     finally:
         for module in swapped:
             del module.forward
+
+
+def _checkpointed_blocks(unet: nn.Module,
+                         factors: Mapping[str, ConvFactors]) -> dict[str, dict[str, ConvFactors]]:
+    """``{top-level block: {target name inside it: factors}}`` for the blocks that hold targets
+    (targets that are top-level modules themselves are modulated without checkpointing)."""
+    blocks: dict[str, dict[str, ConvFactors]] = {}
+    for block, _ in _prefix_candidates(unet):
+        inner = {n[len(block) + 1:]: f for n, f in factors.items() if n.startswith(block + ".")}
+        if inner:
+            blocks[block] = inner
+    return blocks
 
 
 def _prefix_candidates(unet: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -18,6 +18,7 @@ The kernels are modulated by :mod:`hfedit.modulation`; the backbone is never wri
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -124,11 +125,16 @@ class Rectifier(nn.Module):
         bsz = x0.shape[0]
         n, c = self.num_targets, self.cfg.branch_channels
         feat = self.trunk(torch.cat([x0, p_t.clamp(-1.0, 1.0)], dim=1))  # (B, 512, H/32, W/32)
-        temb = self.time_embedding(_timesteps(t, bsz, x0.device))  # (B, D)
-        h = self.branch_conv1(feat)  # (B, n*c, H/64, W/64), at least 1x1
-        h = h + self.branch_time(F.silu(temb))[:, :, None, None]
-        h = self.branch_conv2(F.silu(h))  # (B, n*c, H/128, W/128), at least 1x1; per branch
-        h = F.adaptive_avg_pool2d(F.silu(h), 1).view(bsz, n, c)  # (B, n, c)
+        # The branch bank runs in float32 even under autocast: it is tiny (1x1 to 4x4 maps), and
+        # torch 2.14's CPU bf16 gradient of its strided grouped conv on a 1x1 map (32 px images)
+        # is non-finite in 8 of 20 draws with one thread (tests/test_device.py caught it).
+        with torch.autocast(x0.device.type, enabled=False):
+            feat = feat.to(self.branch_conv1.weight.dtype)
+            temb = self.time_embedding(_timesteps(t, bsz, x0.device))  # (B, D)
+            h = self.branch_conv1(feat)  # (B, n*c, H/64, W/64), at least 1x1
+            h = h + self.branch_time(F.silu(temb))[:, :, None, None]
+            h = self.branch_conv2(F.silu(h))  # (B, n*c, H/128, W/128), at least 1x1; per branch
+            h = F.adaptive_avg_pool2d(F.silu(h), 1).view(bsz, n, c)  # (B, n, c)
         out: dict[str, ConvFactors] = {}
         for g, (name, (co, ci, kh, kw)) in enumerate(zip(self.target_names, self.kernel_shapes)):
             a = self.head_a[g](h[:, g]).view(bsz, kh, kw, ci)  # (B, kh, kw, C_in)
@@ -161,16 +167,23 @@ class RectifiedStep:
 
 def modulated_eps(denoiser: nn.Module, factors: dict[str, ConvFactors], x_t: Tensor,
                   t: Tensor | int, mode: ModulationMode | str = ModulationMode.auto,
-                  reuse: Optional[dict[str, object]] = None) -> Tensor:
+                  reuse: Optional[dict[str, object]] = None, checkpoint: bool = False) -> Tensor:
     """``eps_theta_hat(x_t, t)``: one backbone pass with per-sample modulated target kernels
-    (``reuse``: see :func:`hfedit.modulation.record_prefix`)."""
-    with modulate(denoiser.unet, factors, mode, reuse):
+    (``reuse``: see :func:`hfedit.modulation.record_prefix`; ``checkpoint``: activation
+    checkpointing of the modulated blocks, only when gradients are being recorded)."""
+    checkpoint = checkpoint and torch.is_grad_enabled()
+    with modulate(denoiser.unet, factors, mode, reuse, checkpoint=checkpoint):
         return denoiser(x_t, t)
+
+
+def _network_autocast(denoiser: nn.Module):
+    """The autocast of the denoiser's precision (a plain module: none)."""
+    return denoiser.autocast() if hasattr(denoiser, "autocast") else contextlib.nullcontext()
 
 
 def rectified_step(denoiser: nn.Module, rectifier: Rectifier, x_t: Tensor, t: Tensor | int,
                    x0: Tensor, mode: ModulationMode | str | None = None,
-                   reuse_prefix: bool = True) -> RectifiedStep:
+                   reuse_prefix: bool = True, checkpoint: bool = False) -> RectifiedStep:
     """Plain pass for ``P_t`` (no grad), hypernetwork, modulated pass: ALGORITHMS.md section 3.
 
     ``x_t``, ``x0``: (B, C, H, W); ``t``: int or (B,). Cost: two U-Net passes plus the rectifier,
@@ -179,7 +192,10 @@ def rectified_step(denoiser: nn.Module, rectifier: Rectifier, x_t: Tensor, t: Te
     outputs from the plain pass (exact, see :func:`hfedit.modulation.record_prefix`); not when
     ``x_t`` requires grad (the recorded outputs carry no graph). Gradients reach ``x_t`` through
     the modulated pass only (``P_t`` is a constant input of the rectifier).
-    ``mode``: the modulation path; None = ``rectifier.cfg.modulation``.
+    ``mode``: the modulation path; None = ``rectifier.cfg.modulation``. ``checkpoint``:
+    activation checkpointing of the modulated pass while training (:func:`modulated_eps`).
+    Under the denoiser's precision (:class:`hfedit.backbone.Denoiser`) both passes and the
+    hypernetwork run in autocast; the offsets and ``eps`` come back in ``x_t``'s dtype.
     """
     if x_t.shape != x0.shape:
         raise ValueError(f"x_t {tuple(x_t.shape)} and x0 {tuple(x0.shape)} differ in shape")
@@ -187,10 +203,13 @@ def rectified_step(denoiser: nn.Module, rectifier: Rectifier, x_t: Tensor, t: Te
     with torch.no_grad(), record_prefix(denoiser.unet, rectifier.target_names) as prefix:
         eps_plain = denoiser(x_t, t)  # (B, C, H, W)
     p_t = predict_x0(denoiser.schedule, x_t, t, eps_plain)
-    factors = rectifier(x0, p_t, t)
+    with _network_autocast(denoiser):  # the hypernetwork at the denoiser's precision
+        factors = rectifier(x0, p_t, t)
+    factors = {k: ConvFactors(f.a.to(x_t.dtype), f.b.to(x_t.dtype)) for k, f in factors.items()}
     mode = rectifier.cfg.modulation if mode is None else mode
     reuse = reuse_prefix and not (torch.is_grad_enabled() and x_t.requires_grad)
-    eps_hat = modulated_eps(denoiser, factors, x_t, t, mode, reuse=prefix if reuse else None)
+    eps_hat = modulated_eps(denoiser, factors, x_t, t, mode, reuse=prefix if reuse else None,
+                            checkpoint=checkpoint)
     return RectifiedStep(eps_hat, eps_plain, p_t, factors)
 
 
@@ -201,11 +220,14 @@ class ModulatedDenoiser(nn.Module):
     the rectifier's parameters train. Checkpoint ``md.rectifier.state_dict()``. ``mode``: the
     modulation path; None = ``rectifier.cfg.modulation``.
     ``md.conditioned(x0)`` is an ordinary ``eps = d(x_t, t)`` denoiser for sampling/replay.
+    ``checkpoint``: activation checkpointing of the modulated pass in training (same values
+    and gradients, less memory).
     """
 
     def __init__(self, denoiser: nn.Module, rectifier: Rectifier,
-                 mode: ModulationMode | str | None = None) -> None:
+                 mode: ModulationMode | str | None = None, checkpoint: bool = False) -> None:
         super().__init__()
+        self.checkpoint = checkpoint
         missing = [n for n in rectifier.target_names if not _is_conv(denoiser.unet, n)]
         if missing:
             raise ValueError(f"rectifier targets not in this backbone: {missing[:5]}")
@@ -223,14 +245,15 @@ class ModulatedDenoiser(nn.Module):
         return self
 
     def step(self, x_t: Tensor, t: Tensor | int, x0: Tensor) -> RectifiedStep:
-        return rectified_step(self.denoiser, self.rectifier, x_t, t, x0, self.mode)
+        return rectified_step(self.denoiser, self.rectifier, x_t, t, x0, self.mode,
+                              checkpoint=self.checkpoint)
 
     def forward(self, x_t: Tensor, t: Tensor | int, x0: Tensor) -> Tensor:
         return self.step(x_t, t, x0).eps_hat
 
     def modulated(self, x_t: Tensor, t: Tensor | int, factors: dict[str, ConvFactors]) -> Tensor:
         """The modulated pass alone, with given factors."""
-        return modulated_eps(self.denoiser, factors, x_t, t, self.mode)
+        return modulated_eps(self.denoiser, factors, x_t, t, self.mode, checkpoint=self.checkpoint)
 
     def conditioned(self, x0: Tensor) -> "ConditionedDenoiser":
         return ConditionedDenoiser(self, x0)

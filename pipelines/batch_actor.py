@@ -17,6 +17,7 @@ import torch
 
 from hfedit.data import ImageError, load_image, load_split, save_png, to_tensor
 from hfedit.editing import RECONSTRUCTION, load_editor
+from hfedit.device import placement
 from pipelines.batch_job import (COLUMNS, EDIT_FAILED, WORKER_CRASHED, DoneIndex, Job, DoneLog,
                                  is_complete, output_relpath)
 
@@ -29,10 +30,11 @@ class EditImages:
     def __init__(self, job: Job) -> None:
         torch.set_num_threads(max(1, job.torch_threads))
         self.job, self.out, self.pid = job, Path(job.out), os.getpid()
-        self.device = torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
+        self.device, precision = placement(job.device, job.precision, "editing")
         edits = [a for a in job.attributes if a != RECONSTRUCTION]
         self.editor = load_editor(job.backbone, job.inversion, job.edits_dir if edits else None,
                                   edits, device=self.device)
+        self.editor.denoiser.precision = precision
         self.done = DoneIndex(self.out)
         self.log = DoneLog(self.out, job.run)
         self._splits: dict[str, torch.Tensor] = {}

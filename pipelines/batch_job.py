@@ -155,7 +155,8 @@ class Job:
     max_pixels: int
     center_crop: bool
     torch_threads: int = 1
-    use_gpu: bool = False
+    device: str = "cpu"  # what the model actor resolves (pipelines.ray_runtime.actor_gpus)
+    precision: str = "fp32"
     pid_dir: str = ""
     max_attempts: int = 2
 
@@ -205,8 +206,9 @@ def make_job(cfg: HfeditConfig, backbone: str, out: Path, rectifiers: dict[str, 
     run = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     return Job(str(local.resolve()) if local.exists() else backbone, str(out.resolve()), run,
                list(rectifiers), str(Path(eb.edits_dir).resolve()), prints, inv,
-               cfg.data.max_pixels, cfg.data.center_crop, eb.torch_threads, eb.num_gpus > 0,
-               str(Path(pid_dir).absolute()) if pid_dir else "", eb.max_attempts)
+               cfg.data.max_pixels, cfg.data.center_crop, eb.torch_threads, cfg.runtime.device,
+               cfg.runtime.precision.value, str(Path(pid_dir).absolute()) if pid_dir else "",
+               eb.max_attempts)
 
 
 # ------------------------------------------------------------------------ done log

@@ -27,6 +27,7 @@ import torch
 
 from hfedit.checkpoint import atomic_write_json
 from hfedit.config import ConfigError, EditMethod, HfeditConfig, load_config, to_flat_dict
+from hfedit.device import DeviceUnavailable
 from pipelines.train_edits import (
     NOT_SEMANTIC,
     announce_random_clip,
@@ -81,13 +82,12 @@ def evaluate(cfg: HfeditConfig, denoiser, clip, rectifier, data: Path):
 
     ab = cfg.edits.ablation
     attr = cfg.edits.attributes[ab.attribute]
-    images, seeds = held_out(cfg, data)
-    images = images.to(next(denoiser.parameters()).device)
+    images, seeds = held_out(cfg, data)  # on the CPU: evaluate_edit moves each batch
     scorer, note = identity_scorer(ab.min_face_px, int(images.shape[-1]))
     editor = Editor(denoiser, cfg.inversion, {ab.attribute: rectifier})
     direction = DirectionalClipLoss(clip, attr.source, attr.target)
     return evaluate_edit(editor, ab.attribute, images, seeds, direction, scorer,
-                         identity_note=note)
+                         batch_size=cfg.runtime.eval_batch_size, identity_note=note)
 
 
 def run_method(spec: dict) -> dict:
@@ -141,6 +141,8 @@ def run_stage(cfg: HfeditConfig, backbone: Path, rectifier: Path, data: Path, pl
               tracker=None, mlflow_info: Optional[dict] = None) -> dict:
     import ray
 
+    from pipelines.ray_runtime import task_placement
+
     from hfedit.data import make_grid_png
 
     ab = cfg.edits.ablation
@@ -161,12 +163,13 @@ def run_stage(cfg: HfeditConfig, backbone: Path, rectifier: Path, data: Path, pl
         report["note"] = NOT_SEMANTIC
     rc = cfg.runtime.ray
     task = ray.remote(run_method)
+    device, gpus = task_placement(cfg)
     refs = {}
     for method in METHODS:
         spec = {"method": method.value, "steps": steps, "cfg": config_dict(cfg),
                 "backbone": str(backbone.resolve()), "rectifier": str(rectifier.resolve()),
-                "data": str(data.resolve()), "mlflow": mlflow_info}
-        refs[method] = task.options(num_cpus=rc.edit_task_cpus, num_gpus=rc.edit_task_gpus,
+                "data": str(data.resolve()), "mlflow": mlflow_info, "device": device}
+        refs[method] = task.options(num_cpus=rc.edit_task_cpus, num_gpus=gpus,
                                     max_retries=rc.max_failures,
                                     name=f"{STAGE}:{method.value}").remote(spec)
     results, errors = {}, {}
@@ -181,7 +184,7 @@ def run_stage(cfg: HfeditConfig, backbone: Path, rectifier: Path, data: Path, pl
     # The no-edit reference and the grid, in the driver (cheap next to training).
     spec = {"cfg": config_dict(cfg), "backbone": str(backbone), "rectifier": str(rectifier),
             "data": str(data)}
-    loaded = load_inputs(spec)
+    loaded = load_inputs(spec, work="evaluation")
     ref_ev = evaluate(cfg, loaded.denoiser, loaded.clip, loaded.reconstruction, data)
     report[REFERENCE] = ref_ev.summary()
     if len(results) == len(METHODS):
@@ -254,5 +257,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, AblationFailed) as err:
+    except (ConfigError, DeviceUnavailable, AblationFailed) as err:
         sys.exit(str(err))

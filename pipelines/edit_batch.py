@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import io
 import json
@@ -57,8 +58,10 @@ import pandas as pd
 from hfedit.checkpoint import atomic_write_bytes, atomic_write_json
 from hfedit.config import ConfigError, HfeditConfig, load_config
 from hfedit.data import SPLITS
+from hfedit.device import DeviceUnavailable
 from hfedit.editing import RECONSTRUCTION
 from pipelines.batch_actor import EditImages, error_row
+from pipelines.ray_runtime import actor_gpus
 from pipelines.batch_job import (  # noqa: F401 (LOG_DIR, output_relpath: part of this module's API)
     COLUMNS, COMPACTED, EXIT_CRASHED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, LOG_DIR,
     MANIFEST, NOT_PROCESSED, RETRIED, DoneIndex, Entry, Job, UsageError, check_attributes,
@@ -133,7 +136,9 @@ def execute(items: list[dict], job: Job, cfg: HfeditConfig, on_batch: Callable[[
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     n_blocks = max(1, math.ceil(len(items) / eb.batch_size))
-    gpu = {"num_gpus": eb.num_gpus} if eb.num_gpus > 0 else {}
+    gpus = actor_gpus(cfg)
+    gpu = {"num_gpus": gpus} if gpus > 0 else {}
+    job = dataclasses.replace(job, device="cuda" if gpus > 0 else "cpu")
     ds = ray.data.from_items(items, override_num_blocks=n_blocks).map_batches(
         EditImages,
         fn_constructor_kwargs={"job": job},
@@ -167,7 +172,11 @@ def _check_resources(cfg: HfeditConfig) -> None:
     if eb.actors < 1 or eb.batch_size < 1 or eb.num_cpus <= 0:
         raise UsageError(f"edit_batch.actors={eb.actors}, batch_size={eb.batch_size} and "
                          f"num_cpus={eb.num_cpus} must be positive")
-    for key, per in (("CPU", eb.num_cpus), ("GPU", eb.num_gpus)):
+    try:
+        gpus = actor_gpus(cfg)
+    except DeviceUnavailable as err:
+        raise UsageError(str(err)) from None
+    for key, per in (("CPU", eb.num_cpus), ("GPU", gpus)):
         if eb.actors * per > have.get(key, 0) + 1e-9:
             raise UsageError(f"edit_batch.actors={eb.actors} x num_{key.lower()}s={per} needs "
                              f"{eb.actors * per:g} {key}s; the Ray cluster has {have.get(key, 0):g}: "

@@ -41,6 +41,7 @@ from hfedit.checkpoint import (
 )
 from hfedit.config import ConfigError, HfeditConfig, load_config, project_root, to_flat_dict
 from hfedit.data import load_split
+from hfedit.device import DeviceUnavailable, check_precision, placement, wants_gpu
 from pipelines.ray_runtime import init_ray
 from pipelines.tracking import stage_run
 
@@ -83,8 +84,9 @@ def train_loop_per_worker(config: dict) -> None:
     if config.get("pid_dir"):  # lets operators (and tests) find and signal the workers
         Path(config["pid_dir"]).mkdir(parents=True, exist_ok=True)
         (Path(config["pid_dir"]) / f"rank{rank}.pid").write_text(str(os.getpid()))
-    device = ray.train.torch.get_device()
-    denoiser = load_backbone(config["backbone"], device=device)
+    device = ray.train.torch.get_device()  # the GPU Ray gave this rank, or the CPU
+    precision = check_precision(cfg.runtime.precision, "training", device)
+    denoiser = load_backbone(config["backbone"], device=device, precision=precision)
     rectifier = initial_rectifier(cfg, denoiser.unet)
     opt, lr_sched = make_optimizer(rectifier, pc.lr, pc.weight_decay, pc.lr_decay_every, pc.lr_decay)
 
@@ -98,16 +100,18 @@ def train_loop_per_worker(config: dict) -> None:
             lr_sched.load_state_dict(ck.meta["lr_sched"])
             start, restarts = int(ck.meta["step"]), int(ck.meta.get("restarts", 0)) + 1
     objective = ray.train.torch.prepare_model(
-        ReconstructionObjective(ModulatedDenoiser(denoiser, rectifier), pc.loss, pc.dw_weight),
+        ReconstructionObjective(
+            ModulatedDenoiser(denoiser, rectifier, checkpoint=cfg.runtime.activation_checkpointing),
+            pc.loss, pc.dw_weight),
         parallel_strategy="ddp")
-    images = load_split(config["data"], "train")[rank::world].to(device)  # this rank's shard
+    images = load_split(config["data"], "train")[rank::world]  # this rank's shard, on the CPU
     tracker = _rank0_tracker(config) if rank == 0 else None
     T = denoiser.schedule.num_train_timesteps
 
     for step in range(start, pc.steps):
         gen = _step_generator(pc.seed, rank, step)
         idx = torch.randint(0, images.shape[0], (pc.batch_size,), generator=gen)
-        stats = reconstruction_step(objective, opt, images[idx.to(device)], gen, T)
+        stats = reconstruction_step(objective, opt, images[idx].to(device), gen, T)
         lr_sched.step()
         done = step + 1
         metrics = {"loss": stats.loss, "noise_mse": stats.noise_mse,
@@ -184,7 +188,10 @@ def train(cfg: HfeditConfig, backbone: Path, data: Path, out: Path, checkpoints:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    import ray
+
     rc = cfg.runtime.ray
+    use_gpu = wants_gpu(cfg.runtime.device, ray.cluster_resources().get("GPU", 0))
     run_fp = fingerprint({"pretrain": to_flat_dict(cfg.pretrain), "rectifier": to_flat_dict(cfg.rectifier),
                           "backbone": file_digest(backbone / "unet" / "diffusion_pytorch_model.safetensors"),
                           "data": file_digest(data / "train.safetensors"), "workers": rc.num_workers,
@@ -205,8 +212,8 @@ def train(cfg: HfeditConfig, backbone: Path, data: Path, out: Path, checkpoints:
             "data": str(data.resolve()), "fingerprint": run_fp, "mlflow_run_id": mlflow_run_id,
             "mlflow_uri": mlflow_uri, "pid_dir": pid_dir, "storage": str(storage),
         },
-        torch_config=TorchConfig(backend="nccl" if rc.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=rc.num_workers, use_gpu=rc.use_gpu,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=rc.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": rc.cpus_per_worker}),
         run_config=RunConfig(
             name=f"pretrain_rectifier-{run_fp}", storage_path=str(storage),
@@ -245,12 +252,14 @@ def evaluate(cfg: HfeditConfig, backbone: Path, data: Path, rectifier_dir: Path)
     from hfedit.evaluation import reconstruction_report
 
     torch.manual_seed(0)
-    denoiser = load_backbone(backbone)
-    rectifier, _ = load_rectifier(rectifier_dir, denoiser.unet)
+    device, precision = placement(cfg.runtime.device, cfg.runtime.precision, "evaluation")
+    denoiser = load_backbone(backbone, device, precision)
+    rectifier, _ = load_rectifier(rectifier_dir, denoiser.unet, device=str(device))
     images = load_split(data, "val")[: cfg.pretrain.eval_images]
-    n = cfg.pretrain.eval_steps
-    plain = reconstruction_report(denoiser, images, n)
-    rect = reconstruction_report(denoiser, images, n, rectifier=rectifier)
+    n, sizes = cfg.pretrain.eval_steps, {"batch_size": cfg.runtime.eval_batch_size,
+                                         "gap_timesteps": cfg.pretrain.eval_gap_timesteps}
+    plain = reconstruction_report(denoiser, images, n, **sizes)
+    rect = reconstruction_report(denoiser, images, n, rectifier=rectifier, **sizes)
     return {"num_steps": n, "images": int(images.shape[0]), "backbone": plain, "rectifier": rect,
             "improvement": {k: plain[k] - rect[k] for k in ("l1", "l2", "gap")}}
 
@@ -293,5 +302,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except ConfigError as err:
+    except (ConfigError, DeviceUnavailable) as err:
         sys.exit(f"pretrain_rectifier: {err}")

@@ -49,6 +49,7 @@ from hfedit.checkpoint import (
     save_rectifier,
 )
 from hfedit.config import ConfigError, EditMethod, HfeditConfig, load_config, to_flat_dict
+from hfedit.device import DeviceUnavailable, placement
 
 log = logging.getLogger("hfedit.train_edits")
 
@@ -149,16 +150,20 @@ def config_dict(cfg: HfeditConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
 
 
-def load_inputs(spec: dict) -> Loaded:
+def load_inputs(spec: dict, work: str = "training") -> Loaded:
+    """Backbone, reconstruction rectifier, CLIP and the training split for a task: the models
+    on ``spec["device"]`` (what the driver asked Ray for; else ``runtime.device``) at
+    ``runtime.precision``, the images on the CPU (batches move to the device one at a time)."""
     from hfedit.backbone import load_backbone
     from hfedit.checkpoint import load_rectifier
     from hfedit.clip_loss import RandomClipWarning, load_clip
     from hfedit.data import load_split
 
     cfg = config_from_dict(spec["cfg"])
-    device = "cuda" if cfg.runtime.ray.edit_task_gpus > 0 and torch.cuda.is_available() else "cpu"
-    denoiser = load_backbone(spec["backbone"], device=device)
-    recon, _ = load_rectifier(spec["rectifier"], denoiser.unet, device=device)
+    device, precision = placement(spec.get("device", cfg.runtime.device), cfg.runtime.precision,
+                                  work)
+    denoiser = load_backbone(spec["backbone"], device=device, precision=precision)
+    recon, _ = load_rectifier(spec["rectifier"], denoiser.unet, device=str(device))
     with warnings.catch_warnings():  # announced by the driver, the tags and the metrics
         warnings.simplefilter("ignore", RandomClipWarning)
         clip = load_clip(cfg.clip, device)
@@ -194,7 +199,7 @@ def train_logged(loaded: Loaded, name: str, tracker, method: Optional[EditMethod
 
     return train_edit(cfg.edits.attributes[name], loaded.denoiser, loaded.reconstruction,
                       loaded.clip, loaded.images, cfg.edits.markovian, method=method, steps=steps,
-                      on_step=on_step)
+                      on_step=on_step, checkpoint=cfg.runtime.activation_checkpointing)
 
 
 def summarise(result, method: EditMethod) -> dict[str, Any]:
@@ -306,6 +311,8 @@ def run_stage(cfg: HfeditConfig, backbone: Path, rectifier: Path, data: Path, ou
     """Plan, fan out, collect. Returns the stage report (also what ``<metrics>`` holds)."""
     import ray
 
+    from pipelines.ray_runtime import task_placement
+
     names = list(cfg.edits.attributes)
     if not names:
         raise ConfigError("edits.attributes is empty: nothing to train")
@@ -330,13 +337,14 @@ def run_stage(cfg: HfeditConfig, backbone: Path, rectifier: Path, data: Path, ou
 
     rc = cfg.runtime.ray
     task = ray.remote(run_attribute)
+    device, gpus = task_placement(cfg)
     refs = {}
     for name, fp in todo.items():
         spec = {"attribute": name, "cfg": config_dict(cfg), "fingerprint": fp, "inputs": inputs,
                 "backbone": str(Path(backbone).resolve()), "rectifier": str(Path(rectifier).resolve()),
                 "data": str(Path(data).resolve()), "out": str(Path(out).resolve()),
-                "mlflow": mlflow_info}
-        ref = task.options(num_cpus=rc.edit_task_cpus, num_gpus=rc.edit_task_gpus,
+                "mlflow": mlflow_info, "device": device}
+        ref = task.options(num_cpus=rc.edit_task_cpus, num_gpus=gpus,
                            max_retries=rc.max_failures, name=f"{STAGE}:{name}").remote(spec)
         refs[ref] = name
     pending = list(refs)
@@ -414,5 +422,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, AttributesFailed) as err:
+    except (ConfigError, DeviceUnavailable, AttributesFailed) as err:
         sys.exit(str(err) if str(err).startswith("train_edits") else f"train_edits: {err}")

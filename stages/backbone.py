@@ -24,15 +24,18 @@ from hfedit.backbone_train import sample_grid, train_backbone
 from hfedit.checkpoint import file_digest
 from hfedit.config import ConfigError, HfeditConfig, load_config
 from hfedit.data import load_split, make_grid_png
+from hfedit.device import DeviceUnavailable, placement
 from pipelines.tracking import stage_run
 
 
 def run(cfg: HfeditConfig, data: Path, out: Path, checkpoints: Path, plots: Path) -> dict:
     plots.mkdir(parents=True, exist_ok=True)
+    device, precision = placement(cfg.runtime.device, cfg.runtime.precision, "evaluation")
     with stage_run(cfg, "backbone") as tracker:
         if cfg.backbone.source == "train":
             images = load_split(data, "train")
-            result = train_backbone(cfg.backbone, images, checkpoints, log=tracker.log_metrics)
+            result = train_backbone(cfg.backbone, images, checkpoints, log=tracker.log_metrics,
+                                    device=device)
             denoiser = result.denoiser
             with open(plots / "loss.csv", "w", newline="") as f:
                 writer = csv.writer(f)
@@ -42,11 +45,12 @@ def run(cfg: HfeditConfig, data: Path, out: Path, checkpoints: Path, plots: Path
                     "data_digest": file_digest(data / "train.safetensors"),
                     "resumed_from_step": result.resumed_from}
         else:
-            denoiser = load_backbone(cfg.backbone.source)
+            denoiser = load_backbone(cfg.backbone.source, device)
             (plots / "loss.csv").write_text("step,loss\n")
             meta = {"source": cfg.backbone.source}
         meta.update(describe(denoiser))
         save_backbone(denoiser, out, meta=meta)
+        denoiser.precision = precision  # the preview samples, at the run's precision
         tc = cfg.backbone.train
         samples = sample_grid(denoiser, tc.num_samples, tc.sample_steps, seed=tc.seed)
         make_grid_png(samples, plots / "samples.png", nrow=int(tc.num_samples ** 0.5))
@@ -76,5 +80,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, BackboneUnavailable) as err:
+    except (ConfigError, BackboneUnavailable, DeviceUnavailable, ValueError) as err:
         sys.exit(f"backbone: {err}")

@@ -42,6 +42,7 @@ import torch
 
 from hfedit.checkpoint import atomic_write_json
 from hfedit.config import ConfigError, HfeditConfig, load_config
+from hfedit.device import DeviceUnavailable, placement
 
 log = logging.getLogger("hfedit.evaluate")
 STAGE = "evaluate"
@@ -65,10 +66,13 @@ def evaluate_reconstruction(cfg: HfeditConfig, denoiser, rectifier, images) -> d
     from hfedit.evaluation import posterior_gaps, reconstruction_table
 
     with_lpips, lpips_note = M.lpips_available()
+    bs = cfg.runtime.eval_batch_size
     rows = reconstruction_table(denoiser, images, cfg.evaluate.steps, rectifier,
-                                eta=cfg.inversion.eta, seed=cfg.inversion.seed,
+                                eta=cfg.inversion.eta, seed=cfg.inversion.seed, batch_size=bs,
                                 with_lpips=with_lpips)
-    return {"rows": rows, "gap": posterior_gaps(denoiser, images, rectifier, cfg.inversion.seed),
+    gaps = posterior_gaps(denoiser, images, rectifier, cfg.inversion.seed, bs,
+                          cfg.evaluate.gap_timesteps)
+    return {"rows": rows, "gap": gaps,
             "lpips": with_lpips, "lpips_note": lpips_note}
 
 
@@ -91,7 +95,8 @@ def evaluate_edits(cfg: HfeditConfig, denoiser, edits: dict, clip, images) -> tu
         direction = DirectionalClipLoss(clip, attr.source, attr.target)
         for n in cfg.evaluate.steps:
             editor = Editor(denoiser, replace(cfg.inversion, num_steps=int(n)), {name: rect})
-            ev = evaluate_edit(editor, name, images, seeds, direction, scorer, identity_note=note)
+            ev = evaluate_edit(editor, name, images, seeds, direction, scorer,
+                               batch_size=cfg.runtime.eval_batch_size, identity_note=note)
             results.setdefault(name, []).append({"steps": int(n), **ev.summary()})
             edited.setdefault(name, []).append((int(n), ev.edited))
     return results, edited
@@ -283,23 +288,25 @@ def run(cfg: HfeditConfig, backbone: Path, rectifier_dir: Path, edits_dir: Path,
         raise ConfigError(f"evaluate.steps={list(cfg.evaluate.steps)}: give step counts >= 1")
     started = time.perf_counter()
     torch.manual_seed(0)
-    denoiser = load_backbone(backbone)
-    rectifier, _ = load_rectifier(rectifier_dir, denoiser.unet)
-    images = held_out(cfg, data)
+    device, precision = placement(cfg.runtime.device, cfg.runtime.precision, "evaluation")
+    denoiser = load_backbone(backbone, device, precision)
+    rectifier, _ = load_rectifier(rectifier_dir, denoiser.unet, device=str(device))
+    images = held_out(cfg, data)  # on the CPU; every evaluation moves one batch at a time
     steps = sorted(int(n) for n in cfg.evaluate.steps)
     head = cfg.inversion.num_steps if cfg.inversion.num_steps in steps else steps[len(steps) // 2]
     report: dict[str, Any] = {
         "images": int(images.shape[0]), "resolution": int(images.shape[-1]), "steps": steps,
         "headline_steps": head, "inversion": {"eta": cfg.inversion.eta, "seed": cfg.inversion.seed},
-        "machine": machine(),
+        "machine": machine(), "device": str(device), "precision": precision.value,
     }
     log.info("evaluate: reconstruction at N=%s on %d images", steps, images.shape[0])
     report["reconstruction"] = evaluate_reconstruction(cfg, denoiser, rectifier, images)
 
-    edits = load_edit_rectifiers(edits_dir, denoiser.unet) if edits_dir.is_dir() else {}
+    edits = (load_edit_rectifiers(edits_dir, denoiser.unet, device=device)
+             if edits_dir.is_dir() else {})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomClipWarning)
-        clip = load_clip(cfg.clip)
+        clip = load_clip(cfg.clip, device)
     report["clip"] = {"model": clip.name, "weights": cfg.clip.weights, "semantic": clip.semantic}
     if not clip.semantic:
         from pipelines.train_edits import NOT_SEMANTIC
@@ -375,5 +382,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, ValueError, FileNotFoundError, KeyError) as err:
+    except (ConfigError, ValueError, FileNotFoundError, KeyError, DeviceUnavailable) as err:
         sys.exit(f"evaluate: {err}")

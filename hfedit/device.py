@@ -1,0 +1,128 @@
+"""One device and one precision policy for every stage, the CLI and every Ray worker.
+
+``runtime.device``: ``auto`` (the first CUDA device when this process sees one, else the CPU),
+``cpu``, ``cuda`` or ``cuda:<i>``. ``runtime.precision``: ``fp32``, ``bf16`` or ``fp16``: the
+U-Net and hypernetwork passes run under :func:`torch.autocast` with that dtype, everything else
+(schedules, inversion maps, losses, optimiser state, metrics) stays float32. The denoiser
+returns float32 noise estimates whatever the precision (:class:`hfedit.backbone.Denoiser`), so
+edit-friendly maps are computed in float32 from whatever the model predicted, and a replay
+through the same model reproduces the input exactly under every precision.
+
+Which precision is allowed for which work is decided by measurement (README, "Devices and
+precision"; ``benchmarks/precision.py``): :data:`ALLOWED` encodes it and :func:`check_precision`
+enforces it with a message naming the setting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from enum import Enum
+
+import torch
+
+
+class Precision(str, Enum):
+    """Autocast dtype of the network passes; ``fp32`` = no autocast."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.value]
+
+
+class DeviceUnavailable(RuntimeError):
+    """``runtime.device`` names a device this process cannot use."""
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+# work -> precisions allowed for it (README "Devices and precision", benchmarks/precision.py).
+# fp16 has 5 exponent bits: training in it needs loss scaling (GradScaler), which hfedit's step
+# functions do not do, so it is refused for training; bf16 keeps float32's exponent range.
+ALLOWED = {
+    "training": (Precision.fp32, Precision.bf16),
+    "editing": (Precision.fp32, Precision.bf16, Precision.fp16),
+    "evaluation": (Precision.fp32, Precision.bf16, Precision.fp16),
+}
+
+
+def check_device_spec(spec: str) -> str:
+    """``spec`` when it is ``auto | cpu | cuda | cuda:<i>``, else a ValueError naming it."""
+    if not isinstance(spec, str) or not _DEVICE.fullmatch(spec.strip()):
+        raise ValueError(f"runtime.device={spec!r}: expected auto, cpu, cuda or cuda:<index>")
+    return spec.strip()
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """The torch device ``spec`` means in this process.
+
+    ``auto`` is CUDA when this process sees a CUDA device (inside a Ray worker: when Ray gave it
+    one), else the CPU. ``cuda``/``cuda:<i>`` raise :class:`DeviceUnavailable` when there is no
+    such device, rather than quietly running on the CPU.
+    """
+    spec = check_device_spec(spec)
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DeviceUnavailable(
+            f"runtime.device={spec!r} but this process sees no CUDA device "
+            "(torch.cuda.is_available() is False): set runtime.device=auto or cpu "
+            "(--device auto|cpu on the command line)")
+    device = torch.device(spec)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise DeviceUnavailable(f"runtime.device={spec!r} but only {count} CUDA device(s) are "
+                                f"visible: pick cuda:0 .. cuda:{count - 1} or auto")
+    return device
+
+
+def wants_gpu(spec: str, cluster_gpus: float) -> bool:
+    """Whether Ray workers should ask for GPUs: ``cuda*`` always (an error when the cluster has
+    none), ``auto`` when the cluster has any, ``cpu`` never."""
+    spec = check_device_spec(spec)
+    if spec == "cpu":
+        return False
+    if spec == "auto":
+        return cluster_gpus > 0
+    if cluster_gpus <= 0:
+        raise DeviceUnavailable(
+            f"runtime.device={spec!r} but the Ray cluster has no GPUs: set runtime.device=auto "
+            "or cpu, or add GPU nodes")
+    return True
+
+
+def check_precision(precision: Precision | str, work: str, device: torch.device) -> Precision:
+    """``precision`` as a :class:`Precision` when it is allowed for ``work`` (training,
+    editing, evaluation) on ``device``; else a ValueError naming the setting."""
+    precision = Precision(precision)
+    if precision not in ALLOWED[work]:
+        allowed = ", ".join(p.value for p in ALLOWED[work])
+        raise ValueError(f"runtime.precision={precision.value} is not allowed for {work} "
+                         f"(allowed: {allowed}); see the README's 'Devices and precision'")
+    return precision
+
+
+def placement(spec: str, precision: Precision | str, work: str) -> tuple[torch.device, Precision]:
+    """``(device, precision)`` for ``work`` in this process from ``runtime.device`` /
+    ``runtime.precision``: what every stage, task and actor calls first."""
+    device = resolve_device(spec)
+    return device, check_precision(precision, work, device)
+
+
+def autocast(device: torch.device | str, precision: Precision | str):
+    """:func:`torch.autocast` for ``precision`` on ``device``'s type; a no-op for fp32."""
+    precision = Precision(precision)
+    if precision is Precision.fp32:
+        return contextlib.nullcontext()
+    device_type = torch.device(device).type
+    return torch.autocast(device_type=device_type, dtype=precision.dtype)
+
+
+__all__ = ["ALLOWED", "DeviceUnavailable", "Precision", "autocast", "check_device_spec",
+           "check_precision", "placement", "resolve_device", "wants_gpu"]
