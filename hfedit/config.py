@@ -2,9 +2,11 @@
 
 Values come, in increasing priority, from
   1. the dataclass defaults below,
-  2. ``params.yaml`` (one section per stage; what users tune and DVC tracks),
-  3. the profile preset ``conf/profiles/<profile>.yaml`` (only the keys that define a profile:
-     backbone, resolution, CLIP weights, Ray resources),
+  2. the profile preset ``conf/profiles/<profile>.yaml`` (the keys that define a profile:
+     backbone, resolution, CLIP model and weights, budgets),
+  3. ``params.yaml`` (one section per stage; what users tune and DVC tracks). It leaves out the
+     keys the profiles set, so a key written there (``dvc exp run -S backbone.source=/models/x``
+     adds it) wins over the profile's value,
   4. ``conf/runtime.yaml`` (where MLflow and Ray live on this machine),
   5. command-line overrides in dot-list form (``backbone.train.steps=100``).
 
@@ -411,7 +413,7 @@ def load_config(
     conf_dir: str | Path | None = None,
     profile: Optional[str] = None,
 ) -> HfeditConfig:
-    """Load the typed config: defaults <- params.yaml <- profile preset <- runtime <- overrides.
+    """Load the typed config: defaults <- profile preset <- params.yaml <- runtime <- overrides.
 
     ``params=None`` reads ``<project_root>/params.yaml`` when it exists. ``profile`` (or
     ``profile=`` in params.yaml / overrides) picks ``conf/profiles/<profile>.yaml``.
@@ -423,8 +425,10 @@ def load_config(
     overrides = list(overrides or [])
 
     cfg = OmegaConf.structured(HfeditConfig)
+    user = OmegaConf.create({})
     if params_path.is_file():
-        cfg = _merge(cfg, _read_yaml(params_path), str(params_path))
+        user = _read_yaml(params_path)
+        _merge(cfg, user, str(params_path))  # validated against the schema, file named
     elif params is not None:
         raise ConfigError(f"params file not found: {params_path}")
 
@@ -432,12 +436,13 @@ def load_config(
         cli = OmegaConf.from_dotlist(overrides)
     except Exception as err:
         raise ConfigError(f"command-line overrides {overrides}: {err}") from None
-    chosen = profile or cli.get("profile") or cfg.profile
+    chosen = profile or cli.get("profile") or user.get("profile") or cfg.profile
     preset = conf_path / "profiles" / f"{chosen}.yaml"
     if not preset.is_file():
         known = sorted(p.stem for p in (conf_path / "profiles").glob("*.yaml"))
         raise ConfigError(f"profile '{chosen}': no preset {preset} (known: {known})")
     cfg = _merge(cfg, _read_yaml(preset), str(preset))
+    cfg = _merge(cfg, user, str(params_path))
     runtime = conf_path / "runtime.yaml"
     if runtime.is_file():
         cfg = _merge(cfg, OmegaConf.create({"runtime": _read_yaml(runtime)}), str(runtime))

@@ -22,6 +22,25 @@ def test_profile_preset_and_overrides_take_priority():
                       overrides=["profile=celebahq256", "inversion.num_steps=100"])
     assert cfg.backbone.source == "google/ddpm-ema-celebahq-256"
     assert cfg.data.resolution == 256 and cfg.inversion.num_steps == 100
+    assert cfg.clip.model == "ViT-B-32" and cfg.clip.weights == "openai"
+
+
+def test_a_key_written_in_params_wins_over_the_profile(tmp_path):
+    """What `dvc exp run -S profile=celebahq256 -S backbone.source=/models/x` writes: the
+    profile sets everything else, the user's local copy of the model is used."""
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.load(ROOT / "params.yaml")
+    OmegaConf.update(params, "profile", "celebahq256")
+    OmegaConf.update(params, "backbone.source", "/models/ddpm-ema-celebahq-256", force_add=True)
+    OmegaConf.update(params, "clip.weights", "/models/vit-b-32.safetensors", force_add=True)
+    OmegaConf.save(params, tmp_path / "params.yaml")
+    cfg = load_config(tmp_path / "params.yaml", conf_dir=ROOT / "conf")
+    assert cfg.backbone.source == "/models/ddpm-ema-celebahq-256"
+    assert cfg.clip.weights == "/models/vit-b-32.safetensors"
+    assert cfg.data.resolution == 256 and cfg.clip.model == "ViT-B-32"  # from the profile
+    tiny = load_config(ROOT / "params.yaml", conf_dir=ROOT / "conf")
+    assert (tiny.clip.model, tiny.clip.weights, tiny.data.resolution) == ("ViT-S-32", "", 32)
 
 
 @pytest.mark.parametrize("override, key", [
