@@ -72,15 +72,9 @@ def build(profile: str, device: torch.device,
     if profile == "tiny":
         denoiser, res = new_denoiser(HfeditConfig().backbone, 32), 32
     elif profile == "celebahq256":
-        from diffusers import UNet2DModel
+        from hfedit.backbone import celebahq256_unet
 
-        unet = UNet2DModel(
-            sample_size=256, block_out_channels=(128, 128, 256, 256, 512, 512),
-            down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
-            layers_per_block=2,
-        )
-        denoiser, res = Denoiser(unet, Schedule.linear(), "celebahq256-random"), 256
+        denoiser, res = Denoiser(celebahq256_unet(), Schedule.linear(), "celebahq256-random"), 256
     else:
         raise SystemExit(f"--profile {profile!r}: choose tiny or celebahq256")
     denoiser = denoiser.to(device).freeze()

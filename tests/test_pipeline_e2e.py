@@ -91,9 +91,10 @@ def mlflow_server(tmp_path_factory):
     log.close()
 
 
-def _fresh_copy(dest: Path) -> Path:
+def _fresh_copy(dest: Path, subset: dict = SUBSET, runtime: dict | None = None) -> Path:
     """The repository's tracked files (as a fresh clone has them) in a new git repository,
-    with params.yaml shrunk to :data:`SUBSET`."""
+    with params.yaml's keys set from ``subset`` (:data:`SUBSET`: the default profile shrunk)
+    and conf/runtime.yaml's from ``runtime``."""
     from omegaconf import OmegaConf
 
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
@@ -109,10 +110,11 @@ def _fresh_copy(dest: Path) -> Path:
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
-    params = OmegaConf.load(dest / "params.yaml")
-    for key, value in SUBSET.items():
-        OmegaConf.update(params, key, value, force_add=False)
-    OmegaConf.save(params, dest / "params.yaml")
+    for name, values in (("params.yaml", subset), ("conf/runtime.yaml", runtime or {})):
+        params = OmegaConf.load(dest / name)
+        for key, value in values.items():
+            OmegaConf.update(params, key, value, force_add=True)
+        OmegaConf.save(params, dest / name)
     git = ["git", "-c", "user.name=hfedit-test", "-c", "user.email=test@hfedit.invalid"]
     subprocess.run(["git", "init", "-q", "-b", "main"], cwd=dest, check=True)
     subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
@@ -124,13 +126,19 @@ def _stages_run(log: str) -> list[str]:
     return [s for s in STAGES if f"Running stage '{s}'" in log]
 
 
+def stage_env(**extra: str) -> dict:
+    """The environment ``./dev`` gives DVC's stages, without this session's hfedit settings."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HFEDIT_ROOT", "HFEDIT_PARENT_RUN_ID")}
+    env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1",
+               RAY_USAGE_STATS_ENABLED="0", **extra)
+    return env
+
+
 def test_default_pipeline_end_to_end(tmp_path, mlflow_server):
     import mlflow
 
     work = _fresh_copy(tmp_path / "repo")
-    env = {k: v for k, v in os.environ.items() if k not in ("HFEDIT_ROOT", "HFEDIT_PARENT_RUN_ID")}
-    env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", MLFLOW_TRACKING_URI=mlflow_server,
-               DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+    env = stage_env(MLFLOW_TRACKING_URI=mlflow_server)
     dvc = [str(BIN / "dvc")]
 
     # 1. dvc repro from the fresh copy: every stage runs, every output is there.

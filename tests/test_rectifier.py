@@ -10,7 +10,7 @@ import torch
 from tests.conftest import perturbed
 from torch import nn
 
-from hfedit.backbone import Denoiser
+from hfedit.backbone import Denoiser, celebahq256_unet
 from hfedit.config import ModulationMode, RectifierConfig, RectifierTrunk, load_config
 from hfedit.modulation import (
     ConvFactors,
@@ -29,16 +29,7 @@ SMALL = RectifierConfig(trunk=RectifierTrunk.resnet18, branch_channels=16, time_
 
 def celebahq256_denoiser() -> Denoiser:
     """google/ddpm-ema-celebahq-256's UNet2DModel config, random weights (no download)."""
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=256, block_out_channels=(128, 128, 256, 256, 512, 512),
-        down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
-        layers_per_block=2,
-    )
-    return Denoiser(unet, Schedule.linear(), "celebahq256-random").freeze()
+    return Denoiser(celebahq256_unet(), Schedule.linear(), "celebahq256-random").freeze()
 
 
 
