@@ -21,6 +21,7 @@ import torch
 from hfedit.backbone import BackboneUnavailable, Denoiser, load_backbone
 from hfedit.config import ConfigError, InversionConfig, load_config
 from hfedit.data import ImageError, load_image, make_grid_png, save_png, to_tensor
+from hfedit.files import atomic_write
 from hfedit.inversion import InversionResult, colour_offset, invert, replay, shift_maps
 
 
@@ -92,10 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "invert":
         from safetensors.torch import save_file
 
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({"xts": inv.xts.contiguous(), "zs": inv.zs.contiguous(),
-                   "timesteps": torch.tensor(inv.timesteps)}, str(out / f"{stem}_maps.safetensors"),
-                  metadata={"eta": str(eta)})
+        maps = {"xts": inv.xts.contiguous(), "zs": inv.zs.contiguous(),
+                "timesteps": torch.tensor(inv.timesteps)}
+        atomic_write(out / f"{stem}_maps.safetensors",
+                     lambda tmp: save_file(maps, tmp, metadata={"eta": str(eta)}))
         make_grid_png(_maps_preview(inv), out / f"{stem}_maps.png", nrow=8)
         print(f"wrote {out / f'{stem}_maps.safetensors'} and {out / f'{stem}_maps.png'}")
         return 0

@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import os
-import uuid
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from hfedit.config import DataConfig
+from hfedit.files import atomic_write, atomic_write_text
 
 # reason code -> how the user fixes it (the message always names the file too)
 REASONS: dict[str, str] = {
@@ -43,8 +43,6 @@ REASONS: dict[str, str] = {
 }
 SPLITS = ("train", "val")
 PREVIEW_MAX = 64  # images in preview.png
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 class ImageError(ValueError):
@@ -206,25 +204,10 @@ def to_pil(tensor: torch.Tensor) -> Image.Image:
     return Image.fromarray(u8.permute(1, 2, 0).numpy())
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary name beside ``path``, then ``os.replace`` it in place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(str(tmp))
-        os.chmod(tmp, 0o666 & ~_UMASK)  # some writers (safetensors) create files 0600
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_png(tensor: torch.Tensor, path: str | os.PathLike) -> Path:
     """Write a (3, H, W) [-1, 1] tensor as a PNG, atomically."""
     img = to_pil(tensor)
-    return _atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def make_grid_png(tensors: torch.Tensor | Iterable[torch.Tensor], path: str | os.PathLike,
@@ -385,7 +368,7 @@ def _inputs(cfg: DataConfig) -> list[tuple[str, str, Callable[[], LoadedImage]]]
 
 def _save_split(images: torch.Tensor, ids: list[str], path: Path) -> None:
     meta = {"ids": json.dumps(ids), "format": "float32 (N, 3, R, R) in [-1, 1]"}
-    _atomic_write(path, lambda tmp: save_file({"images": images.contiguous()}, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file({"images": images.contiguous()}, tmp, metadata=meta))
 
 
 def prepare_dataset(cfg: DataConfig, out_dir: str | os.PathLike, progress: bool = True) -> Manifest:
@@ -444,7 +427,7 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | os.PathLike, progress: bool 
 def write_manifest(manifest: Manifest, out_dir: str | os.PathLike) -> Path:
     """Write ``out_dir``/manifest.json atomically."""
     text = json.dumps(manifest.to_dict(), indent=1)
-    return _atomic_write(Path(out_dir) / "manifest.json", lambda tmp: Path(tmp).write_text(text))
+    return atomic_write_text(Path(out_dir) / "manifest.json", text)
 
 
 def load_manifest(prepared_dir: str | os.PathLike) -> Manifest:

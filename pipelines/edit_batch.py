@@ -57,6 +57,7 @@ import pandas as pd
 from hfedit.checkpoint import atomic_write_bytes, atomic_write_json
 from hfedit.config import ConfigError, HfeditConfig, load_config
 from hfedit.data import SPLITS
+from hfedit.files import remove_temporaries
 from hfedit.editing import RECONSTRUCTION
 from pipelines.batch_actor import EditImages, error_row
 from pipelines.batch_job import (  # noqa: F401 (LOG_DIR, output_relpath: part of this module's API)
@@ -79,7 +80,7 @@ class JobResult:
 
 
 @contextlib.contextmanager
-def _locked(out: Path) -> Iterator[None]:
+def _locked(out: Path, attributes: list[str]) -> Iterator[None]:
     """One job at a time per output folder (resume and cleanup assume it)."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".edit_batch.lock", "w") as lock:
@@ -87,14 +88,19 @@ def _locked(out: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UsageError(f"another edit_batch job is writing to {out}") from None
-        _remove_temporaries(out)
+        _remove_temporaries(out, attributes)
         yield
 
 
-def _remove_temporaries(out: Path) -> None:
-    """Temporary files of writers killed before their rename (never a finished PNG)."""
-    for tmp in out.rglob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+def _remove_temporaries(out: Path, attributes: list[str]) -> None:
+    """Temporaries of this job's writers killed before their rename, where the job writes:
+    ``<out>`` (the manifest), ``<out>/_log`` and ``<out>/<attribute>/`` of its attributes. Only
+    names the atomic writer gives its temporaries (:func:`hfedit.files.is_temporary`): a user's
+    own ``.*.tmp`` files are never touched."""
+    remove_temporaries(out, recursive=False)
+    remove_temporaries(out / LOG_DIR, recursive=False)
+    for attribute in attributes:
+        remove_temporaries(out / attribute)
 
 
 def plan(entries: list[Entry], job: Job, done: DoneIndex, global_seed: int
@@ -188,7 +194,7 @@ def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike
     if not entries:
         raise UsageError(f"--input {source}: no files")
     job = make_job(cfg, backbone, out, rectifiers, split is not None, pid_dir)
-    with _locked(out):
+    with _locked(out, job.attributes):
         done = DoneIndex(out).refresh()
         items, standing = plan(entries, job, done, cfg.inversion.seed)
         got: list[pd.DataFrame] = []
@@ -223,7 +229,7 @@ def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike
         manifest = read_manifest(out)  # what the user gets, typed as the file is
         if not error:  # after a crash actors may still be writing: the next run tidies up
             _compact_logs(out, done)
-            _remove_temporaries(out)
+            _remove_temporaries(out, job.attributes)
     counts = count(manifest, job.run, len(items))
     if code == EXIT_OK and counts["failed"]:
         code = EXIT_FAILED

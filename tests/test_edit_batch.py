@@ -174,6 +174,28 @@ def test_an_output_folder_inside_the_input_is_not_read_back(folder, models, tmp_
         assert result.manifest.id.tolist() == ["a.png"] and result.exit_code == 0
 
 
+def test_a_job_removes_its_own_temporaries_and_no_user_file(folder, models, tmp_path):  # noqa: F811
+    """Every `.*.tmp` anywhere under --out used to be deleted."""
+    from hfedit import files
+
+    root, _ = folder
+    backbone, edits = models
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    shutil.copy(root / "faces/lfw_0.png", photos / "a.png")
+    users = [out / ".notes.tmp", out / "reconstruction" / ".draft.png.tmp", out / "mine" / ".x.tmp"]
+    leftovers = [files._sibling(out / "manifest.parquet"),  # writers killed before their rename
+                 files._sibling(out / "reconstruction" / "a.png.png")]
+    for p in users + leftovers:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("kept" if p in users else "partial")
+    cfg = _cfg(edits, "edit_batch.attributes=[reconstruction]")
+    result = _run(cfg, photos, out, backbone, executor=eb.execute_plain)
+    assert result.exit_code == 0 and (out / "reconstruction/a.png.png").is_file()
+    assert [p.read_text() for p in users] == ["kept"] * 3
+    assert not any(p.exists() for p in leftovers)
+
+
 # ------------------------------------------------------------------------------- on Ray
 @pytest.mark.timeout(300)
 def test_every_input_is_edited_or_listed_with_its_reason(folder, first_run):  # noqa: F811
