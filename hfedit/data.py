@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from hfedit.config import DataConfig
 from hfedit.files import atomic_write, atomic_write_text
+from hfedit.jpeg import JpegDataError, check_jpeg
 
 # reason code -> how the user fixes it (the message always names the file too)
 REASONS: dict[str, str] = {
@@ -72,9 +73,12 @@ class LoadedImage:
 def load_image(path: str | os.PathLike, max_pixels: int) -> LoadedImage:
     """Decode ``path`` fully and strictly into an RGB image with EXIF orientation applied.
 
-    Refuses (:class:`ImageError`) empty files, non-images, images whose header declares more than
-    ``max_pixels`` pixels (checked before decoding) or trips Pillow's bomb limit, truncated and
-    corrupt data. Truncation is detected by a full ``load()``; Pillow must not pad truncated files.
+    Refuses (:class:`ImageError`) missing and empty files, non-images, images whose header
+    declares more than ``max_pixels`` pixels (checked before decoding) or trips Pillow's bomb
+    limit, truncated and corrupt data. Damage is found three ways: a full ``load()`` (Pillow must
+    not pad truncated files), every warning Pillow gives while decoding made an error, and for
+    JPEGs, whose decoder fills damaged data with garbage and only warns (which Pillow drops), a
+    check of the compressed data itself (:func:`hfedit.jpeg.check_jpeg`).
     """
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError(
@@ -83,28 +87,38 @@ def load_image(path: str | os.PathLike, max_pixels: int) -> LoadedImage:
         )
     path = Path(path)
     try:
+        if not path.exists():
+            raise ImageError("not_a_file", path, "no such file" if not path.is_symlink()
+                             else f"dangling symlink to {os.readlink(path)}")
         if not path.is_file():
-            raise ImageError("not_a_file", path, "not a regular file")
+            raise ImageError("not_a_file", path, "not a regular file (a folder, fifo, socket or device)")
         if path.stat().st_size == 0:
             raise ImageError("empty", path, "empty file (0 bytes)")
     except PermissionError as err:
         raise ImageError("unreadable", path, f"cannot read: {err.strerror}") from None
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("error")  # a decoder's warning means damaged data
             with Image.open(path) as img:
                 width, height = img.size  # from the header; nothing decoded yet
                 if width * height > max_pixels:
                     raise ImageError("too_large", path, f"header declares {width}x{height} = "
                                      f"{width * height} pixels > data.max_pixels={max_pixels}")
                 img.load()  # full decode: raises on truncated or corrupt data
-                mode, icc = img.mode, img.info.get("icc_profile")
                 orientation = int(img.getexif().get(0x0112, 1))
-                rgb = to_rgb(ImageOps.exif_transpose(img), icc_profile=icc, name=str(path))
+                if img.format in ("JPEG", "MPO"):
+                    check_jpeg(path.read_bytes())
+                mode, icc = img.mode, img.info.get("icc_profile")
+                with warnings.catch_warnings():  # converting valid pixels may warn: not damage
+                    warnings.simplefilter("default")
+                    rgb = to_rgb(ImageOps.exif_transpose(img), icc_profile=icc, name=str(path))
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError("too_large", path, f"over PIL.Image.MAX_IMAGE_PIXELS: {err}") from None
+    except JpegDataError as err:
+        raise ImageError("truncated" if err.truncated else "corrupt", path,
+                         f"damaged JPEG data: {err}") from None
     except UnidentifiedImageError:
         raise ImageError("not_an_image", path, "not an image Pillow can identify") from None
     except PermissionError as err:
@@ -112,6 +126,7 @@ def load_image(path: str | os.PathLike, max_pixels: int) -> LoadedImage:
     except MemoryError:
         raise
     except Exception as err:  # plugins raise OSError, SyntaxError, ValueError, struct.error, ...
+        # (and warnings, made errors above: UserWarning, RuntimeWarning, ...)
         text = f"{type(err).__name__}: {err}"
         if isinstance(err, EOFError) or "truncated" in str(err).lower():
             raise ImageError("truncated", path, f"truncated image data ({text})") from None

@@ -55,3 +55,14 @@ def test_bad_image_is_reported_not_raised(tmp_path, random_denoiser, capsys):
     assert main(["reconstruct", str(tmp_path / "broken.png"), *args]) == 2
     err = capsys.readouterr().err
     assert "broken.png" in err and "Fix:" in err
+
+
+def test_a_corrupt_jpeg_is_refused_not_reconstructed(tmp_path, random_denoiser, capsys):
+    from tests.test_data import damaged_jpeg
+
+    args = _setup(tmp_path, random_denoiser)
+    (tmp_path / "damaged.jpg").write_bytes(damaged_jpeg())
+    assert main(["reconstruct", str(tmp_path / "damaged.jpg"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "damaged.jpg: damaged JPEG data" in err and "Fix:" in err
+    assert not (tmp_path / "out" / "damaged_reconstruction.png").exists()

@@ -73,6 +73,18 @@ def _rgba() -> Image.Image:
     return Image.fromarray(arr)
 
 
+def damaged_jpeg(how: str = "zeros") -> bytes:
+    """scikit-image's astronaut (face crop, 200x200, quality 90) with 64 bytes in the middle of
+    its compressed data zeroed (``zeros``) or cut out (``cut``): Pillow decodes both without an
+    error, to garbage (mean |difference| 63 and 33 of 255)."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(skdata.astronaut()[30:230, 140:340]).save(buf, "JPEG", quality=90)
+    data, mid = buf.getvalue(), len(buf.getvalue()) // 2
+    return data[:mid] + (bytes(64) if how == "zeros" else b"") + data[mid + 64:]
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """A folder of real faces, odd-but-valid files and broken files; returns (root, id -> expected
@@ -108,6 +120,7 @@ def folder(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         "random.png": (np.random.default_rng(0).bytes(4096), "not_an_image"),
         "notes.txt": (b"faces go here\n", "not_an_image"),
         "corrupt.png": (png[:100] + bytes(b ^ 0x5A for b in png[100:300]) + png[300:], "corrupt"),
+        "corrupt_middle.jpg": (damaged_jpeg(), "corrupt"),
         "bomb_huge.png": (_png_header_only(100_000, 100_000), "too_large"),  # Pillow's bomb limit
         "bomb_64mp.png": (_png_header_only(8000, 8000), "too_large"),  # > data.max_pixels=40M
     }
@@ -236,6 +249,41 @@ def _fake_mode(mode: str) -> Image.Image:
     img = Image.new("RGB", (2, 2))
     img._mode = mode  # a mode no decoder here produces; to_rgb must refuse it, not guess
     return img
+
+
+@pytest.mark.parametrize("how", ["zeros", "cut"])
+def test_a_jpeg_damaged_in_its_middle_is_corrupt_not_garbage(tmp_path, how):
+    import io
+
+    bad = damaged_jpeg(how)
+    with Image.open(io.BytesIO(bad)) as img:
+        img.load()  # what used to be accepted: Pillow decodes it, silently
+    (tmp_path / "photo.jpg").write_bytes(bad)
+    with pytest.raises(ImageError, match="photo.jpg: damaged JPEG data") as err:
+        load_image(tmp_path / "photo.jpg", 10**6)
+    assert err.value.reason == "corrupt" and "Fix: " in str(err.value)
+
+
+def test_whole_jpegs_of_every_kind_pass_the_data_check(tmp_path):
+    """Baseline at each chroma subsampling, grey, CMYK, odd sizes, optimised tables, restart
+    markers and progressive: no false alarm."""
+    astro = Image.fromarray(skdata.astronaut())
+    kinds = {f"sub{s}": dict(subsampling=s) for s in (0, 1, 2)}
+    kinds |= {"optimized": dict(optimize=True), "progressive": dict(progressive=True),
+              "restarts": dict(restart_marker_blocks=5), "q100": dict(quality=100)}
+    for name, kw in kinds.items():
+        astro.save(tmp_path / f"{name}.jpg", **kw)
+    astro.convert("L").save(tmp_path / "grey.jpg")
+    astro.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    astro.resize((333, 127)).save(tmp_path / "odd.jpg")
+    for path in sorted(tmp_path.glob("*.jpg")):
+        loaded = load_image(path, 10**7)
+        assert loaded.image.size == Image.open(path).size, path.name
+
+
+def test_a_missing_file_is_reported_as_missing(tmp_path):
+    with pytest.raises(ImageError, match=r"photo.png: no such file\. Fix"):
+        load_image(tmp_path / "photo.png", 10**6)
 
 
 def test_truncated_images_are_never_padded(folder, monkeypatch):
