@@ -350,16 +350,28 @@ class Manifest:
         return cls(d["source"], d["config"], d["counts"], [ManifestRow(**r) for r in d["rows"]])
 
 
+def id_digest(seed: int, id_: str) -> bytes:
+    """sha256 of ``"{seed}:"`` + the id's bytes as the file system holds them (``os.fsencode``:
+    a file name that is not valid UTF-8 has its own bytes, not an encoding error)."""
+    return hashlib.sha256(f"{seed}:".encode() + os.fsencode(id_)).digest()
+
+
+def printable(name: str) -> str:
+    """``name`` for a text file or a terminal: bytes that are not UTF-8 (held as surrogates)
+    shown as ``\\xNN`` escapes; valid names unchanged."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def split_ids(ids: Iterable[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Seeded train/val split that depends only on the *set* of ids: ids are ranked by
-    sha256(f"{seed}:{id}") and the first ``round(val_fraction * n)`` (at least 1 when n >= 2 and
+    sha256(f"{seed}:{id}") (:func:`id_digest`) and the first ``round(val_fraction * n)`` (at least 1 when n >= 2 and
     val_fraction > 0, at most n - 1) go to val. Returns (train, val), each sorted by id."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"data.val_fraction={val_fraction} must lie in [0, 1)")
     unique = sorted(set(ids))
     n = len(unique)
     n_val = 0 if n < 2 or val_fraction == 0 else min(n - 1, max(1, round(val_fraction * n)))
-    ranked = sorted(unique, key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
+    ranked = sorted(unique, key=lambda i: id_digest(seed, i))
     val = set(ranked[:n_val])
     return [i for i in unique if i not in val], [i for i in unique if i in val]
 

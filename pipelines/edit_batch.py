@@ -62,8 +62,8 @@ from hfedit.editing import RECONSTRUCTION
 from pipelines.batch_actor import EditImages, error_row
 from pipelines.batch_job import (  # noqa: F401 (LOG_DIR, output_relpath: part of this module's API)
     COLUMNS, COMPACTED, EXIT_CRASHED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, LOG_DIR,
-    MANIFEST, NOT_PROCESSED, RETRIED, DoneIndex, Entry, Job, UsageError, check_attributes,
-    image_seed, is_complete, list_inputs, make_job, output_relpath)
+    MANIFEST, NOT_PROCESSED, RETRIED, DoneIndex, Entry, Job, UsageError, check_attributes, from_wire,
+    image_seed, is_complete, list_inputs, make_job, output_relpath, to_display, to_wire)
 
 
 # ------------------------------------------------------------------------- the driver
@@ -125,8 +125,8 @@ def plan(entries: list[Entry], job: Job, done: DoneIndex, global_seed: int
             else:
                 pending.append(a)
         if pending:
-            items.append({"id": e.id, "input": e.input, "signature": e.signature, "index": e.index,
-                          "seed": seed, "pending": ",".join(pending)})
+            items.append(to_wire({"id": e.id, "input": e.input, "signature": e.signature,
+                                  "index": e.index, "seed": seed, "pending": ",".join(pending)}))
     return items, rows
 
 
@@ -268,7 +268,7 @@ def _assemble(entries: list[Entry], job: Job, standing: list[dict], got: list[pd
         if row.get("run") == job.run:
             rows[key] = row
     for batch in got:
-        for row in batch.to_dict("records"):
+        for row in map(from_wire, batch.to_dict("records")):
             rows[(row["id"], row["attribute"])] = row
     out = []
     for e in entries:
@@ -279,7 +279,7 @@ def _assemble(entries: list[Entry], job: Job, standing: list[dict], got: list[pd
                 row = error_row({"id": e.id, "attribute": a, "input": e.input, "run": job.run,
                               "seed": image_seed(job.inversion.seed, e.id), "signature": e.signature,
                               "fingerprint": job.fingerprints[a]}, NOT_PROCESSED, why)
-            out.append({c: row.get(c) for c in COLUMNS})
+            out.append(to_display({c: row.get(c) for c in COLUMNS}))
     df = pd.DataFrame(out, columns=COLUMNS)
     for col in ("l1", "ssim", "max_error", "decode_s", "invert_s", "edit_s", "write_s"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")

@@ -188,6 +188,27 @@ def test_split_is_seeded_and_depends_only_on_the_set_of_ids():
         split_ids(ids, 1.0, seed=0)
 
 
+def test_a_file_name_that_is_not_utf8_is_prepared_not_fatal(folder, tmp_path):
+    """A name with byte 0xE9 (latin-1 'e acute') used to stop prepare in split_ids."""
+    import json
+    import shutil
+
+    root, _ = folder
+    src = tmp_path / "src"
+    src.mkdir()
+    odd = os.fsdecode(b"caf\xe9.png")  # holds a surrogate, as Python lists it
+    for name in (odd, "a.png", "b.png"):
+        shutil.copy(root / "faces/lfw_0.png", src / name)
+    out = tmp_path / "prep"
+    manifest = prepare_dataset(DataConfig(source=str(src), resolution=RES, val_fraction=0.34), out,
+                               progress=False)
+    assert {r.id: r.status for r in manifest.rows} == {odd: "ok", "a.png": "ok", "b.png": "ok"}
+    assert manifest.counts["train"] + manifest.counts["val"] == 3
+    text = (out / "manifest.json").read_text(encoding="ascii")  # escaped, readable anywhere
+    assert "caf\\udce9.png" in text and json.loads(text)["rows"][2]["id"] == odd
+    assert split_ids([odd, "a.png"], 0.5, 0) == split_ids(["a.png", odd], 0.5, 0)
+
+
 def test_prepare_is_deterministic_and_seed_changes_the_split(folder, prepared, tmp_path):
     root, _ = folder
     _, first = prepared

@@ -196,6 +196,33 @@ def test_a_job_removes_its_own_temporaries_and_no_user_file(folder, models, tmp_
     assert not any(p.exists() for p in leftovers)
 
 
+def _odd_names(root: Path, photos: Path) -> str:
+    """photos/ with a.png and a file whose name is not UTF-8 (byte 0xFF); returns that name."""
+    odd = os.fsdecode(b"\xff-photo.png")
+    photos.mkdir()
+    for name in ("a.png", odd):
+        shutil.copy(root / "faces/lfw_0.png", photos / name)
+    return odd
+
+
+def _assert_odd_name_edited(result: eb.JobResult, out: Path, odd: str) -> None:
+    df = result.manifest.set_index("id")
+    assert result.exit_code == 0 and sorted(df.index) == ["\\xff-photo.png", "a.png"]
+    assert df.loc["\\xff-photo.png", "seed"] == eb.image_seed(0, odd)  # from the name's bytes
+    assert (out / "reconstruction" / f"{odd}.png").is_file()
+    assert df.loc["\\xff-photo.png", "output"] == "reconstruction/\\xff-photo.png.png"
+
+
+def test_a_file_name_that_is_not_utf8_does_not_stop_the_job(folder, models, tmp_path):  # noqa: F811
+    root, _ = folder
+    backbone, edits = models
+    odd = _odd_names(root, tmp_path / "photos")
+    assert eb.image_seed(0, "a.png") == eb.image_seed(0, "a.png".encode().decode())
+    cfg = _cfg(edits, "edit_batch.attributes=[reconstruction]")
+    result = _run(cfg, tmp_path / "photos", tmp_path / "out", backbone, executor=eb.execute_plain)
+    _assert_odd_name_edited(result, tmp_path / "out", odd)
+
+
 # ------------------------------------------------------------------------------- on Ray
 @pytest.mark.timeout(300)
 def test_every_input_is_edited_or_listed_with_its_reason(folder, first_run):  # noqa: F811
@@ -217,6 +244,17 @@ def test_every_input_is_edited_or_listed_with_its_reason(folder, first_run):  # 
     png = np.asarray(Image.open(out / rec.loc["faces/astronaut.jpg", "output"]), dtype=np.int16)
     assert np.abs(png - ((src + 1) * 127.5).round().permute(1, 2, 0).numpy()).max() <= 1
     assert not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.timeout(300)
+def test_a_file_name_that_is_not_utf8_crosses_ray(folder, models, ray_cluster, tmp_path):  # noqa: F811
+    """Arrow strings must be UTF-8: names cross Ray Data as their bytes."""
+    root, _ = folder
+    backbone, edits = models
+    odd = _odd_names(root, tmp_path / "photos")
+    cfg = _cfg(edits, "edit_batch.attributes=[reconstruction]", "edit_batch.actors=1")
+    result = _run(cfg, tmp_path / "photos", tmp_path / "out", backbone)
+    _assert_odd_name_edited(result, tmp_path / "out", odd)
 
 
 @pytest.mark.timeout(300)
