@@ -31,7 +31,8 @@ killing workers forever.
 
 Exit status: 0 every input edited; 3 the job finished and some inputs failed (reasons in the
 manifest; ``--allow-failed`` makes that 0); 2 bad arguments or configuration (nothing done); 1
-the job itself failed and 130 interrupted (both after writing the manifest of what was done).
+the job itself failed, 130 interrupted by Ctrl-C (SIGINT) and 143 stopped by SIGTERM (``ray job
+stop``, ``kill``) (all after writing the manifest of what was done, and the summary).
 """
 
 
@@ -200,26 +201,28 @@ def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike
         got: list[pd.DataFrame] = []
         error, code, started = "", EXIT_OK, time.perf_counter()
         if items:
-            if executor is execute:
-                start_ray()
-                _check_resources(cfg)
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(items), unit="img", desc="edit_batch", disable=not progress)
-
-            stop = threading.Event()
+            stop = StopOnSignals()
 
             def on_batch(batch: pd.DataFrame) -> None:
                 got.append(batch)
                 bar.update(batch["id"].nunique())
-                if stop.is_set():  # Ctrl-C that Ray's iterator absorbed: stop at this batch
+                if stop.signum:  # a signal that Ray's iterator absorbed: stop at this batch
                     raise KeyboardInterrupt
 
             try:
-                with _sigint_sets(stop):
+                with stop:
+                    if executor is execute:
+                        start_ray()
+                        stop.install()  # ray.init puts its own SIGTERM handler (sys.exit) first
+                        _check_resources(cfg)
                     executor(items, job, cfg, on_batch, progress)
             except KeyboardInterrupt:
-                error, code = "interrupted", EXIT_INTERRUPTED
+                error, code = stop.stopped()
+            except UsageError:
+                raise
             except Exception as err:  # noqa: BLE001 - still account for every input
                 error, code = f"{type(err).__name__}: {str(err).strip().splitlines()[-1:]}", EXIT_CRASHED
             finally:
@@ -238,25 +241,45 @@ def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike
     return result
 
 
-@contextlib.contextmanager
-def _sigint_sets(stop: threading.Event) -> Iterator[None]:
-    """While the job runs, Ctrl-C (SIGINT) also sets ``stop``: when a KeyboardInterrupt raised
-    inside Ray Data's iterator is absorbed there and the dataset goes on, the driver still stops
-    at the next batch it receives (seen once: a job ran to the end after SIGINT)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGINT)
+class StopOnSignals:
+    """One policy for SIGINT (Ctrl-C) and SIGTERM (``ray job stop``, ``kill``, a scheduler)
+    while the job runs: raise KeyboardInterrupt in the driver, remember the signal (so that when
+    Ray Data's iterator absorbs the KeyboardInterrupt and goes on, the driver still stops at the
+    next batch it receives: seen once after SIGINT), and let the job write its manifest and
+    summary and exit with 128 + the signal's number (130, 143). Outside the main thread (no
+    signal handlers there) it does nothing."""
 
-    def handler(signum, frame):
-        stop.set()
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, object] = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.signum = self.signum or signum
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.SIGNALS:
+            self._previous.setdefault(sig, signal.getsignal(sig))
+            signal.signal(sig, self._handler)
+
+    def stopped(self) -> tuple[str, int]:
+        """(error text, exit status) for a job this stopped (a KeyboardInterrupt without a
+        signal, e.g. raised by a test, counts as SIGINT)."""
+        signum = self.signum or signal.SIGINT
+        return f"interrupted ({signal.Signals(signum).name})", 128 + signum
+
+    def __enter__(self) -> "StopOnSignals":
+        self.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
 
 
 def _assemble(entries: list[Entry], job: Job, standing: list[dict], got: list[pd.DataFrame],
