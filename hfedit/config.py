@@ -9,7 +9,8 @@ Values come, in increasing priority, from
   5. command-line overrides in dot-list form (``backbone.train.steps=100``).
 
 Every source is validated against the schema: an unknown key or a value of the wrong type raises
-:class:`ConfigError` naming the key and the file it came from.
+:class:`ConfigError` naming the key and the file it came from; values out of range (a step count
+of 0, ...) raise it naming the key, the rule and the flag or file that sets it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from hfedit.validation import check_config
 
 
 class ConfigError(ValueError):
@@ -422,7 +425,9 @@ def load_config(
         cfg = _merge(cfg, OmegaConf.create({"runtime": _read_yaml(runtime)}), str(runtime))
     cfg = _merge(cfg, cli, "command line")
     cfg.profile = chosen
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    typed = OmegaConf.to_object(cfg)
+    check_config(typed, ConfigError)  # values the types cannot check (hfedit/validation.py)
+    return typed  # type: ignore[return-value]
 
 
 def to_flat_dict(cfg: Any) -> dict[str, Any]:

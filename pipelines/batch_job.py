@@ -22,6 +22,7 @@ from hfedit.checkpoint import file_digest, fingerprint
 from hfedit.config import HfeditConfig, InversionConfig, to_flat_dict
 from hfedit.data import SPLITS, ImageError, id_digest, iter_folder, load_manifest, printable
 from hfedit.editing import RECONSTRUCTION, available_edits
+from hfedit.validation import UsageError, check_list_file  # bad arguments: exit status 2
 
 EXIT_OK, EXIT_CRASHED, EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 MANIFEST, LOG_DIR, COMPACTED = "manifest.parquet", "_log", "0-compacted.jsonl"
@@ -34,10 +35,6 @@ COLUMNS = ["id", "attribute", "status", "reason", "message", "input", "output", 
            "max_error", "decode_s", "invert_s", "edit_s", "write_s", "run", "worker_pid",
            "fingerprint", "signature"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-class UsageError(ValueError):
-    """Bad arguments or configuration, found before any work (exit status 2)."""
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -73,7 +70,7 @@ def list_inputs(source: str | os.PathLike, split: Optional[str] = None,
         entries = [Entry(e.id, str(e.path), _signature(e.path), error=e.error)
                    for e in iter_folder(source)]
     elif source.is_file():
-        entries = _listed_entries(source, Path(root) if root else source.parent)
+        entries = _listed_entries(check_list_file(source), Path(root) if root else source.parent)
     else:
         raise UsageError(f"--input {source}: no such folder or list file")
     unique: dict[str, Entry] = {}

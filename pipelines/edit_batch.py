@@ -59,6 +59,7 @@ from hfedit.checkpoint import atomic_write_bytes, atomic_write_json
 from hfedit.config import ConfigError, HfeditConfig, load_config
 from hfedit.data import SPLITS
 from hfedit.files import remove_temporaries
+from hfedit.validation import check_output_folder
 from hfedit.editing import RECONSTRUCTION
 from pipelines.batch_actor import EditImages, error_row
 from pipelines.batch_job import (  # noqa: F401 (LOG_DIR, output_relpath: part of this module's API)
@@ -170,10 +171,7 @@ Executor = Callable[[list[dict], Job, HfeditConfig, Callable[[pd.DataFrame], Non
 def _check_resources(cfg: HfeditConfig) -> None:
     import ray
 
-    eb, have = cfg.edit_batch, ray.cluster_resources()
-    if eb.actors < 1 or eb.batch_size < 1 or eb.num_cpus <= 0:
-        raise UsageError(f"edit_batch.actors={eb.actors}, batch_size={eb.batch_size} and "
-                         f"num_cpus={eb.num_cpus} must be positive")
+    eb, have = cfg.edit_batch, ray.cluster_resources()  # (their signs: checked by load_config)
     for key, per in (("CPU", eb.num_cpus), ("GPU", eb.num_gpus)):
         if eb.actors * per > have.get(key, 0) + 1e-9:
             raise UsageError(f"edit_batch.actors={eb.actors} x num_{key.lower()}s={per} needs "
@@ -187,7 +185,7 @@ def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike
             start_ray: Callable[[], None] = lambda: None, executor: Executor = execute) -> JobResult:
     """List, skip what is done, edit the rest on Ray Data (``executor``), write the manifest.
     ``start_ray`` is called only when there is work: a rerun with nothing left never starts Ray."""
-    out = Path(out)
+    out = check_output_folder(out)
     rectifiers = check_attributes(cfg.edit_batch.attributes, cfg.edit_batch.edits_dir)
     real_out = out.resolve()  # an output folder inside the input folder is not input
     entries = [e for e in list_inputs(source, split, root)

@@ -258,6 +258,35 @@ def test_sigterm_stops_the_job_with_its_manifest(folder, models, tmp_path):  # n
     assert "stopped: interrupted (SIGTERM)" in result.summary
 
 
+@pytest.mark.parametrize("extra, says", [
+    (["--steps", "0"], "inversion.num_steps=0 must be at least 1 (set by --steps"),
+    (["--steps", "-3"], "inversion.num_steps=-3 must be at least 1"),
+    (["--actors", "0"], "edit_batch.actors=0 must be at least 1 (set by --actors"),
+    (["--batch-size", "0"], "edit_batch.batch_size=0 must be at least 1"),
+    (["--input", "{root}/faces/astronaut.png"], "astronaut.png is an image (PNG), not a folder or a list file"),
+    (["--out", "{root}/faces/astronaut.png"], "astronaut.png is a file, not a folder"),
+], ids=["steps 0", "steps -3", "actors 0", "batch 0", "input is an image", "out is a file"])
+def test_bad_arguments_fail_before_ray_with_the_fix(folder, models, tmp_path, capsys, monkeypatch,  # noqa: F811
+                                                    extra, says):
+    """--steps 0 used to start Ray and fail every image after ~100 s; an image given as --input
+    or a file as --out ended in tracebacks."""
+    import pipelines.ray_runtime
+
+    root, _ = folder
+    backbone, edits = models
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("bad arguments must be refused before Ray starts")
+
+    monkeypatch.setattr(pipelines.ray_runtime, "init_ray", no_ray)
+    args = ["--input", str(root), "--out", str(tmp_path / "out"), "--backbone", str(backbone),
+            "--edits", str(edits), "--attributes", "reconstruction", "--no-track"]
+    args += [e.format(root=root) for e in extra]
+    assert eb.main(args) == eb.EXIT_USAGE
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------- on Ray
 @pytest.mark.timeout(300)
 def test_every_input_is_edited_or_listed_with_its_reason(folder, first_run):  # noqa: F811
