@@ -376,3 +376,12 @@ def test_max_images_takes_the_first_inputs_in_order(folder, prepared, tmp_path):
     assert sub.counts["ok"] < full.counts["ok"]
     with pytest.raises(ValueError, match="max_images"):
         prepare_dataset(DataConfig(source=str(root), max_images=-1), tmp_path / "bad", progress=False)
+
+
+def test_prepare_refuses_an_output_that_is_a_file_before_any_work(tmp_path):
+    from hfedit.validation import UsageError
+    from stages.prepare import main
+
+    (tmp_path / "prepared").write_text("a file")
+    with pytest.raises(UsageError, match="prepared is a file, not a folder: give a folder"):
+        main(["--out", str(tmp_path / "prepared")])
