@@ -98,7 +98,8 @@ def load_image(path: str | os.PathLike, max_pixels: int) -> LoadedImage:
         raise ImageError("unreadable", path, f"cannot read: {err.strerror}") from None
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error")  # a decoder's warning means damaged data
+            warnings.simplefilter("error")  # a decoder's warning means damaged data ...
+            warnings.simplefilter("default", DeprecationWarning)  # ... an API's does not
             with Image.open(path) as img:
                 width, height = img.size  # from the header; nothing decoded yet
                 if width * height > max_pixels:

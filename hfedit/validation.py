@@ -85,12 +85,13 @@ def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
 
 
 def check_list_file(path: str | os.PathLike, flag: str = "--input") -> Path:
-    """``path`` is a text file listing image paths, not an image or other binary file."""
+    """``path`` is a text file listing image paths, not an image or other binary file (paths
+    that are not UTF-8 are fine: they are file names' bytes)."""
     path = Path(path)
     with open(path, "rb") as f:
         head = f.read(8192)
     kind = _image_format(path)
-    if kind or b"\x00" in head or not _utf8(head):
+    if kind or b"\x00" in head:
         what = f"an image ({kind})" if kind else "not a text file"
         raise UsageError(
             f"{flag} {path} is {what}, not a folder or a list file: give a folder of images "
@@ -107,11 +108,3 @@ def _image_format(path: Path) -> str:
             return img.format or "image"
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return ""
-
-
-def _utf8(head: bytes) -> bool:
-    try:
-        head.decode("utf-8")
-        return True
-    except UnicodeDecodeError as err:  # a multi-byte character cut by the 8 KiB read is fine
-        return err.start >= len(head) - 3

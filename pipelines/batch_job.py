@@ -98,7 +98,7 @@ def _listed_entries(list_file: Path, root: Path) -> list[Entry]:
     root_abs = Path(os.path.normpath(root.absolute()))
     real_root = root.resolve()
     entries = []
-    for line in list_file.read_text().splitlines():
+    for line in list_file.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
         text = line.strip()
         if not text or text.startswith("#"):
             continue

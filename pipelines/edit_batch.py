@@ -58,9 +58,9 @@ import pandas as pd
 from hfedit.checkpoint import atomic_write_bytes, atomic_write_json
 from hfedit.config import ConfigError, HfeditConfig, load_config
 from hfedit.data import SPLITS
+from hfedit.editing import RECONSTRUCTION
 from hfedit.files import remove_temporaries
 from hfedit.validation import check_output_folder
-from hfedit.editing import RECONSTRUCTION
 from pipelines.batch_actor import EditImages, error_row
 from pipelines.batch_job import (  # noqa: F401 (LOG_DIR, output_relpath: part of this module's API)
     COLUMNS, COMPACTED, EXIT_CRASHED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, LOG_DIR,

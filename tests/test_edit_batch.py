@@ -223,6 +223,9 @@ def test_a_file_name_that_is_not_utf8_does_not_stop_the_job(folder, models, tmp_
     cfg = _cfg(edits, "edit_batch.attributes=[reconstruction]")
     result = _run(cfg, tmp_path / "photos", tmp_path / "out", backbone, executor=eb.execute_plain)
     _assert_odd_name_edited(result, tmp_path / "out", odd)
+    listing = tmp_path / "photos.txt"  # a list file naming it by its bytes
+    listing.write_bytes(b"photos/a.png\nphotos/\xff-photo.png\n")
+    assert [e.id for e in eb.list_inputs(listing)] == ["photos/a.png", f"photos/{odd}"]
 
 
 def test_sigterm_stops_the_job_with_its_manifest(folder, models, tmp_path):  # noqa: F811
