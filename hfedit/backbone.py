@@ -8,7 +8,6 @@ it like a downloaded model.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -172,7 +171,9 @@ def save_backbone(denoiser: Denoiser, folder: str | Path, meta: dict | None = No
     folder = Path(folder)
     DDPMPipeline(unet=denoiser.unet, scheduler=denoiser.scheduler).save_pretrained(folder)
     if meta is not None:
-        (folder / "hfedit.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        from hfedit.files import atomic_write_json
+
+        atomic_write_json(folder / "hfedit.json", meta)
 
 
 def _offline() -> bool:

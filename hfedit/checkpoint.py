@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+# the one atomic writer (also imported from here by the pipelines)
+from hfedit.files import atomic_write, atomic_write_bytes, atomic_write_json  # noqa: F401
 
 FORMAT_VERSION = 1
 
@@ -58,23 +59,6 @@ def module_digests(names: tuple[str, ...] | list[str]) -> dict[str, str]:
     return {name: file_digest(importlib.import_module(name).__file__) for name in names}
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
-
-
 @dataclass
 class Checkpoint:
     tensors: dict[str, Tensor]
@@ -87,15 +71,7 @@ def save_checkpoint(folder: str | Path, name: str, tensors: dict[str, Tensor], m
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".safetensors.tmp")
-    os.close(fd)
-    try:
-        save_file(contiguous, tmp)
-        os.replace(tmp, folder / f"{name}.safetensors")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    data = folder / f"{name}.safetensors"
+    data = atomic_write(folder / f"{name}.safetensors", lambda tmp: save_file(contiguous, tmp))
     full_meta = {"format_version": FORMAT_VERSION, "versions": versions(), **meta,
                  "data_bytes": data.stat().st_size, "data_sha256": file_digest(data)}
     atomic_write_json(folder / f"{name}.json", full_meta)

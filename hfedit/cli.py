@@ -22,7 +22,9 @@ from hfedit.backbone import BackboneUnavailable, Denoiser, load_backbone
 from hfedit.config import ConfigError, InversionConfig, load_config
 from hfedit.data import ImageError, load_image, make_grid_png, save_png, to_tensor
 from hfedit.device import DeviceUnavailable, placement
+from hfedit.files import atomic_write
 from hfedit.inversion import InversionResult, colour_offset, invert, replay, shift_maps
+from hfedit.validation import UsageError, check_output_folder
 
 
 def _prepare(path: Path, denoiser: Denoiser, max_pixels: int) -> torch.Tensor:
@@ -75,23 +77,24 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--rectifier", default="models/rectifier",
                            help="reconstruction rectifier folder, or 'none' for the backbone alone")
     args = parser.parse_args(argv)
+    flags = {"num_steps": args.steps, "eta": args.eta, "skip": args.skip, "seed": args.seed}
     try:
+        check_output_folder(args.out)
         runtime = [f"runtime.{k}={v}" for k, v in (("device", args.device),
                                                    ("precision", args.precision)) if v]
-        cfg = load_config(overrides=args.overrides + runtime)
+        cfg = load_config(overrides=[*args.overrides, *runtime, *(f"inversion.{k}={v}" for k, v in
+                                                                  flags.items() if v is not None)])
         device, precision = placement(cfg.runtime.device, cfg.runtime.precision, "editing")
-        inv_cfg = cfg.inversion
-        steps = args.steps or inv_cfg.num_steps
-        eta = args.eta if args.eta is not None else inv_cfg.eta
-        skip = args.skip if args.skip is not None else inv_cfg.skip
-        seed = args.seed if args.seed is not None else inv_cfg.seed
+        inv_cfg = cfg.inversion  # checked by load_config: N >= 1, 0 <= skip < N, eta >= 0
+        steps, eta, skip, seed = inv_cfg.num_steps, inv_cfg.eta, inv_cfg.skip, inv_cfg.seed
         denoiser = load_backbone(args.backbone, device, precision)
         x0 = _prepare(args.image, denoiser, cfg.data.max_pixels).to(device)
-    except (ConfigError, BackboneUnavailable, ImageError, DeviceUnavailable, ValueError) as err:
+    except (ConfigError, UsageError, BackboneUnavailable, ImageError, DeviceUnavailable,
+            ValueError) as err:
         print(f"hfedit {args.command}: {err}", file=sys.stderr)
         return 2
     if args.command in ("edit", "translate"):
-        return _edit_or_translate(args, denoiser, x0, InversionConfig(steps, eta, skip, seed))
+        return _edit_or_translate(args, denoiser, x0, inv_cfg)
     gen = torch.Generator().manual_seed(seed)
     inv = invert(denoiser, denoiser.schedule, x0, steps, eta=eta, generator=gen)
     stem = args.image.stem
@@ -100,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "invert":
         from safetensors.torch import save_file
 
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({"xts": inv.xts.cpu().contiguous(), "zs": inv.zs.cpu().contiguous(),
-                   "timesteps": torch.tensor(inv.timesteps)}, str(out / f"{stem}_maps.safetensors"),
-                  metadata={"eta": str(eta)})
+        maps = {"xts": inv.xts.cpu().contiguous(), "zs": inv.zs.cpu().contiguous(),
+                "timesteps": torch.tensor(inv.timesteps)}
+        atomic_write(out / f"{stem}_maps.safetensors",
+                     lambda tmp: save_file(maps, tmp, metadata={"eta": str(eta)}))
         make_grid_png(_maps_preview(inv), out / f"{stem}_maps.png", nrow=8)
         print(f"wrote {out / f'{stem}_maps.safetensors'} and {out / f'{stem}_maps.png'}")
         return 0

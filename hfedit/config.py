@@ -11,7 +11,8 @@ Values come, in increasing priority, from
   5. command-line overrides in dot-list form (``backbone.train.steps=100``).
 
 Every source is validated against the schema: an unknown key or a value of the wrong type raises
-:class:`ConfigError` naming the key and the file it came from.
+:class:`ConfigError` naming the key and the file it came from; values out of range (a step count
+of 0, ...) raise it naming the key, the rule and the flag or file that sets it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hfedit.device import Precision, check_device_spec
+from hfedit.validation import check_config
 
 
 class ConfigError(ValueError):
@@ -448,14 +450,15 @@ def load_config(
         cfg = _merge(cfg, OmegaConf.create({"runtime": _read_yaml(runtime)}), str(runtime))
     cfg = _merge(cfg, cli, "command line")
     cfg.profile = chosen
-    loaded: HfeditConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    typed: HfeditConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    check_config(typed, ConfigError)  # values the types cannot check (hfedit/validation.py)
     try:
-        check_device_spec(loaded.runtime.device)
+        check_device_spec(typed.runtime.device)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if loaded.runtime.eval_batch_size < 1:
-        raise ConfigError(f"runtime.eval_batch_size={loaded.runtime.eval_batch_size}: must be >= 1")
-    return loaded
+    if typed.runtime.eval_batch_size < 1:
+        raise ConfigError(f"runtime.eval_batch_size={typed.runtime.eval_batch_size}: must be >= 1")
+    return typed
 
 
 def to_flat_dict(cfg: Any) -> dict[str, Any]:

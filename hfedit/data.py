@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import os
-import uuid
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,6 +26,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from hfedit.config import DataConfig
+from hfedit.files import atomic_write, atomic_write_text
+from hfedit.jpeg import JpegDataError, check_jpeg
 
 # reason code -> how the user fixes it (the message always names the file too)
 REASONS: dict[str, str] = {
@@ -43,8 +44,6 @@ REASONS: dict[str, str] = {
 }
 SPLITS = ("train", "val")
 PREVIEW_MAX = 64  # images in preview.png
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 class ImageError(ValueError):
@@ -74,9 +73,12 @@ class LoadedImage:
 def load_image(path: str | os.PathLike, max_pixels: int) -> LoadedImage:
     """Decode ``path`` fully and strictly into an RGB image with EXIF orientation applied.
 
-    Refuses (:class:`ImageError`) empty files, non-images, images whose header declares more than
-    ``max_pixels`` pixels (checked before decoding) or trips Pillow's bomb limit, truncated and
-    corrupt data. Truncation is detected by a full ``load()``; Pillow must not pad truncated files.
+    Refuses (:class:`ImageError`) missing and empty files, non-images, images whose header
+    declares more than ``max_pixels`` pixels (checked before decoding) or trips Pillow's bomb
+    limit, truncated and corrupt data. Damage is found three ways: a full ``load()`` (Pillow must
+    not pad truncated files), every warning Pillow gives while decoding made an error, and for
+    JPEGs, whose decoder fills damaged data with garbage and only warns (which Pillow drops), a
+    check of the compressed data itself (:func:`hfedit.jpeg.check_jpeg`).
     """
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError(
@@ -85,28 +87,39 @@ def load_image(path: str | os.PathLike, max_pixels: int) -> LoadedImage:
         )
     path = Path(path)
     try:
+        if not path.exists():
+            raise ImageError("not_a_file", path, "no such file" if not path.is_symlink()
+                             else f"dangling symlink to {os.readlink(path)}")
         if not path.is_file():
-            raise ImageError("not_a_file", path, "not a regular file")
+            raise ImageError("not_a_file", path, "not a regular file (a folder, fifo, socket or device)")
         if path.stat().st_size == 0:
             raise ImageError("empty", path, "empty file (0 bytes)")
     except PermissionError as err:
         raise ImageError("unreadable", path, f"cannot read: {err.strerror}") from None
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("error")  # a decoder's warning means damaged data ...
+            warnings.simplefilter("default", DeprecationWarning)  # ... an API's does not
             with Image.open(path) as img:
                 width, height = img.size  # from the header; nothing decoded yet
                 if width * height > max_pixels:
                     raise ImageError("too_large", path, f"header declares {width}x{height} = "
                                      f"{width * height} pixels > data.max_pixels={max_pixels}")
                 img.load()  # full decode: raises on truncated or corrupt data
-                mode, icc = img.mode, img.info.get("icc_profile")
                 orientation = int(img.getexif().get(0x0112, 1))
-                rgb = to_rgb(ImageOps.exif_transpose(img), icc_profile=icc, name=str(path))
+                if img.format in ("JPEG", "MPO"):
+                    check_jpeg(path.read_bytes())
+                mode, icc = img.mode, img.info.get("icc_profile")
+                with warnings.catch_warnings():  # converting valid pixels may warn: not damage
+                    warnings.simplefilter("default")
+                    rgb = to_rgb(ImageOps.exif_transpose(img), icc_profile=icc, name=str(path))
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError("too_large", path, f"over PIL.Image.MAX_IMAGE_PIXELS: {err}") from None
+    except JpegDataError as err:
+        raise ImageError("truncated" if err.truncated else "corrupt", path,
+                         f"damaged JPEG data: {err}") from None
     except UnidentifiedImageError:
         raise ImageError("not_an_image", path, "not an image Pillow can identify") from None
     except PermissionError as err:
@@ -114,6 +127,7 @@ def load_image(path: str | os.PathLike, max_pixels: int) -> LoadedImage:
     except MemoryError:
         raise
     except Exception as err:  # plugins raise OSError, SyntaxError, ValueError, struct.error, ...
+        # (and warnings, made errors above: UserWarning, RuntimeWarning, ...)
         text = f"{type(err).__name__}: {err}"
         if isinstance(err, EOFError) or "truncated" in str(err).lower():
             raise ImageError("truncated", path, f"truncated image data ({text})") from None
@@ -206,25 +220,10 @@ def to_pil(tensor: torch.Tensor) -> Image.Image:
     return Image.fromarray(u8.permute(1, 2, 0).numpy())
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary name beside ``path``, then ``os.replace`` it in place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(str(tmp))
-        os.chmod(tmp, 0o666 & ~_UMASK)  # some writers (safetensors) create files 0600
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_png(tensor: torch.Tensor, path: str | os.PathLike) -> Path:
     """Write a (3, H, W) [-1, 1] tensor as a PNG, atomically."""
     img = to_pil(tensor)
-    return _atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def make_grid_png(tensors: torch.Tensor | Iterable[torch.Tensor], path: str | os.PathLike,
@@ -352,16 +351,28 @@ class Manifest:
         return cls(d["source"], d["config"], d["counts"], [ManifestRow(**r) for r in d["rows"]])
 
 
+def id_digest(seed: int, id_: str) -> bytes:
+    """sha256 of ``"{seed}:"`` + the id's bytes as the file system holds them (``os.fsencode``:
+    a file name that is not valid UTF-8 has its own bytes, not an encoding error)."""
+    return hashlib.sha256(f"{seed}:".encode() + os.fsencode(id_)).digest()
+
+
+def printable(name: str) -> str:
+    """``name`` for a text file or a terminal: bytes that are not UTF-8 (held as surrogates)
+    shown as ``\\xNN`` escapes; valid names unchanged."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def split_ids(ids: Iterable[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Seeded train/val split that depends only on the *set* of ids: ids are ranked by
-    sha256(f"{seed}:{id}") and the first ``round(val_fraction * n)`` (at least 1 when n >= 2 and
+    sha256(f"{seed}:{id}") (:func:`id_digest`) and the first ``round(val_fraction * n)`` (at least 1 when n >= 2 and
     val_fraction > 0, at most n - 1) go to val. Returns (train, val), each sorted by id."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"data.val_fraction={val_fraction} must lie in [0, 1)")
     unique = sorted(set(ids))
     n = len(unique)
     n_val = 0 if n < 2 or val_fraction == 0 else min(n - 1, max(1, round(val_fraction * n)))
-    ranked = sorted(unique, key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
+    ranked = sorted(unique, key=lambda i: id_digest(seed, i))
     val = set(ranked[:n_val])
     return [i for i in unique if i not in val], [i for i in unique if i in val]
 
@@ -385,7 +396,7 @@ def _inputs(cfg: DataConfig) -> list[tuple[str, str, Callable[[], LoadedImage]]]
 
 def _save_split(images: torch.Tensor, ids: list[str], path: Path) -> None:
     meta = {"ids": json.dumps(ids), "format": "float32 (N, 3, R, R) in [-1, 1]"}
-    _atomic_write(path, lambda tmp: save_file({"images": images.contiguous()}, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file({"images": images.contiguous()}, tmp, metadata=meta))
 
 
 def prepare_dataset(cfg: DataConfig, out_dir: str | os.PathLike, progress: bool = True) -> Manifest:
@@ -444,7 +455,7 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | os.PathLike, progress: bool 
 def write_manifest(manifest: Manifest, out_dir: str | os.PathLike) -> Path:
     """Write ``out_dir``/manifest.json atomically."""
     text = json.dumps(manifest.to_dict(), indent=1)
-    return _atomic_write(Path(out_dir) / "manifest.json", lambda tmp: Path(tmp).write_text(text))
+    return atomic_write_text(Path(out_dir) / "manifest.json", text)
 
 
 def load_manifest(prepared_dir: str | os.PathLike) -> Manifest:

@@ -19,7 +19,7 @@ from hfedit.data import ImageError, load_image, load_split, save_png, to_tensor
 from hfedit.editing import RECONSTRUCTION, load_editor
 from hfedit.device import placement
 from pipelines.batch_job import (COLUMNS, EDIT_FAILED, WORKER_CRASHED, DoneIndex, Job, DoneLog,
-                                 is_complete, output_relpath)
+                                 from_wire, is_complete, output_relpath, to_wire)
 
 
 # ------------------------------------------------------------------ the callable class
@@ -43,7 +43,8 @@ class EditImages:
             (Path(job.pid_dir) / f"{self.pid}.pid").write_text(str(self.pid))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        rows = [row for item in batch.to_dict("records") for row in self.process(item)]
+        items = map(from_wire, batch.to_dict("records"))  # names cross Ray as Arrow-safe text
+        rows = [to_wire(row) for item in items for row in self.process(item)]
         return pd.DataFrame(rows, columns=COLUMNS)
 
     def process(self, item: dict) -> list[dict]:

@@ -8,7 +8,6 @@ actors (:mod:`pipelines.batch_actor`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -17,12 +16,13 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Optional
+from typing import Callable, Optional
 
 from hfedit.checkpoint import file_digest, fingerprint
 from hfedit.config import HfeditConfig, InversionConfig, to_flat_dict
-from hfedit.data import SPLITS, ImageError, iter_folder, load_manifest
+from hfedit.data import SPLITS, ImageError, id_digest, iter_folder, load_manifest, printable
 from hfedit.editing import RECONSTRUCTION, available_edits
+from hfedit.validation import UsageError, check_list_file  # bad arguments: exit status 2
 
 EXIT_OK, EXIT_CRASHED, EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 MANIFEST, LOG_DIR, COMPACTED = "manifest.parquet", "_log", "0-compacted.jsonl"
@@ -35,10 +35,6 @@ COLUMNS = ["id", "attribute", "status", "reason", "message", "input", "output", 
            "max_error", "decode_s", "invert_s", "edit_s", "write_s", "run", "worker_pid",
            "fingerprint", "signature"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-class UsageError(ValueError):
-    """Bad arguments or configuration, found before any work (exit status 2)."""
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -74,7 +70,7 @@ def list_inputs(source: str | os.PathLike, split: Optional[str] = None,
         entries = [Entry(e.id, str(e.path), _signature(e.path), error=e.error)
                    for e in iter_folder(source)]
     elif source.is_file():
-        entries = _listed_entries(source, Path(root) if root else source.parent)
+        entries = _listed_entries(check_list_file(source), Path(root) if root else source.parent)
     else:
         raise UsageError(f"--input {source}: no such folder or list file")
     unique: dict[str, Entry] = {}
@@ -102,7 +98,7 @@ def _listed_entries(list_file: Path, root: Path) -> list[Entry]:
     root_abs = Path(os.path.normpath(root.absolute()))
     real_root = root.resolve()
     entries = []
-    for line in list_file.read_text().splitlines():
+    for line in list_file.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
         text = line.strip()
         if not text or text.startswith("#"):
             continue
@@ -128,8 +124,41 @@ def _listed_entries(list_file: Path, root: Path) -> list[Entry]:
 
 
 def image_seed(global_seed: int, id_: str) -> int:
-    """The noise seed of image ``id_``: a function of its id alone, never of the scheduling."""
-    return int.from_bytes(hashlib.sha256(f"{global_seed}:{id_}".encode()).digest()[:8], "big") >> 1
+    """The noise seed of image ``id_``: a function of its id alone (its bytes, so any file name
+    works), never of the scheduling."""
+    return int.from_bytes(id_digest(global_seed, id_)[:8], "big") >> 1
+
+
+# Fields that may hold a file name. Arrow (Ray Data's blocks, pandas' strings, parquet) takes only
+# valid UTF-8, and a name that is not UTF-8 holds surrogates in Python: such names cross Ray as
+# their bytes read as latin-1 (to_wire/from_wire, reversible) and reach the manifest escaped.
+TEXT_FIELDS = ("id", "input", "output", "message")
+
+
+def _bytes_as_latin1(text: str) -> str:
+    return os.fsencode(text).decode("latin-1")
+
+
+def _latin1_as_name(text: str) -> str:
+    return os.fsdecode(text.encode("latin-1"))
+
+
+def _map_text(row: dict, fn: Callable[[str], str]) -> dict:
+    return {k: fn(v) if k in TEXT_FIELDS and isinstance(v, str) else v for k, v in row.items()}
+
+
+def to_wire(row: dict) -> dict:
+    """A row (or item) whose file names Arrow can carry; :func:`from_wire` undoes it."""
+    return _map_text(row, _bytes_as_latin1)
+
+
+def from_wire(row: dict) -> dict:
+    return _map_text(row, _latin1_as_name)
+
+
+def to_display(row: dict) -> dict:
+    """A row for the manifest: names that are not UTF-8 with ``\\xNN`` escapes."""
+    return _map_text(row, printable)
 
 
 def output_relpath(attribute: str, id_: str) -> str:

@@ -31,7 +31,8 @@ killing workers forever.
 
 Exit status: 0 every input edited; 3 the job finished and some inputs failed (reasons in the
 manifest; ``--allow-failed`` makes that 0); 2 bad arguments or configuration (nothing done); 1
-the job itself failed and 130 interrupted (both after writing the manifest of what was done).
+the job itself failed, 130 interrupted by Ctrl-C (SIGINT) and 143 stopped by SIGTERM (``ray job
+stop``, ``kill``) (all after writing the manifest of what was done, and the summary).
 """
 
 
@@ -60,12 +61,14 @@ from hfedit.config import ConfigError, HfeditConfig, load_config
 from hfedit.data import SPLITS
 from hfedit.device import DeviceUnavailable
 from hfedit.editing import RECONSTRUCTION
+from hfedit.files import remove_temporaries
+from hfedit.validation import check_output_folder
 from pipelines.batch_actor import EditImages, error_row
 from pipelines.ray_runtime import actor_gpus
 from pipelines.batch_job import (  # noqa: F401 (LOG_DIR, output_relpath: part of this module's API)
     COLUMNS, COMPACTED, EXIT_CRASHED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, LOG_DIR,
-    MANIFEST, NOT_PROCESSED, RETRIED, DoneIndex, Entry, Job, UsageError, check_attributes,
-    image_seed, is_complete, list_inputs, make_job, output_relpath)
+    MANIFEST, NOT_PROCESSED, RETRIED, DoneIndex, Entry, Job, UsageError, check_attributes, from_wire,
+    image_seed, is_complete, list_inputs, make_job, output_relpath, to_display, to_wire)
 
 
 # ------------------------------------------------------------------------- the driver
@@ -82,7 +85,7 @@ class JobResult:
 
 
 @contextlib.contextmanager
-def _locked(out: Path) -> Iterator[None]:
+def _locked(out: Path, attributes: list[str]) -> Iterator[None]:
     """One job at a time per output folder (resume and cleanup assume it)."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".edit_batch.lock", "w") as lock:
@@ -90,14 +93,19 @@ def _locked(out: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UsageError(f"another edit_batch job is writing to {out}") from None
-        _remove_temporaries(out)
+        _remove_temporaries(out, attributes)
         yield
 
 
-def _remove_temporaries(out: Path) -> None:
-    """Temporary files of writers killed before their rename (never a finished PNG)."""
-    for tmp in out.rglob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+def _remove_temporaries(out: Path, attributes: list[str]) -> None:
+    """Temporaries of this job's writers killed before their rename, where the job writes:
+    ``<out>`` (the manifest), ``<out>/_log`` and ``<out>/<attribute>/`` of its attributes. Only
+    names the atomic writer gives its temporaries (:func:`hfedit.files.is_temporary`): a user's
+    own ``.*.tmp`` files are never touched."""
+    remove_temporaries(out, recursive=False)
+    remove_temporaries(out / LOG_DIR, recursive=False)
+    for attribute in attributes:
+        remove_temporaries(out / attribute)
 
 
 def plan(entries: list[Entry], job: Job, done: DoneIndex, global_seed: int
@@ -122,8 +130,8 @@ def plan(entries: list[Entry], job: Job, done: DoneIndex, global_seed: int
             else:
                 pending.append(a)
         if pending:
-            items.append({"id": e.id, "input": e.input, "signature": e.signature, "index": e.index,
-                          "seed": seed, "pending": ",".join(pending)})
+            items.append(to_wire({"id": e.id, "input": e.input, "signature": e.signature,
+                                  "index": e.index, "seed": seed, "pending": ",".join(pending)}))
     return items, rows
 
 
@@ -168,10 +176,7 @@ Executor = Callable[[list[dict], Job, HfeditConfig, Callable[[pd.DataFrame], Non
 def _check_resources(cfg: HfeditConfig) -> None:
     import ray
 
-    eb, have = cfg.edit_batch, ray.cluster_resources()
-    if eb.actors < 1 or eb.batch_size < 1 or eb.num_cpus <= 0:
-        raise UsageError(f"edit_batch.actors={eb.actors}, batch_size={eb.batch_size} and "
-                         f"num_cpus={eb.num_cpus} must be positive")
+    eb, have = cfg.edit_batch, ray.cluster_resources()  # (their signs: checked by load_config)
     try:
         gpus = actor_gpus(cfg)
     except DeviceUnavailable as err:
@@ -189,7 +194,7 @@ def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike
             start_ray: Callable[[], None] = lambda: None, executor: Executor = execute) -> JobResult:
     """List, skip what is done, edit the rest on Ray Data (``executor``), write the manifest.
     ``start_ray`` is called only when there is work: a rerun with nothing left never starts Ray."""
-    out = Path(out)
+    out = check_output_folder(out)
     rectifiers = check_attributes(cfg.edit_batch.attributes, cfg.edit_batch.edits_dir)
     real_out = out.resolve()  # an output folder inside the input folder is not input
     entries = [e for e in list_inputs(source, split, root)
@@ -197,32 +202,34 @@ def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike
     if not entries:
         raise UsageError(f"--input {source}: no files")
     job = make_job(cfg, backbone, out, rectifiers, split is not None, pid_dir)
-    with _locked(out):
+    with _locked(out, job.attributes):
         done = DoneIndex(out).refresh()
         items, standing = plan(entries, job, done, cfg.inversion.seed)
         got: list[pd.DataFrame] = []
         error, code, started = "", EXIT_OK, time.perf_counter()
         if items:
-            if executor is execute:
-                start_ray()
-                _check_resources(cfg)
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(items), unit="img", desc="edit_batch", disable=not progress)
-
-            stop = threading.Event()
+            stop = StopOnSignals()
 
             def on_batch(batch: pd.DataFrame) -> None:
                 got.append(batch)
                 bar.update(batch["id"].nunique())
-                if stop.is_set():  # Ctrl-C that Ray's iterator absorbed: stop at this batch
+                if stop.signum:  # a signal that Ray's iterator absorbed: stop at this batch
                     raise KeyboardInterrupt
 
             try:
-                with _sigint_sets(stop):
+                with stop:
+                    if executor is execute:
+                        start_ray()
+                        stop.install()  # ray.init puts its own SIGTERM handler (sys.exit) first
+                        _check_resources(cfg)
                     executor(items, job, cfg, on_batch, progress)
             except KeyboardInterrupt:
-                error, code = "interrupted", EXIT_INTERRUPTED
+                error, code = stop.stopped()
+            except UsageError:
+                raise
             except Exception as err:  # noqa: BLE001 - still account for every input
                 error, code = f"{type(err).__name__}: {str(err).strip().splitlines()[-1:]}", EXIT_CRASHED
             finally:
@@ -232,7 +239,7 @@ def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike
         manifest = read_manifest(out)  # what the user gets, typed as the file is
         if not error:  # after a crash actors may still be writing: the next run tidies up
             _compact_logs(out, done)
-            _remove_temporaries(out)
+            _remove_temporaries(out, job.attributes)
     counts = count(manifest, job.run, len(items))
     if code == EXIT_OK and counts["failed"]:
         code = EXIT_FAILED
@@ -241,25 +248,45 @@ def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike
     return result
 
 
-@contextlib.contextmanager
-def _sigint_sets(stop: threading.Event) -> Iterator[None]:
-    """While the job runs, Ctrl-C (SIGINT) also sets ``stop``: when a KeyboardInterrupt raised
-    inside Ray Data's iterator is absorbed there and the dataset goes on, the driver still stops
-    at the next batch it receives (seen once: a job ran to the end after SIGINT)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGINT)
+class StopOnSignals:
+    """One policy for SIGINT (Ctrl-C) and SIGTERM (``ray job stop``, ``kill``, a scheduler)
+    while the job runs: raise KeyboardInterrupt in the driver, remember the signal (so that when
+    Ray Data's iterator absorbs the KeyboardInterrupt and goes on, the driver still stops at the
+    next batch it receives: seen once after SIGINT), and let the job write its manifest and
+    summary and exit with 128 + the signal's number (130, 143). Outside the main thread (no
+    signal handlers there) it does nothing."""
 
-    def handler(signum, frame):
-        stop.set()
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, object] = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.signum = self.signum or signum
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.SIGNALS:
+            self._previous.setdefault(sig, signal.getsignal(sig))
+            signal.signal(sig, self._handler)
+
+    def stopped(self) -> tuple[str, int]:
+        """(error text, exit status) for a job this stopped (a KeyboardInterrupt without a
+        signal, e.g. raised by a test, counts as SIGINT)."""
+        signum = self.signum or signal.SIGINT
+        return f"interrupted ({signal.Signals(signum).name})", 128 + signum
+
+    def __enter__(self) -> "StopOnSignals":
+        self.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
 
 
 def _assemble(entries: list[Entry], job: Job, standing: list[dict], got: list[pd.DataFrame],
@@ -271,7 +298,7 @@ def _assemble(entries: list[Entry], job: Job, standing: list[dict], got: list[pd
         if row.get("run") == job.run:
             rows[key] = row
     for batch in got:
-        for row in batch.to_dict("records"):
+        for row in map(from_wire, batch.to_dict("records")):
             rows[(row["id"], row["attribute"])] = row
     out = []
     for e in entries:
@@ -282,7 +309,7 @@ def _assemble(entries: list[Entry], job: Job, standing: list[dict], got: list[pd
                 row = error_row({"id": e.id, "attribute": a, "input": e.input, "run": job.run,
                               "seed": image_seed(job.inversion.seed, e.id), "signature": e.signature,
                               "fingerprint": job.fingerprints[a]}, NOT_PROCESSED, why)
-            out.append({c: row.get(c) for c in COLUMNS})
+            out.append(to_display({c: row.get(c) for c in COLUMNS}))
     df = pd.DataFrame(out, columns=COLUMNS)
     for col in ("l1", "ssim", "max_error", "decode_s", "invert_s", "edit_s", "write_s"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")

@@ -42,6 +42,7 @@ from hfedit.checkpoint import (
 from hfedit.config import ConfigError, HfeditConfig, load_config, project_root, to_flat_dict
 from hfedit.data import load_split
 from hfedit.device import DeviceUnavailable, check_precision, placement, wants_gpu
+from hfedit.files import replace_folder
 from pipelines.ray_runtime import init_ray
 from pipelines.tracking import stage_run
 
@@ -233,12 +234,13 @@ def train(cfg: HfeditConfig, backbone: Path, data: Path, out: Path, checkpoints:
 
 
 def _export(folder: Path, out: Path) -> None:
-    """Copy the rectifier files of a reported checkpoint to the stage's output folder."""
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    for suffix in (".safetensors", ".json"):
-        shutil.copy2(folder / f"{RECTIFIER}{suffix}", out / f"{RECTIFIER}{suffix}")
+    """Copy the rectifier files of a reported checkpoint to the stage's output folder, replacing
+    it whole (a failed copy leaves the previous rectifier in place)."""
+    def fill(tmp: Path) -> None:
+        for suffix in (".safetensors", ".json"):
+            shutil.copy2(folder / f"{RECTIFIER}{suffix}", tmp / f"{RECTIFIER}{suffix}")
+
+    replace_folder(out, fill)
 
 
 def _config_dict(cfg: HfeditConfig) -> dict:

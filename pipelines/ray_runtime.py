@@ -1,16 +1,58 @@
 """Joining or starting Ray the same way from every entry point.
 
-``runtime.ray.address`` "" starts a local Ray (or joins ``RAY_ADDRESS`` when set, which is what
-``ray job submit`` does for the driver); "auto" or "host:port" joins a running cluster.
-Local clusters bind 127.0.0.1 only and have no token auth (see DESIGN.md's pitfalls).
+``runtime.ray.address`` "" starts a private local Ray (or joins ``RAY_ADDRESS`` when set, which is
+what ``ray job submit`` does for the driver); "auto" or "host:port" joins a running cluster.
+Private means ``address="local"``: Ray's default (no address) would join whatever cluster
+``ray start --head`` last left in ``<RAY_TMPDIR>/ray/ray_current_cluster``, and retry it forever
+once that cluster is gone. Local clusters bind 127.0.0.1 only and have no token auth (see
+DESIGN.md's pitfalls).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 from hfedit.config import HfeditConfig, project_root
 from hfedit.device import wants_gpu
+
+log = logging.getLogger("hfedit.ray")
+# Ray 2.60 waits a fixed 30 s for its raylet to register (ray/_private/node.py,
+# raylet_start_wait_time_s; no setting changes it): on a loaded machine that can run out, so a
+# local start is retried once. Workers get longer to register than the default 60 s.
+STARTUP_TIMEOUT = "timed out during startup"
+WORKER_REGISTER_TIMEOUT_S = "180"
+
+
+def start_local_ray(num_cpus: int | None = None, **init_kwargs):
+    """Start a private Ray on this machine (127.0.0.1) and connect to it; never join another.
+
+    When the node times out during startup (a loaded machine), the processes that attempt
+    started are killed and the start is tried once more."""
+    import psutil
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_worker_register_timeout_seconds", WORKER_REGISTER_TIMEOUT_S)
+    init_kwargs.setdefault("_node_ip_address", "127.0.0.1")
+    for attempt in (1, 2):
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        try:
+            return ray.init(address="local", num_cpus=num_cpus, **init_kwargs)
+        except Exception as err:
+            if attempt == 2 or STARTUP_TIMEOUT not in str(err):
+                raise
+            log.warning("Ray did not start in time (%s); stopping what it started and retrying "
+                        "once", str(err).splitlines()[0])
+            ray.shutdown()
+            for proc in psutil.Process().children(recursive=True):
+                if proc.pid not in before:
+                    try:
+                        proc.kill()
+                    except psutil.Error:
+                        pass
 
 
 def init_ray(cfg: HfeditConfig, num_cpus: int | None = None):
@@ -25,10 +67,8 @@ def init_ray(cfg: HfeditConfig, num_cpus: int | None = None):
     runtime_env = {"env_vars": {"HFEDIT_ROOT": str(project_root()),
                                 "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}}
     if address is None:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env=runtime_env,
-                 _node_ip_address="127.0.0.1", log_to_driver=True)
+        start_local_ray(num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                        runtime_env=runtime_env, log_to_driver=True)
     else:
         ray.init(address=address, runtime_env=runtime_env)
     return ray

@@ -13,7 +13,8 @@ version pointing at the run's safetensors + JSON artifacts (no pickled code).
 
 The store defaults to a local SQLite file (``<project>/mlflow.db``, artifacts in
 ``<project>/mlartifacts``); ``MLFLOW_TRACKING_URI`` or ``runtime.mlflow.tracking_uri`` point
-elsewhere (a remote ``mlflow server``). ``mlflow ui --backend-store-uri sqlite:///mlflow.db``
+elsewhere: another SQLite file (artifacts in ``mlartifacts/`` beside it) or a remote
+``mlflow server`` (artifacts where the server puts them). ``mlflow ui --backend-store-uri sqlite:///mlflow.db``
 browses the local one.
 """
 
@@ -44,15 +45,25 @@ def tracking_uri(cfg: HfeditConfig) -> str:
     return f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment of the store ``uri`` keeps its artifacts: for a SQLite store the
+    folder ``mlartifacts/`` beside the database file (for the default store that is
+    ``<project>/mlartifacts``), wherever the store is; None for other stores (a tracking server
+    decides, e.g. by its ``--artifacts-destination``)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    path = uri.split(":///", 1)[1].split("?", 1)[0] if ":///" in uri else ""
+    if not path or path.startswith(":memory:"):  # no file to sit beside
+        return (project_root() / "mlartifacts").resolve().as_uri()
+    return (Path(path).expanduser().resolve().parent / "mlartifacts").as_uri()
+
+
 def _experiment_id(mlflow, cfg: HfeditConfig) -> str:
     name = cfg.runtime.mlflow.experiment
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    uri = mlflow.get_tracking_uri()
-    artifacts = None
-    if uri.startswith("sqlite:"):  # keep artifacts beside the local store, not in the cwd
-        artifacts = (project_root() / "mlartifacts").resolve().as_uri()
+    artifacts = artifact_location(mlflow.get_tracking_uri())
     try:
         return mlflow.create_experiment(name, artifact_location=artifacts)
     except Exception:  # created concurrently by another stage process

@@ -26,12 +26,9 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import shutil
 import sys
-import tempfile
 import time
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +47,7 @@ from hfedit.checkpoint import (
 )
 from hfedit.config import ConfigError, EditMethod, HfeditConfig, load_config, to_flat_dict
 from hfedit.device import DeviceUnavailable, placement
+from hfedit.files import is_temporary, replace_folder
 
 log = logging.getLogger("hfedit.train_edits")
 
@@ -106,23 +104,7 @@ def saved_meta(folder: Path) -> Optional[dict]:
 def publish(out_root: Path, name: str, rectifier, meta: dict) -> Path:
     """Write ``out_root/name/`` atomically: save into a temporary sibling, then rename it into
     place (the previous version is renamed away first and deleted after)."""
-    out_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_root, prefix=f".tmp-{name}-"))
-    old = None
-    try:
-        os.chmod(tmp, 0o755)
-        save_rectifier(tmp, rectifier, meta)
-        dest = out_root / name
-        if dest.exists():
-            old = out_root / f".old-{name}-{uuid.uuid4().hex[:8]}"
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return out_root / name
+    return replace_folder(out_root / name, lambda tmp: save_rectifier(tmp, rectifier, meta))
 
 
 # ------------------------------------------------------------------------------- the task
@@ -286,7 +268,7 @@ def remove_stale(out: Path, keep: set[str]) -> list[str]:
     for p in out.iterdir():
         if not p.is_dir():
             continue
-        if p.name.startswith((".tmp-", ".old-")):
+        if p.name.startswith((".tmp-", ".old-")) or is_temporary(p):  # .tmp-/.old-: older code
             shutil.rmtree(p, ignore_errors=True)
         elif not p.name.startswith(".") and p.name not in keep:
             shutil.rmtree(p)

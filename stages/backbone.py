@@ -13,7 +13,6 @@ all logged to MLflow.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from hfedit.checkpoint import file_digest
 from hfedit.config import ConfigError, HfeditConfig, load_config
 from hfedit.data import load_split, make_grid_png
 from hfedit.device import DeviceUnavailable, placement
+from hfedit.files import atomic_write_csv
 from pipelines.tracking import stage_run
 
 
@@ -37,16 +37,13 @@ def run(cfg: HfeditConfig, data: Path, out: Path, checkpoints: Path, plots: Path
             result = train_backbone(cfg.backbone, images, checkpoints, log=tracker.log_metrics,
                                     device=device)
             denoiser = result.denoiser
-            with open(plots / "loss.csv", "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(["step", "loss"])
-                writer.writerows(result.losses)
+            atomic_write_csv(plots / "loss.csv", ["step", "loss"], result.losses)
             meta = {"source": "train", "train_images": int(images.shape[0]),
                     "data_digest": file_digest(data / "train.safetensors"),
                     "resumed_from_step": result.resumed_from}
         else:
             denoiser = load_backbone(cfg.backbone.source, device)
-            (plots / "loss.csv").write_text("step,loss\n")
+            atomic_write_csv(plots / "loss.csv", ["step", "loss"], [])
             meta = {"source": cfg.backbone.source}
         meta.update(describe(denoiser))
         save_backbone(denoiser, out, meta=meta)

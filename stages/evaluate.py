@@ -25,7 +25,6 @@ also to the pipeline run.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
@@ -43,6 +42,7 @@ import torch
 from hfedit.checkpoint import atomic_write_json
 from hfedit.config import ConfigError, HfeditConfig, load_config
 from hfedit.device import DeviceUnavailable, placement
+from hfedit.files import atomic_savefig, atomic_write_csv, atomic_write_text
 
 log = logging.getLogger("hfedit.evaluate")
 STAGE = "evaluate"
@@ -130,11 +130,8 @@ def write_reconstruction_csv(rows: list[dict], path: Path) -> list[str]:
         for k in metrics:
             by_n.setdefault(r["steps"], {})[f"{r['model']}_{r['inversion']}_{k}"] = r[k]
     columns = ["steps"] + sorted({c for v in by_n.values() for c in v})
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(columns)
-        for n in sorted(by_n):
-            w.writerow([n] + [by_n[n].get(c, "") for c in columns[1:]])
+    atomic_write_csv(path, columns, ([n] + [by_n[n].get(c, "") for c in columns[1:]]
+                                     for n in sorted(by_n)))
     return columns
 
 
@@ -142,11 +139,8 @@ def write_editing_csvs(results: dict[str, list], folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, per_n in results.items():
         keys = ["steps", "clip_direction", "l1", "ssim", "psnr", "identity"]
-        with open(folder / f"{name}.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(keys)
-            for r in per_n:
-                w.writerow(["" if r.get(k) is None else r.get(k) for k in keys])
+        atomic_write_csv(folder / f"{name}.csv", keys,
+                         (["" if r.get(k) is None else r.get(k) for k in keys] for r in per_n))
 
 
 def plot_reconstruction(rows: list[dict], gap: dict, path: Path) -> None:
@@ -171,7 +165,7 @@ def plot_reconstruction(rows: list[dict], gap: dict, path: Path) -> None:
     axes[1].bar(names, [gap[n] for n in names], color=["tab:gray", "tab:blue"][: len(names)])
     axes[1].set_title("posterior gap ||eps - eps_model||^2")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -192,7 +186,7 @@ def plot_editing(results: dict[str, list], path: Path) -> None:
         ax.set_xlabel("inversion + sampling steps N")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -331,7 +325,7 @@ def run(cfg: HfeditConfig, backbone: Path, rectifier_dir: Path, edits_dir: Path,
         grid = torch.cat([images] + [e for _, e in per_n])  # rows: source, edit at each N
         make_grid_png(grid, out / "grids" / f"{name}.png", nrow=images.shape[0])
     report["seconds"] = round(time.perf_counter() - started, 1)
-    (out / "results.md").write_text(results_markdown(report))
+    atomic_write_text(out / "results.md", results_markdown(report))
     atomic_write_json(out / "metrics.json", report)
 
     if tracker is not None:

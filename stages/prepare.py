@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hfedit.config import ConfigError, load_config
 from hfedit.data import DatasetError, Manifest, prepare_dataset
+from hfedit.validation import UsageError, check_output_folder
 from pipelines.tracking import stage_run
 
 
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> Manifest:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="config override, e.g. data.resolution=64")
     args = parser.parse_args(argv)
+    check_output_folder(args.out)
     cfg = load_config(overrides=args.overrides)
     with stage_run(cfg, "prepare") as tracker:
         manifest = prepare_dataset(cfg.data, args.out)
@@ -40,5 +42,8 @@ def main(argv: list[str] | None = None) -> Manifest:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, DatasetError) as err:
+    except (ConfigError, UsageError) as err:  # bad arguments or settings: nothing done
+        print(f"prepare: {err}", file=sys.stderr)
+        sys.exit(2)
+    except DatasetError as err:
         sys.exit(f"prepare: {err}")

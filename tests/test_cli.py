@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -55,3 +56,36 @@ def test_bad_image_is_reported_not_raised(tmp_path, random_denoiser, capsys):
     assert main(["reconstruct", str(tmp_path / "broken.png"), *args]) == 2
     err = capsys.readouterr().err
     assert "broken.png" in err and "Fix:" in err
+
+
+def test_a_corrupt_jpeg_is_refused_not_reconstructed(tmp_path, random_denoiser, capsys):
+    from tests.test_data import damaged_jpeg
+
+    args = _setup(tmp_path, random_denoiser)
+    (tmp_path / "damaged.jpg").write_bytes(damaged_jpeg())
+    assert main(["reconstruct", str(tmp_path / "damaged.jpg"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "damaged.jpg: damaged JPEG data" in err and "Fix:" in err
+    assert not (tmp_path / "out" / "damaged_reconstruction.png").exists()
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--steps", "0"], "inversion.num_steps=0 must be at least 1 (set by --steps"),
+    (["--steps", "-3"], "inversion.num_steps=-3 must be at least 1"),
+    (["--steps", "10", "--skip", "20"], "inversion.skip=20 must be less than inversion.num_steps=10"),
+    (["--eta", "-1"], "inversion.eta=-1.0 must be 0 or more"),
+    (["--out", "{tmp}/astro.jpg"], "astro.jpg is a file, not a folder: give a folder"),
+    (["--out", "{tmp}/astro.jpg/sub"], "which is a file, not a folder"),
+], ids=["steps 0", "steps -3", "skip >= steps", "eta < 0", "out is a file", "out under a file"])
+def test_bad_arguments_are_refused_up_front_with_the_fix(tmp_path, random_denoiser, capsys, extra, says):
+    """--steps 0 silently ran 50 steps; the others ended in tracebacks."""
+    args = _setup(tmp_path, random_denoiser) + [e.format(tmp=tmp_path) for e in extra]
+    assert main(["reconstruct", str(tmp_path / "astro.jpg"), *args]) == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_image_is_named_as_missing(tmp_path, random_denoiser, capsys):
+    args = _setup(tmp_path, random_denoiser)
+    assert main(["reconstruct", str(tmp_path / "photo.png"), *args]) == 2
+    assert "photo.png: no such file. Fix:" in capsys.readouterr().err

@@ -72,3 +72,15 @@ def test_flat_dict_has_dotted_keys():
     flat = to_flat_dict(load_config(ROOT / "params.yaml", conf_dir=ROOT / "conf"))
     assert flat["backbone.train.lr"] == pytest.approx(1e-3)
     assert flat["backbone.scheduler.beta_schedule"] == "linear"
+
+
+def test_values_out_of_range_fail_naming_the_key_the_rule_and_the_flag():
+    """Types alone let a step count of 0 or a negative batch through to the work."""
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["inversion.num_steps=10", "inversion.skip=10",
+                               "edit_batch.num_cpus=0", "data.val_fraction=1.0"])
+    text = str(err.value)
+    assert "inversion.skip=10 must be less than inversion.num_steps=10" in text
+    assert "edit_batch.num_cpus=0.0 must be positive" in text and "--num-cpus" in text
+    assert "data.val_fraction=1.0 must be in [0, 1)" in text
+    assert load_config(overrides=["inversion.num_steps=1", "inversion.skip=0"]).inversion.num_steps == 1

@@ -73,6 +73,18 @@ def _rgba() -> Image.Image:
     return Image.fromarray(arr)
 
 
+def damaged_jpeg(how: str = "zeros") -> bytes:
+    """scikit-image's astronaut (face crop, 200x200, quality 90) with 64 bytes in the middle of
+    its compressed data zeroed (``zeros``) or cut out (``cut``): Pillow decodes both without an
+    error, to garbage (mean |difference| 63 and 33 of 255)."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(skdata.astronaut()[30:230, 140:340]).save(buf, "JPEG", quality=90)
+    data, mid = buf.getvalue(), len(buf.getvalue()) // 2
+    return data[:mid] + (bytes(64) if how == "zeros" else b"") + data[mid + 64:]
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """A folder of real faces, odd-but-valid files and broken files; returns (root, id -> expected
@@ -108,6 +120,7 @@ def folder(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         "random.png": (np.random.default_rng(0).bytes(4096), "not_an_image"),
         "notes.txt": (b"faces go here\n", "not_an_image"),
         "corrupt.png": (png[:100] + bytes(b ^ 0x5A for b in png[100:300]) + png[300:], "corrupt"),
+        "corrupt_middle.jpg": (damaged_jpeg(), "corrupt"),
         "bomb_huge.png": (_png_header_only(100_000, 100_000), "too_large"),  # Pillow's bomb limit
         "bomb_64mp.png": (_png_header_only(8000, 8000), "too_large"),  # > data.max_pixels=40M
     }
@@ -175,6 +188,27 @@ def test_split_is_seeded_and_depends_only_on_the_set_of_ids():
         split_ids(ids, 1.0, seed=0)
 
 
+def test_a_file_name_that_is_not_utf8_is_prepared_not_fatal(folder, tmp_path):
+    """A name with byte 0xE9 (latin-1 'e acute') used to stop prepare in split_ids."""
+    import json
+    import shutil
+
+    root, _ = folder
+    src = tmp_path / "src"
+    src.mkdir()
+    odd = os.fsdecode(b"caf\xe9.png")  # holds a surrogate, as Python lists it
+    for name in (odd, "a.png", "b.png"):
+        shutil.copy(root / "faces/lfw_0.png", src / name)
+    out = tmp_path / "prep"
+    manifest = prepare_dataset(DataConfig(source=str(src), resolution=RES, val_fraction=0.34), out,
+                               progress=False)
+    assert {r.id: r.status for r in manifest.rows} == {odd: "ok", "a.png": "ok", "b.png": "ok"}
+    assert manifest.counts["train"] + manifest.counts["val"] == 3
+    text = (out / "manifest.json").read_text(encoding="ascii")  # escaped, readable anywhere
+    assert "caf\\udce9.png" in text and json.loads(text)["rows"][2]["id"] == odd
+    assert split_ids([odd, "a.png"], 0.5, 0) == split_ids(["a.png", odd], 0.5, 0)
+
+
 def test_prepare_is_deterministic_and_seed_changes_the_split(folder, prepared, tmp_path):
     root, _ = folder
     _, first = prepared
@@ -236,6 +270,41 @@ def _fake_mode(mode: str) -> Image.Image:
     img = Image.new("RGB", (2, 2))
     img._mode = mode  # a mode no decoder here produces; to_rgb must refuse it, not guess
     return img
+
+
+@pytest.mark.parametrize("how", ["zeros", "cut"])
+def test_a_jpeg_damaged_in_its_middle_is_corrupt_not_garbage(tmp_path, how):
+    import io
+
+    bad = damaged_jpeg(how)
+    with Image.open(io.BytesIO(bad)) as img:
+        img.load()  # what used to be accepted: Pillow decodes it, silently
+    (tmp_path / "photo.jpg").write_bytes(bad)
+    with pytest.raises(ImageError, match="photo.jpg: damaged JPEG data") as err:
+        load_image(tmp_path / "photo.jpg", 10**6)
+    assert err.value.reason == "corrupt" and "Fix: " in str(err.value)
+
+
+def test_whole_jpegs_of_every_kind_pass_the_data_check(tmp_path):
+    """Baseline at each chroma subsampling, grey, CMYK, odd sizes, optimised tables, restart
+    markers and progressive: no false alarm."""
+    astro = Image.fromarray(skdata.astronaut())
+    kinds = {f"sub{s}": dict(subsampling=s) for s in (0, 1, 2)}
+    kinds |= {"optimized": dict(optimize=True), "progressive": dict(progressive=True),
+              "restarts": dict(restart_marker_blocks=5), "q100": dict(quality=100)}
+    for name, kw in kinds.items():
+        astro.save(tmp_path / f"{name}.jpg", **kw)
+    astro.convert("L").save(tmp_path / "grey.jpg")
+    astro.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    astro.resize((333, 127)).save(tmp_path / "odd.jpg")
+    for path in sorted(tmp_path.glob("*.jpg")):
+        loaded = load_image(path, 10**7)
+        assert loaded.image.size == Image.open(path).size, path.name
+
+
+def test_a_missing_file_is_reported_as_missing(tmp_path):
+    with pytest.raises(ImageError, match=r"photo.png: no such file\. Fix"):
+        load_image(tmp_path / "photo.png", 10**6)
 
 
 def test_truncated_images_are_never_padded(folder, monkeypatch):
@@ -307,3 +376,12 @@ def test_max_images_takes_the_first_inputs_in_order(folder, prepared, tmp_path):
     assert sub.counts["ok"] < full.counts["ok"]
     with pytest.raises(ValueError, match="max_images"):
         prepare_dataset(DataConfig(source=str(root), max_images=-1), tmp_path / "bad", progress=False)
+
+
+def test_prepare_refuses_an_output_that_is_a_file_before_any_work(tmp_path):
+    from hfedit.validation import UsageError
+    from stages.prepare import main
+
+    (tmp_path / "prepared").write_text("a file")
+    with pytest.raises(UsageError, match="prepared is a file, not a folder: give a folder"):
+        main(["--out", str(tmp_path / "prepared")])

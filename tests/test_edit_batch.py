@@ -60,15 +60,17 @@ def _cfg(edits: Path, *sets: str):
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A private local Ray (own temp dir, 2 CPUs) that ray.shutdown() stops; nobody else's."""
+    """A private local Ray (own temp dir, 2 CPUs) that ray.shutdown() stops; nobody else's.
+    Started as the pipelines start it: retried once when a loaded machine makes it time out."""
     import ray
+
+    from pipelines.ray_runtime import start_local_ray
 
     temp = tempfile.mkdtemp(prefix="rayeb", dir="/tmp")  # short: Unix socket paths are limited
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ["RAY_AUTH_MODE"] = "disabled"  # a loopback-only cluster; no token file
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp,
-             _node_ip_address="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": {"HFEDIT_ROOT": str(ROOT), "HF_HUB_OFFLINE": "1"}})
+    start_local_ray(2, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
+                    runtime_env={"env_vars": {"HFEDIT_ROOT": str(ROOT), "HF_HUB_OFFLINE": "1"}})
     yield ray
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
@@ -174,6 +176,120 @@ def test_an_output_folder_inside_the_input_is_not_read_back(folder, models, tmp_
         assert result.manifest.id.tolist() == ["a.png"] and result.exit_code == 0
 
 
+def test_a_job_removes_its_own_temporaries_and_no_user_file(folder, models, tmp_path):  # noqa: F811
+    """Every `.*.tmp` anywhere under --out used to be deleted."""
+    from hfedit import files
+
+    root, _ = folder
+    backbone, edits = models
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    shutil.copy(root / "faces/lfw_0.png", photos / "a.png")
+    users = [out / ".notes.tmp", out / "reconstruction" / ".draft.png.tmp", out / "mine" / ".x.tmp"]
+    leftovers = [files._sibling(out / "manifest.parquet"),  # writers killed before their rename
+                 files._sibling(out / "reconstruction" / "a.png.png")]
+    for p in users + leftovers:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("kept" if p in users else "partial")
+    cfg = _cfg(edits, "edit_batch.attributes=[reconstruction]")
+    result = _run(cfg, photos, out, backbone, executor=eb.execute_plain)
+    assert result.exit_code == 0 and (out / "reconstruction/a.png.png").is_file()
+    assert [p.read_text() for p in users] == ["kept"] * 3
+    assert not any(p.exists() for p in leftovers)
+
+
+def _odd_names(root: Path, photos: Path) -> str:
+    """photos/ with a.png and a file whose name is not UTF-8 (byte 0xFF); returns that name."""
+    odd = os.fsdecode(b"\xff-photo.png")
+    photos.mkdir()
+    for name in ("a.png", odd):
+        shutil.copy(root / "faces/lfw_0.png", photos / name)
+    return odd
+
+
+def _assert_odd_name_edited(result: eb.JobResult, out: Path, odd: str) -> None:
+    df = result.manifest.set_index("id")
+    assert result.exit_code == 0 and sorted(df.index) == ["\\xff-photo.png", "a.png"]
+    assert df.loc["\\xff-photo.png", "seed"] == eb.image_seed(0, odd)  # from the name's bytes
+    assert (out / "reconstruction" / f"{odd}.png").is_file()
+    assert df.loc["\\xff-photo.png", "output"] == "reconstruction/\\xff-photo.png.png"
+
+
+def test_a_file_name_that_is_not_utf8_does_not_stop_the_job(folder, models, tmp_path):  # noqa: F811
+    root, _ = folder
+    backbone, edits = models
+    odd = _odd_names(root, tmp_path / "photos")
+    assert eb.image_seed(0, "a.png") == eb.image_seed(0, "a.png".encode().decode())
+    cfg = _cfg(edits, "edit_batch.attributes=[reconstruction]")
+    result = _run(cfg, tmp_path / "photos", tmp_path / "out", backbone, executor=eb.execute_plain)
+    _assert_odd_name_edited(result, tmp_path / "out", odd)
+    listing = tmp_path / "photos.txt"  # a list file naming it by its bytes
+    listing.write_bytes(b"photos/a.png\nphotos/\xff-photo.png\n")
+    assert [e.id for e in eb.list_inputs(listing)] == ["photos/a.png", f"photos/{odd}"]
+
+
+def test_sigterm_stops_the_job_with_its_manifest(folder, models, tmp_path):  # noqa: F811
+    """SIGTERM (what `ray job stop` sends) used to end the driver without manifest or summary;
+    now it is handled like Ctrl-C: the job stops, lists what was not done, exits 143."""
+    root, _ = folder
+    backbone, edits = models
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        shutil.copy(root / "faces/lfw_0.png", photos / name)
+
+    def sigterm_after_one_image(items, job, cfg, on_batch, progress):
+        eb.execute_plain(items[:1], job, cfg, on_batch, progress)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # interrupted by the job's handler
+        eb.execute_plain(items[1:], job, cfg, on_batch, progress)
+
+    def unhandled(signum, frame):
+        raise RuntimeError("SIGTERM reached the default handler: the job would have died")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        cfg = _cfg(edits, "edit_batch.attributes=[reconstruction]", "edit_batch.batch_size=1")
+        result = _run(cfg, photos, tmp_path / "out", backbone, executor=sigterm_after_one_image)
+    finally:
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # the job restored it
+        signal.signal(signal.SIGTERM, previous)
+    assert (result.exit_code, result.error) == (143, "interrupted (SIGTERM)")
+    on_disk = eb.read_manifest(tmp_path / "out").set_index("id")
+    assert on_disk.status.to_dict() == {"a.png": "ok", "b.png": "error", "c.png": "error"}
+    assert set(on_disk.reason.dropna()) == {eb.NOT_PROCESSED}
+    assert "stopped: interrupted (SIGTERM)" in result.summary
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--steps", "0"], "inversion.num_steps=0 must be at least 1 (set by --steps"),
+    (["--steps", "-3"], "inversion.num_steps=-3 must be at least 1"),
+    (["--actors", "0"], "edit_batch.actors=0 must be at least 1 (set by --actors"),
+    (["--batch-size", "0"], "edit_batch.batch_size=0 must be at least 1"),
+    (["--input", "{root}/faces/astronaut.png"], "astronaut.png is an image (PNG), not a folder or a list file"),
+    (["--out", "{root}/faces/astronaut.png"], "astronaut.png is a file, not a folder"),
+], ids=["steps 0", "steps -3", "actors 0", "batch 0", "input is an image", "out is a file"])
+def test_bad_arguments_fail_before_ray_with_the_fix(folder, models, tmp_path, capsys, monkeypatch,  # noqa: F811
+                                                    extra, says):
+    """--steps 0 used to start Ray and fail every image after ~100 s; an image given as --input
+    or a file as --out ended in tracebacks."""
+    import pipelines.ray_runtime
+
+    root, _ = folder
+    backbone, edits = models
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("bad arguments must be refused before Ray starts")
+
+    monkeypatch.setattr(pipelines.ray_runtime, "init_ray", no_ray)
+    args = ["--input", str(root), "--out", str(tmp_path / "out"), "--backbone", str(backbone),
+            "--edits", str(edits), "--attributes", "reconstruction", "--no-track"]
+    args += [e.format(root=root) for e in extra]
+    assert eb.main(args) == eb.EXIT_USAGE
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------- on Ray
 @pytest.mark.timeout(300)
 def test_every_input_is_edited_or_listed_with_its_reason(folder, first_run):  # noqa: F811
@@ -195,6 +311,17 @@ def test_every_input_is_edited_or_listed_with_its_reason(folder, first_run):  # 
     png = np.asarray(Image.open(out / rec.loc["faces/astronaut.jpg", "output"]), dtype=np.int16)
     assert np.abs(png - ((src + 1) * 127.5).round().permute(1, 2, 0).numpy()).max() <= 1
     assert not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.timeout(300)
+def test_a_file_name_that_is_not_utf8_crosses_ray(folder, models, ray_cluster, tmp_path):  # noqa: F811
+    """Arrow strings must be UTF-8: names cross Ray Data as their bytes."""
+    root, _ = folder
+    backbone, edits = models
+    odd = _odd_names(root, tmp_path / "photos")
+    cfg = _cfg(edits, "edit_batch.attributes=[reconstruction]", "edit_batch.actors=1")
+    result = _run(cfg, tmp_path / "photos", tmp_path / "out", backbone)
+    _assert_odd_name_edited(result, tmp_path / "out", odd)
 
 
 @pytest.mark.timeout(300)
@@ -284,7 +411,8 @@ def _cli_args(root, out, backbone, edits, *extra) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_interrupted_job_is_finished_by_a_rerun(folder, models, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_job_is_finished_by_a_rerun(folder, models, tmp_path, sig):  # noqa: F811
     root, expected = folder
     backbone, edits = models
     out = tmp_path / "out"
@@ -297,11 +425,12 @@ def test_interrupted_job_is_finished_by_a_rerun(folder, models, tmp_path):  # no
     while time.time() < deadline and proc.poll() is None:
         logs = list((out / eb.LOG_DIR).glob("*.jsonl")) if (out / eb.LOG_DIR).exists() else []
         if sum(p.read_text().count('"status": "ok"') for p in logs) >= 4:  # 2 images edited
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             break
         time.sleep(0.1)
     log, _ = proc.communicate(timeout=120)
-    assert proc.returncode == eb.EXIT_INTERRUPTED, log[-3000:]
+    assert proc.returncode == 128 + sig, log[-3000:]  # 130 Ctrl-C, 143 SIGTERM
+    assert f"stopped: interrupted ({sig.name})" in log  # the summary line
     first = eb.read_manifest(out)
     assert (first.reason == eb.NOT_PROCESSED).any(), "interrupted too late to test anything"
     done_first = first[first.status == "ok"]

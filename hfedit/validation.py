@@ -1,0 +1,110 @@
+"""Checking inputs before any work: one layer every front end (the CLI, edit_batch, the stages)
+goes through, so bad values fail at once with the value, the rule, and where to fix it.
+
+* :func:`check_config` checks the values the schema's types cannot (``inversion.num_steps >= 1``,
+  ``0 <= skip < num_steps``, positive Ray resources, ...); :func:`hfedit.config.load_config` calls
+  it on every config it returns, raising :class:`hfedit.config.ConfigError`.
+* :func:`check_output_folder` and :func:`check_list_file` check the paths a command is given,
+  raising :class:`UsageError`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+# key -> (rule holds for a value, rule in words, the flag that sets it, if a front end has one)
+_RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
+    "inversion.num_steps": (lambda v: v >= 1, "at least 1", "--steps"),
+    "inversion.eta": (lambda v: v >= 0, "0 or more (0: deterministic DDIM-like, 1: DDPM)", "--eta"),
+    "inversion.skip": (lambda v: v >= 0, "0 or more", "--skip"),
+    "data.resolution": (lambda v: v > 0, "positive", ""),
+    "data.max_pixels": (lambda v: v > 0, "positive", ""),
+    "data.max_images": (lambda v: v >= 0, "0 (all) or more", ""),
+    "data.val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)", ""),
+    "edit_batch.actors": (lambda v: v >= 1, "at least 1", "--actors"),
+    "edit_batch.batch_size": (lambda v: v >= 1, "at least 1", "--batch-size"),
+    "edit_batch.num_cpus": (lambda v: v > 0, "positive (fractions allowed, e.g. 0.5)", "--num-cpus"),
+    "edit_batch.num_gpus": (lambda v: v >= 0, "0 or more", "--num-gpus"),
+    "edit_batch.torch_threads": (lambda v: v >= 0, "0 or more", ""),
+    "edit_batch.max_attempts": (lambda v: v >= 1, "at least 1", ""),
+    "evaluate.images": (lambda v: v >= 1, "at least 1", ""),
+}
+
+
+class UsageError(ValueError):
+    """A bad argument (a path of the wrong kind, ...), found before any work (exit status 2)."""
+
+
+def _where(key: str) -> str:
+    flag = _RULES[key][2] if key in _RULES else ""
+    return (f"{flag}, " if flag else "") + f"--set {key}=... or params.yaml"
+
+
+def config_problems(cfg) -> list[str]:
+    """Every rule ``cfg`` (an :class:`hfedit.config.HfeditConfig`) breaks, in words."""
+    problems = []
+    for key, (ok, rule, _) in _RULES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not ok(value):
+            problems.append(f"{key}={value} must be {rule} (set by {_where(key)})")
+    inv = cfg.inversion
+    if inv.num_steps >= 1 and not inv.skip < inv.num_steps:
+        problems.append(f"inversion.skip={inv.skip} must be less than inversion.num_steps="
+                        f"{inv.num_steps}: it skips that many of the N steps (set by "
+                        f"{_where('inversion.skip')}, or raise {_where('inversion.num_steps')})")
+    if any(n < 1 for n in cfg.evaluate.steps):
+        problems.append(f"evaluate.steps={list(cfg.evaluate.steps)}: every N must be at least 1 "
+                        "(set by --set evaluate.steps=[...] or params.yaml)")
+    return problems
+
+
+def check_config(cfg, error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` listing every rule ``cfg`` breaks (nothing when it breaks none)."""
+    problems = config_problems(cfg)
+    if problems:
+        raise error("; ".join(problems))
+
+
+def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` is a folder or can be created as one: not an existing file, not under one."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                what = "is a file" if folder == path else f"is under {folder}, which is a file"
+                raise UsageError(f"{flag} {path} {what}, not a folder: give a folder for the "
+                                 "outputs (it is created when missing)")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise UsageError(f"{flag} {path}: {folder} is not writable: give a folder you "
+                                 "can write to")
+            break
+    return path
+
+
+def check_list_file(path: str | os.PathLike, flag: str = "--input") -> Path:
+    """``path`` is a text file listing image paths, not an image or other binary file (paths
+    that are not UTF-8 are fine: they are file names' bytes)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(8192)
+    kind = _image_format(path)
+    if kind or b"\x00" in head:
+        what = f"an image ({kind})" if kind else "not a text file"
+        raise UsageError(
+            f"{flag} {path} is {what}, not a folder or a list file: give a folder of images "
+            "(searched recursively), a text file with one image path per line, or a prepared "
+            "dataset with --split. For one image: python -m hfedit reconstruct|edit IMAGE")
+    return path
+
+
+def _image_format(path: Path) -> str:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.format or "image"
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return ""
