@@ -9,17 +9,19 @@
 Inputs: a folder (searched recursively), a list file (one path per line, relative to ``--root``,
 default the list file's folder) or a prepared split. The driver only lists files; each image is
 decoded and preprocessed inside Ray Data with the prepare stage's code (``load_image`` +
-``to_tensor``), inverted once and replayed per attribute by :class:`EditImages`, a callable class
-that loads the backbone and the rectifiers once per actor.
+``to_tensor``), inverted once per batch and replayed for every attribute in one batch by
+:class:`EditImages`, a callable class that loads the backbone and the rectifiers once per actor.
 
 Outputs: ``<out>/<attribute>/<id>.png`` (``id``: the path relative to the input folder; written
 to a temporary name and renamed, so no partial PNG ever appears) and ``<out>/manifest.parquet``,
 one row per (input, attribute): input, output, seed, timings, L1/SSIM to the source (and the max
 error of ``reconstruction``), or the reason it failed. Every input gets its rows.
 
-Determinism: image ``id``'s noise comes from seed sha256(f"{inversion.seed}:{id}") and each image
-is processed alone (batched CPU kernels are not bit-invariant), so results do not depend on
-actors, batch size or scheduling.
+Determinism: image ``id``'s noise comes from seed sha256(f"{inversion.seed}:{id}"); each batch of
+``edit_batch.batch_size`` images is inverted once and replayed for all its attributes in one
+batch. The same images in the same batches give identical PNGs whatever the actors or the
+scheduling; another batch size changes the edits only by float rounding (within 1e-5 before
+quantisation: batched CPU kernels are not bit-invariant).
 
 Resume: as soon as an image's PNGs are in place its rows are appended (one write, fsync) to
 ``<out>/_log/<run>-<pid>-*.jsonl``. A rerun skips every (input, attribute) whose logged row matches
