@@ -249,7 +249,7 @@ def results_markdown(report: dict[str, Any]) -> str:
             for c in ("trajectory", "live"):
                 m = r[c]
                 mark = " (default)" if c == r["default"] else ""
-                diff = (f"{r['difference']['mean']:.4f} / {r['difference']['max']:.4f}"
+                diff = (f"{r['difference']['mean']:.1e} / {r['difference']['max']:.1e}"
                         if c == "trajectory" else "")
                 lines.append(f"| {name} | {c}{mark} | {m['clip_direction']:+.4f} | {m['l1']:.4f} | "
                              f"{m['ssim']:.4f} | {m['psnr']:.2f} | {diff} |")
