@@ -6,13 +6,13 @@
 The same N real images (``benchmarks/edit_batch.py``'s), K = 3 attributes (``reconstruction`` and
 two edit rectifiers of the default architecture, ResNet34 trunk, heads perturbed so the offsets
 are not zero), the default tiny backbone with random weights (the cost is the architecture's),
-one process and one torch thread: ``run_job`` with the plain-loop executor (the Ray Data actor's
-callable class called in a loop, no Ray), every run writing to a fresh folder.
+one process and one torch thread: ``run_job`` with the plain-loop executor (the job's Ray Data
+stages called in a loop, no Ray), every run writing to a fresh folder.
 
 ``HFEDIT_CODE`` runs the same measurement against another checkout (e.g. the code before the
 batched replay); ``--set inversion.condition=live`` selects the live conditioning. Wall time is
-end to end (model loading included); "work" is the time inside the callable class (decode,
-invert, edit, write) from the manifest. Batch sizes are interleaved, best of ``--repeats``.
+end to end (model loading included); "work" is the time spent decoding, inverting, editing
+and writing, from the manifest. Batch sizes are interleaved, best of ``--repeats``.
 """
 
 from __future__ import annotations

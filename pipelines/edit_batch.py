@@ -7,10 +7,12 @@
     dvc repro edit_batch    # the val split: --input data/prepared --split val --out outputs/val
 
 Inputs: a folder (searched recursively), a list file (one path per line, relative to ``--root``,
-default the list file's folder) or a prepared split. The driver only lists files; each image is
-decoded and preprocessed inside Ray Data with the prepare stage's code (``load_image`` +
-``to_tensor``), inverted once per batch and replayed for every attribute in one batch by
-:class:`EditImages`, a callable class that loads the backbone and the rectifiers once per actor.
+default the list file's folder) or a prepared split. The driver only lists files; Ray Data runs three
+stages (:mod:`pipelines.batch_actor`): decode + preprocess in CPU tasks with the prepare stage's
+code (``load_image`` + ``to_tensor``; a bad input becomes its error row there) -> the model in
+:class:`EditImages` actors (``num_cpus``/``num_gpus``; the backbone and rectifiers loaded once
+per actor; each batch inverted once and replayed for every attribute in one batch; arrays in and
+out) -> PNG writing, metrics and the done-log in CPU tasks.
 
 Outputs: ``<out>/<attribute>/<id>.png`` (``id``: the path relative to the input folder; written
 to a temporary name and renamed, so no partial PNG ever appears) and ``<out>/manifest.parquet``,
@@ -60,7 +62,8 @@ from hfedit.checkpoint import atomic_write_bytes, atomic_write_json
 from hfedit.config import ConfigError, HfeditConfig, load_config
 from hfedit.data import SPLITS
 from hfedit.editing import RECONSTRUCTION
-from pipelines.batch_actor import EditImages, error_row
+from pipelines.batch_actor import (EditImages, backbone_resolution, columns, decode_images,
+                                   error_row, write_outputs)
 from pipelines.batch_job import (  # noqa: F401 (LOG_DIR, output_relpath: part of this module's API)
     COLUMNS, COMPACTED, EXIT_CRASHED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, LOG_DIR,
     MANIFEST, NOT_PROCESSED, RETRIED, DoneIndex, Entry, Job, UsageError, check_attributes,
@@ -68,6 +71,11 @@ from pipelines.batch_job import (  # noqa: F401 (LOG_DIR, output_relpath: part o
 
 
 # ------------------------------------------------------------------------- the driver
+# CPUs of each decode and write task: small, so that on a 2-core machine they run beside actors
+# holding num_cpus each (an actor pool that takes every CPU stalls Ray Data: DESIGN.md).
+TASK_CPUS = 0.25
+
+
 @dataclass
 class JobResult:
     manifest: pd.DataFrame  # one row per (input, attribute)
@@ -128,7 +136,9 @@ def plan(entries: list[Entry], job: Job, done: DoneIndex, global_seed: int
 
 def execute(items: list[dict], job: Job, cfg: HfeditConfig, on_batch: Callable[[pd.DataFrame], None],
             progress: bool = True) -> None:
-    """Run :class:`EditImages` over ``items`` on Ray Data (Ray must be initialised)."""
+    """The job as three Ray Data stages (Ray must be initialised): decode in CPU tasks ->
+    :class:`EditImages` actors (``edit_batch.num_cpus``/``num_gpus``, batches of
+    ``edit_batch.batch_size`` images, arrays in and out) -> PNGs and done-log in CPU tasks."""
     import ray
 
     eb = cfg.edit_batch
@@ -136,27 +146,28 @@ def execute(items: list[dict], job: Job, cfg: HfeditConfig, on_batch: Callable[[
     ctx.enable_progress_bars = progress
     n_blocks = max(1, math.ceil(len(items) / eb.batch_size))
     gpu = {"num_gpus": eb.num_gpus} if eb.num_gpus > 0 else {}
-    ds = ray.data.from_items(items, override_num_blocks=n_blocks).map_batches(
-        EditImages,
-        fn_constructor_kwargs={"job": job},
-        batch_size=eb.batch_size,
-        batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(eb.actors, n_blocks))),
-        num_cpus=eb.num_cpus,
-        **gpu,
-    )
+    common = {"batch_size": eb.batch_size, "batch_format": "numpy"}
+    ds = (ray.data.from_items(items, override_num_blocks=n_blocks)
+          .map_batches(decode_images, fn_kwargs={"job": job, "size": backbone_resolution(job.backbone)},
+                       num_cpus=TASK_CPUS, **common)
+          .map_batches(EditImages, fn_constructor_kwargs={"job": job},
+                       compute=ray.data.ActorPoolStrategy(size=max(1, min(eb.actors, n_blocks))),
+                       num_cpus=eb.num_cpus, **gpu, **common)
+          .map_batches(write_outputs, fn_kwargs={"job": job}, num_cpus=TASK_CPUS,
+                       batch_size=None, batch_format="numpy"))  # an actor batch's rows together
     for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
         on_batch(batch)
 
 
 def execute_plain(items: list[dict], job: Job, cfg: HfeditConfig,
                   on_batch: Callable[[pd.DataFrame], None], progress: bool = True) -> None:
-    """The same callable class in a plain loop in this process (no Ray): the benchmark's
+    """The same three stages in a plain loop in this process (no Ray): the benchmark's
     baseline, and a way to debug one image."""
-    fn = EditImages(job)
-    size = cfg.edit_batch.batch_size
-    for start in range(0, len(items), size):
-        on_batch(fn(pd.DataFrame(items[start:start + size])))
+    model, size = EditImages(job), backbone_resolution(job.backbone)
+    step = cfg.edit_batch.batch_size
+    for start in range(0, len(items), step):
+        chunk = columns(items[start:start + step], list(items[0]))
+        on_batch(pd.DataFrame(write_outputs(model(decode_images(chunk, job, size)), job)))
 
 
 Executor = Callable[[list[dict], Job, HfeditConfig, Callable[[pd.DataFrame], None], bool], None]

@@ -162,6 +162,33 @@ def test_prepared_split_in_a_plain_loop_reconstructs_exactly(folder, models, tmp
         assert np.abs(png - src).max() <= 1
 
 
+def test_the_decode_stage_turns_each_input_into_its_image_or_its_reason(folder, models, tmp_path):  # noqa: F811
+    """Stage 1 (CPU tasks) alone: a good file becomes the prepare stage's tensor, a bad one its
+    reason with zeros in place of the image, and nothing reaches the model for it."""
+    from pipelines.batch_actor import columns, decode_images
+
+    root, expected = folder
+    backbone, edits = models
+    job = eb.make_job(_cfg(edits), str(backbone), tmp_path / "o", eb.check_attributes(ATTRS, edits),
+                      split_input=False)
+    ids = ["faces/astronaut.jpg", "bad/truncated.png", "bad/notes.txt", "odd/cmyk.jpg"]
+    items = [{"id": i, "input": str(root / i), "signature": "", "index": -1, "seed": 7,
+              "pending": ",".join(ATTRS)} for i in ids]
+    out = decode_images(columns(items, list(items[0])), job, eb.backbone_resolution(str(backbone)))
+    assert list(out["id"]) == ids and out["x0"].shape == (4, 3, 32, 32)
+    for k, id_ in enumerate(ids):
+        if expected[id_] == "ok":
+            ref = to_tensor(load_image(root / id_, 10**8).image, 32)
+            assert out["reason"][k] == "" and np.array_equal(out["x0"][k], ref.numpy())
+        else:
+            assert out["reason"][k] == expected[id_] and id_.split("/")[-1] in out["message"][k]
+            assert not out["x0"][k].any()
+    rows = eb.EditImages(job)(out)  # the model stage passes the refused ones through as errors
+    by = {(r, a): (s, w) for r, a, s, w in zip(rows["id"], rows["attribute"], rows["status"], rows["write"])}
+    assert by[("bad/truncated.png", "smiling")] == ("error", False)
+    assert by[("faces/astronaut.jpg", "smiling")] == (None, True)
+
+
 def test_an_output_folder_inside_the_input_is_not_read_back(folder, models, tmp_path):  # noqa: F811
     root, _ = folder
     backbone, edits = models
