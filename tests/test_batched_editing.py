@@ -228,3 +228,30 @@ def test_hypernetwork_chunks_do_not_change_the_edit(float64):
     assert (out - whole).abs().max() <= 1e-12
     with pytest.raises(ValueError, match="source images"):
         JointRectifier(d, [rects["old"]], faces[:1]).trajectory(inv, 0)
+
+
+def test_evaluate_reports_both_conditionings_side_by_side(random_denoiser, rects, faces):
+    """stages/evaluate: per attribute and N, each conditioning's scores, the default's being
+    the editing table's, and the mean/max |trajectory - live| of exactly those edits."""
+    import warnings
+
+    from hfedit.clip_loss import load_clip
+    from hfedit.config import load_config
+    from stages.evaluate import evaluate_edits
+
+    cfg = load_config(overrides=["evaluate.steps=[3,4]", "clip.model=ViT-S-32"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clip = load_clip(cfg.clip)
+    x0 = faces[:2]
+    results, edited, compared = evaluate_edits(cfg, random_denoiser, {"smiling": rects["smiling"]},
+                                               clip, x0)
+    assert [r["steps"] for r in compared["smiling"]] == [3, 4]
+    for r, summary, (n, default_edit) in zip(compared["smiling"], results["smiling"], edited["smiling"]):
+        assert r["default"] == "trajectory" and r["trajectory"]["l1"] == summary["l1"]
+        editor = _editor(random_denoiser, rects, steps=n)
+        seeds = [cfg.inversion.seed + i for i in range(2)]
+        live = editor.edit(x0, seeds, ("smiling",), condition="live").outputs["smiling"].clamp(-1, 1)
+        diff = (default_edit - live).abs()
+        assert r["difference"] == {"mean": float(diff.mean()), "max": float(diff.max())}
+        assert r["difference"]["max"] > 0 and r["live"]["l1"] != r["trajectory"]["l1"]
