@@ -37,6 +37,9 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--set", dest="sets", action="append", default=[])
+    p.add_argument("--ray", action="store_true",
+                   help="run on Ray Data (a private local Ray, 2 CPUs, edit_batch.actors=1) "
+                        "instead of the plain loop; Ray's start-up is not timed")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["HFEDIT_ROOT"] = str(ROOT)
@@ -65,6 +68,16 @@ def main() -> None:
         save_rectifier(work / "edits" / name, perturbed(base, 0.05, seed=k + 1))
     write_images(work / "images", args.n)
     attrs = ["reconstruction", "smiling", "old"]
+    executor = execute_plain
+    if args.ray:
+        import ray
+
+        from pipelines.edit_batch import execute as executor
+
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=bool(os.environ.get("RAY_LOG")),
+                 _node_ip_address="127.0.0.1", _temp_dir=tempfile.mkdtemp(prefix="rayk", dir="/tmp"),
+                 runtime_env={"env_vars": {"HFEDIT_ROOT": str(ROOT), "HF_HUB_OFFLINE": "1",
+                                           "PYTHONPATH": str(ROOT)}})
     best: dict[int, tuple[float, float]] = {}
     loads = []
     try:
@@ -73,19 +86,22 @@ def main() -> None:
                 cfg = load_config(overrides=[
                     f"inversion.num_steps={args.steps}", f"edit_batch.batch_size={bs}",
                     f"edit_batch.attributes=[{','.join(attrs)}]", "edit_batch.torch_threads=1",
-                    f"edit_batch.edits_dir={work / 'edits'}", *args.sets])
+                    f"edit_batch.edits_dir={work / 'edits'}", "edit_batch.actors=1", *args.sets])
                 loads.append(os.getloadavg()[0])
                 start = time.perf_counter()
                 result = run_job(cfg, work / "images", work / f"out{bs}_{rep}", str(work / "backbone"),
-                                 progress=False, executor=execute_plain)
+                                 progress=False, executor=executor)
                 wall = time.perf_counter() - start
-                assert result.counts["edited_now"] == args.n, result.counts
+                assert result.counts["edited_now"] == args.n, (result.counts, result.error)
                 best[bs] = min(best.get(bs, (float("inf"), 0.0)), (wall, busy_seconds(result.manifest)))
                 print(f"  batch {bs}: {wall:.1f} s", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if args.ray:
+            ray.shutdown()
     k = len(attrs)
-    print(f"\ncode: {ROOT}; {args.n} images x K = {k} attributes, N = {args.steps}, plain loop, "
+    print(f"\ncode: {ROOT}; {args.n} images x K = {k} attributes, N = {args.steps}, "
+          f"{'Ray Data, 1 actor' if args.ray else 'plain loop'}, "
           f"1 torch thread, {os.cpu_count()} CPUs, load average {min(loads):.1f}-{max(loads):.1f}"
           + (f", {' '.join(args.sets)}" if args.sets else ""))
     print(f"{'batch':>6}{'wall s':>9}{'images/s':>10}{'img x attr/s':>14}{'work s':>9}"
