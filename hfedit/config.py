@@ -114,14 +114,31 @@ class BackboneConfig:
 
 
 # ---------------------------------------------------------------------------------- inversion
+class Conditioning(str, Enum):
+    """Which x0 estimate ``P_t`` conditions the rectifier during an edit's replay
+    (``hfedit/editing.py``).
+
+    ``trajectory``: the backbone's estimate on the inversion's own ``x_t`` (kept from the
+    inversion: no extra evaluation). These are the ``x_t ~ q(x_t | x0)`` that Algorithm 1 trains
+    on, and all offsets are known before the replay: one batched hypernetwork call per attribute,
+    then one modulated U-Net pass per step. ``live``: the backbone's estimate on the edited
+    trajectory's current ``x_t`` (a plain pass, the hypernetwork and a modulated pass per step).
+    """
+
+    trajectory = "trajectory"
+    live = "live"
+
+
 @dataclass
 class InversionConfig:
-    """Edit-friendly DDPM inversion (ALGORITHMS.md section 1)."""
+    """Edit-friendly DDPM inversion (ALGORITHMS.md section 1) and the replay that edits:
+    ``skip`` steps skipped, the rectifier conditioned as ``condition`` says."""
 
     num_steps: int = 50
     eta: float = 1.0
     skip: int = 0
     seed: int = 0
+    condition: Conditioning = Conditioning.trajectory
 
 
 # ---------------------------------------------------------------------------------- rectifier
@@ -282,9 +299,11 @@ class EditBatchConfig:
 
     ``attributes``: ``reconstruction`` (the backbone alone: the input back) and/or names with an
     edit rectifier in ``edits_dir/<name>/``. Image ``id``'s noise is seeded by
-    sha256(f"{inversion.seed}:{id}") and every image is processed on its own, so the outputs do
-    not depend on the settings below, which only set speed: ``actors`` Ray Data actors (each loads
-    the backbone and the rectifiers once), ``batch_size`` images per call, ``num_cpus`` /
+    sha256(f"{inversion.seed}:{id}"); a batch of images is inverted once and replayed for every
+    attribute in one batch, so ``batch_size`` changes the outputs by float rounding only (within
+    1e-5 before quantisation) and the other settings not at all. They set speed: ``actors`` Ray
+    Data actors (each loads the backbone and the rectifiers once), ``batch_size`` images per
+    call (and per inversion and joint replay), ``num_cpus`` /
     ``num_gpus`` and ``torch_threads`` per actor. Keep ``actors * num_cpus`` at most the
     cluster's CPUs.
     """

@@ -59,12 +59,13 @@ class EditEvaluation:
 @torch.no_grad()
 def evaluate_edit(editor, attribute: str, x0: Tensor, seeds: Sequence[int],
                   direction: DirectionalClipLoss, identity=None, batch_size: int = 8,
-                  identity_note: str = "") -> EditEvaluation:
+                  identity_note: str = "", condition=None) -> EditEvaluation:
     """Edit ``x0`` (N, C, H, W) with ``editor`` for ``attribute`` (image i seeded by
     ``seeds[i]``) in batches and score every edit against its source.
 
     ``identity``: an :class:`hfedit.identity.IdentityScorer` (or None: not scored, with
-    ``identity_note`` saying why)."""
+    ``identity_note`` saying why). ``condition``: the rectifier's conditioning
+    (:class:`hfedit.config.Conditioning`; None = the editor's config)."""
     if len(seeds) != x0.shape[0]:
         raise ValueError(f"{len(seeds)} seeds for {x0.shape[0]} images")
     device = editor.denoiser.device
@@ -72,7 +73,8 @@ def evaluate_edit(editor, attribute: str, x0: Tensor, seeds: Sequence[int],
     edited, clip_direction = [], []
     for i in range(0, x0.shape[0], batch_size):
         xb = x0[i:i + batch_size].to(device)  # one move per batch; results come back to the CPU
-        batch = editor.edit(xb, list(seeds[i:i + batch_size]), names=(attribute,))
+        batch = editor.edit(xb, list(seeds[i:i + batch_size]), names=(attribute,),
+                            condition=condition)
         out = batch.outputs[attribute].clamp(-1, 1)
         clip_direction.append(direction.clip_directional_similarity(xb, out).float().cpu())
         edited.append(out.float().cpu())

@@ -7,6 +7,22 @@ each). With no rectifier the replay is the exact reconstruction. Every front end
 batch job, evaluation) calls :class:`Editor`; :func:`load_editor` builds one from the pipeline's
 folders (``models/backbone``, ``models/edits/<attribute>/``, ``models/rectifier``).
 
+B images x K attributes are one replay: the B images are inverted once (one batch) and the
+K*B (attribute, image) pairs are replayed as one batch of K*B samples (sample ``k * B + b`` is
+image b under attribute k), every sample with the kernels of its own attribute's rectifier
+(per-sample modulation); each rectifier runs on its own B images. A name without a rectifier
+(``reconstruction``) is the backbone's own replay of the B images: it retraces the inversion's
+chain bit for bit, so the reconstruction stays exact. How the rectifier is conditioned (``inversion.condition``,
+:class:`hfedit.config.Conditioning`):
+
+* ``trajectory``: on ``P_t`` of the inversion's own ``x_t`` (the backbone's estimates, kept by
+  :func:`hfedit.inversion.invert`: no extra evaluation). All offsets are known before the replay:
+  one batched hypernetwork call per rectifier over its (N - skip) * B (step, image) pairs, then
+  one modulated U-Net pass per step and no plain pass.
+* ``live``: on ``P_t`` of the edited trajectory's current ``x_t``: per step a plain pass over the
+  K*B samples, each rectifier on its B, and a modulated pass that reuses the plain pass's down
+  path (:func:`hfedit.modulation.record_prefix`).
+
 Also SDEdit-style image-to-image translation with a rectifier (the paper's "Image to Image
 Translation"): :func:`sdedit` / :meth:`Editor.translate`.
 """
@@ -20,21 +36,40 @@ import torch
 from torch import Tensor
 
 from hfedit.backbone import Denoiser
-from hfedit.config import InversionConfig
+from hfedit.config import Conditioning, InversionConfig, ModulationMode
 from hfedit.inversion import InversionResult, invert, per_image_noise, replay
-from hfedit.schedule import Schedule, posterior_mean, q_sample
+from hfedit.modulation import ConvFactors, record_prefix
+from hfedit.schedule import Schedule, posterior_mean, predict_x0, q_sample
 
 RECONSTRUCTION = "reconstruction"
+# (step, image) pairs per hypernetwork call of a trajectory-conditioned edit: bounds the trunk's
+# activations (a ResNet34 at 256 px holds ~15 MB per sample); every pair is independent of the
+# others (GroupNorm), so the chunking changes nothing but float rounding.
+HYPERNETWORK_BATCH = 512
+
+
+@dataclass
+class PassCount:
+    """What a replay cost, counted per step over the whole K*B batch: ``plain`` and
+    ``modulated`` U-Net passes, ``hypernetwork`` rectifier calls."""
+
+    plain: int = 0
+    modulated: int = 0
+    hypernetwork: int = 0
 
 
 @dataclass
 class EditBatch:
     """``outputs[name]``: (B, C, H, W) in [-1, 1] per requested name (``reconstruction`` or an
-    attribute); ``evaluations``: denoiser calls spent per name (inversion under "inversion")."""
+    attribute); ``evaluations``: denoiser evaluations each image got per name (inversion under
+    "inversion"); ``passes``: the replay's U-Net passes and hypernetwork calls (all names in
+    one batch); ``condition``: how the rectifiers were conditioned."""
 
     inversion: InversionResult
     outputs: dict[str, Tensor] = field(default_factory=dict)
     evaluations: dict[str, int] = field(default_factory=dict)
+    passes: PassCount = field(default_factory=PassCount)
+    condition: Conditioning = Conditioning.trajectory
 
 
 class Editor:
@@ -64,26 +99,51 @@ class Editor:
         return invert(self.denoiser, self.denoiser.schedule, x0, self.cfg.num_steps,
                       eta=self.cfg.eta, noise=noise)
 
+    def rectifier(self, name: str) -> Optional[torch.nn.Module]:
+        """The rectifier of ``name`` (None: the plain backbone, i.e. ``reconstruction`` without
+        a reconstruction rectifier)."""
+        if name == RECONSTRUCTION:
+            return self.reconstruction_rectifier
+        if name not in self.rectifiers:
+            raise KeyError(f"no rectifier for attribute '{name}' (have: {self.attributes})")
+        return self.rectifiers[name]
+
     def _replayer(self, name: str, x0: Tensor):
         from hfedit.rectifier import ModulatedDenoiser
 
-        rect = self.reconstruction_rectifier if name == RECONSTRUCTION else self.rectifiers.get(name)
-        if name != RECONSTRUCTION and rect is None:
-            raise KeyError(f"no rectifier for attribute '{name}' (have: {self.attributes})")
+        rect = self.rectifier(name)
         if rect is None:
             return self.denoiser
         return ModulatedDenoiser(self.denoiser, rect, rect.cfg.modulation).conditioned(x0)
 
     @torch.no_grad()
     def edit(self, x0: Tensor, seeds: Sequence[int], names: Sequence[str] = (RECONSTRUCTION,),
-             inversion: Optional[InversionResult] = None) -> EditBatch:
-        """Invert ``x0`` once (unless ``inversion`` is given) and replay it for every name."""
+             inversion: Optional[InversionResult] = None,
+             condition: Conditioning | str | None = None) -> EditBatch:
+        """Invert ``x0`` (B, C, H, W) once (unless ``inversion`` is given) and replay it for
+        every name: the K names with a rectifier in one batch of K*B samples, the names without
+        (the backbone) in one plain replay of the B images. ``condition``: None =
+        ``inversion.condition`` of the config."""
         inv = inversion if inversion is not None else self.invert(x0, seeds)
-        batch = EditBatch(inv, evaluations={"inversion": 0 if inversion is not None else inv.num_steps})
-        for name in names:
-            fn = self._replayer(name, x0)
-            batch.outputs[name] = replay(fn, self.denoiser.schedule, inv, skip=self.cfg.skip)
-            batch.evaluations[name] = inv.num_steps - self.cfg.skip
+        cond = Conditioning(self.cfg.condition if condition is None else condition)
+        names = list(dict.fromkeys(names))  # unique, in order
+        rects = [self.rectifier(n) for n in names]
+        skip, steps = self.cfg.skip, inv.num_steps - self.cfg.skip
+        batch = EditBatch(inv, evaluations={"inversion": 0 if inversion is not None else inv.num_steps},
+                          condition=cond)
+        plain = [n for n, r in zip(names, rects) if r is None]
+        rectified = {n: r for n, r in zip(names, rects) if r is not None}
+        if plain:  # the backbone with its own maps retraces the inversion: exact, bit for bit
+            out = replay(self.denoiser, self.denoiser.schedule, inv, skip=skip)
+            batch.passes.plain += steps
+            batch.outputs.update((n, out) for n in plain)
+        if rectified:  # every (attribute, image) pair in one batch
+            joint = JointRectifier(self.denoiser, list(rectified.values()), x0, batch.passes)
+            fn = joint.trajectory(inv, skip) if cond is Conditioning.trajectory else joint.live
+            out = replay(fn, self.denoiser.schedule, inv, skip=skip, repeat=len(rectified))
+            batch.outputs.update(zip(rectified, out.split(x0.shape[0])))  # (B, C, H, W) each
+        batch.outputs = {n: batch.outputs[n] for n in names}
+        batch.evaluations.update((n, steps) for n in names)
         return batch
 
     @torch.no_grad()
@@ -97,6 +157,122 @@ class Editor:
         noise = per_image_noise(seeds, n + 1, x0.shape[1:])  # (N + 1, B, C, H, W)
         return sdedit(self._replayer(name, x0), self.denoiser.schedule, x0, strength, n,
                       eta=self.cfg.eta, noise=noise)
+
+
+# ------------------------------------------------------------------- K rectifiers, one batch
+class JointRectifier:
+    """K rectifiers (None = the backbone's own kernels) over one batch of K*B samples: sample
+    ``k * B + b`` is source image ``x0[b]`` under rectifier k.
+
+    The modulated convs are the union of the rectifiers' targets; a rectifier without a target
+    (and every None) gives it zero offsets, i.e. ``theta * (1 + 0) = theta`` exactly. The
+    modulation path is the first rectifier's ``cfg.modulation`` (every path is exact).
+    ``passes`` counts what is run.
+    """
+
+    def __init__(self, denoiser: Denoiser, rectifiers: Sequence[Optional[torch.nn.Module]],
+                 x0: Tensor, passes: Optional[PassCount] = None) -> None:
+        present = [r for r in rectifiers if r is not None]
+        if not present:
+            raise ValueError("JointRectifier needs at least one rectifier")
+        self.denoiser, self.rectifiers, self.x0 = denoiser, list(rectifiers), x0
+        self.passes = passes if passes is not None else PassCount()
+        self.mode = ModulationMode(present[0].cfg.modulation)
+        names = dict.fromkeys(n for r in present for n in r.target_names)  # ordered union
+        unet = denoiser.unet
+        self.shapes = {n: tuple(unet.get_submodule(n).weight.shape) for n in names}  # (Co, Ci, kh, kw)
+
+    @property
+    def batch(self) -> int:
+        return len(self.rectifiers) * self.x0.shape[0]
+
+    def _joint(self, per: Sequence[Optional[dict[str, ConvFactors]]], lead: tuple[int, ...]
+               ) -> dict[str, ConvFactors]:
+        """Concatenate per-rectifier factors with leading dims ``lead`` (the last one B) along
+        that last leading dim: (*lead[:-1], K*B, kh, kw, C) per target."""
+        out, dim = {}, len(lead) - 1
+        for name, (co, ci, kh, kw) in self.shapes.items():
+            a, b = [], []
+            for f in per:
+                if f is not None and name in f:
+                    a.append(f[name].a)
+                    b.append(f[name].b)
+                else:
+                    a.append(self.x0.new_zeros(*lead, kh, kw, ci))
+                    b.append(self.x0.new_zeros(*lead, kh, kw, co))
+            out[name] = ConvFactors(torch.cat(a, dim), torch.cat(b, dim))
+        return out
+
+    def _modulated(self, factors: dict[str, ConvFactors], x_t: Tensor, t, reuse=None) -> Tensor:
+        from hfedit.rectifier import modulated_eps
+
+        self.passes.modulated += 1
+        return modulated_eps(self.denoiser, factors, x_t, t, self.mode, reuse=reuse)
+
+    def live(self, x_t: Tensor, t: int) -> Tensor:
+        """``eps`` of the K*B samples at ``(x_t, t)``: a plain pass for ``P_t`` (its down path
+        recorded), each rectifier on its B samples, a modulated pass reusing the down path."""
+        bsz = self.x0.shape[0]
+        tt = torch.full((x_t.shape[0],), int(t), dtype=torch.long, device=x_t.device)
+        with record_prefix(self.denoiser.unet, list(self.shapes)) as prefix:
+            eps_plain = self.denoiser(x_t, tt)  # (K*B, C, H, W)
+        self.passes.plain += 1
+        p_t = predict_x0(self.denoiser.schedule, x_t, tt, eps_plain)
+        per = []
+        for k, rect in enumerate(self.rectifiers):
+            part = slice(k * bsz, (k + 1) * bsz)
+            per.append(None if rect is None else rect(self.x0, p_t[part], tt[part]))
+            self.passes.hypernetwork += rect is not None
+        return self._modulated(self._joint(per, (bsz,)), x_t, tt, reuse=prefix)
+
+    def trajectory(self, inv: InversionResult, skip: int,
+                   chunk: int = HYPERNETWORK_BATCH) -> "TrajectoryReplayer":
+        """Every step's offsets from ``P_t`` of the inversion's ``x_t`` (``inv.eps``; when the
+        inversion did not keep them, e.g. after :func:`hfedit.inversion.shift_maps`, one
+        batched plain evaluation per step computes them first)."""
+        if self.x0.shape[0] != inv.xts.shape[1]:
+            raise ValueError(f"{self.x0.shape[0]} source images for maps of {inv.xts.shape[1]}")
+        bsz, steps = self.x0.shape[0], inv.num_steps - skip
+        ts = list(inv.timesteps[skip:])
+        t_flat = torch.tensor(ts, device=self.x0.device).repeat_interleave(bsz)  # (S*B,)
+        xts = inv.xts[skip:].flatten(0, 1)  # (S*B, C, H, W): sample j*B + b is image b at step j
+        if inv.eps is not None:
+            eps = inv.eps[skip:].flatten(0, 1)
+        else:
+            eps = torch.cat([self.denoiser(xts[i:i + chunk], t_flat[i:i + chunk])
+                             for i in range(0, xts.shape[0], chunk)])
+            self.passes.plain += steps
+        p_t = torch.cat([predict_x0(self.denoiser.schedule, x, t, e)  # (S*B, C, H, W)
+                         for x, t, e in zip(xts.split(bsz), ts, eps.split(bsz))])
+        x0 = self.x0.repeat(steps, 1, 1, 1)  # (S*B, C, H, W)
+        per = []
+        for rect in self.rectifiers:
+            if rect is None:
+                per.append(None)
+                continue
+            parts = []
+            for i in range(0, xts.shape[0], chunk):
+                parts.append(rect(x0[i:i + chunk], p_t[i:i + chunk], t_flat[i:i + chunk]))
+                self.passes.hypernetwork += 1
+            per.append({n: ConvFactors(torch.cat([p[n].a for p in parts]).unflatten(0, (steps, bsz)),
+                                       torch.cat([p[n].b for p in parts]).unflatten(0, (steps, bsz)))
+                        for n in parts[0]})
+        return TrajectoryReplayer(self, self._joint(per, (steps, bsz)), ts)
+
+
+class TrajectoryReplayer:
+    """``eps = d(x_t, t)`` for the K*B samples with precomputed offsets: one modulated pass."""
+
+    def __init__(self, joint: JointRectifier, factors: dict[str, ConvFactors],
+                 timesteps: Sequence[int]) -> None:
+        self.joint, self.factors = joint, factors  # per target (S, K*B, kh, kw, C)
+        self.step = {int(t): j for j, t in enumerate(timesteps)}
+        self.schedule = joint.denoiser.schedule
+
+    def __call__(self, x_t: Tensor, t: int) -> Tensor:
+        j = self.step[int(t)]
+        return self.joint._modulated({n: ConvFactors(f.a[j], f.b[j]) for n, f in self.factors.items()},
+                                     x_t, t)
 
 
 # --------------------------------------------------------------------------------- SDEdit

@@ -33,24 +33,31 @@ class InversionResult:
     ``xts``: (N, B, C, H, W), the noisy images ``x_{t_i}`` at the descending timesteps
     (``xts[0]`` is ``x_T``; ``xts[i]`` is where an edit with ``skip=i`` starts);
     ``zs``: (N, B, C, H, W), the map of each step ``t_i -> t_{i+1}`` (the last one included);
-    ``timesteps``: the N descending timesteps; ``eta``: the variance scale used.
+    ``timesteps``: the N descending timesteps; ``eta``: the variance scale used;
+    ``eps``: (N, B, C, H, W) or None, the inverting denoiser's noise estimate
+    ``eps_theta(xts[i], t_i)`` of every step (what the inversion computed anyway; the
+    x0 estimates ``P_t`` that condition a rectifier along this trajectory follow from it).
     """
 
     xts: Tensor
     zs: Tensor
     timesteps: tuple[int, ...]
     eta: float
+    eps: Optional[Tensor] = None
 
     @property
     def num_steps(self) -> int:
         return len(self.timesteps)
 
     def to(self, *args, **kwargs) -> "InversionResult":
-        return replace(self, xts=self.xts.to(*args, **kwargs), zs=self.zs.to(*args, **kwargs))
+        eps = None if self.eps is None else self.eps.to(*args, **kwargs)
+        return replace(self, xts=self.xts.to(*args, **kwargs), zs=self.zs.to(*args, **kwargs),
+                       eps=eps)
 
     def select(self, index: Tensor | slice | Sequence[int]) -> "InversionResult":
         """The maps of a subset of the batch."""
-        return replace(self, xts=self.xts[:, index], zs=self.zs[:, index])
+        eps = None if self.eps is None else self.eps[:, index]
+        return replace(self, xts=self.xts[:, index], zs=self.zs[:, index], eps=eps)
 
 
 def per_image_noise(seeds: Sequence[int], num_steps: int, shape: Sequence[int]) -> Tensor:
@@ -106,10 +113,12 @@ def invert(
         a = schedule.abar(t)
         xts[i] = a**0.5 * x0 + (1.0 - a) ** 0.5 * noise[i]
     zs = torch.empty_like(noise)
+    epss = torch.empty_like(noise)  # (N, B, C, H, W): eps_theta(xts[i], t_i), kept
     x_t = xts[0]
     for i, (t, s) in enumerate(zip(timesteps, prevs)):
         coef = schedule.step_coefficients(t, s, eta)
-        mu = posterior_mean(coef, x_t, denoiser(x_t, t))
+        epss[i] = denoiser(x_t, t)
+        mu = posterior_mean(coef, x_t, epss[i])
         x_s = xts[i + 1] if i + 1 < num_steps else x0
         zs[i] = (x_s - mu) / coef.noise_scale
         x_t = mu + coef.noise_scale * zs[i]
@@ -117,7 +126,7 @@ def invert(
             xts[i + 1] = x_t
         if progress is not None:
             progress(i + 1, num_steps)
-    return InversionResult(xts=xts, zs=zs, timesteps=tuple(timesteps), eta=eta)
+    return InversionResult(xts=xts, zs=zs, timesteps=tuple(timesteps), eta=eta, eps=epss)
 
 
 @torch.no_grad()
@@ -127,20 +136,25 @@ def replay(
     inv: InversionResult,
     skip: int = 0,
     progress: Progress = None,
+    repeat: int = 1,
 ) -> Tensor:
     """DDPM sampling driven by stored maps: ``x_s = mu_t(x_t; denoiser) + sigma_t z_t``.
 
     Starts at ``inv.xts[skip]`` and uses ``inv.zs[skip:]``: ``N - skip`` denoiser evaluations.
-    With the denoiser used for :func:`invert` this returns the input image.
+    With the denoiser used for :func:`invert` this returns the input image. ``repeat``: replay
+    the B images' maps ``repeat`` times as one batch of ``repeat * B`` (sample ``k * B + b`` is
+    image b; e.g. one copy per attribute), without storing the repeated maps.
     """
     _check_skip(skip, inv.num_steps)
+    if repeat < 1:
+        raise ValueError(f"repeat={repeat} must be >= 1")
     timesteps = list(inv.timesteps)
     prevs = Schedule.prev_timesteps(timesteps)
-    x_t = inv.xts[skip]
+    x_t = inv.xts[skip].repeat(repeat, 1, 1, 1)  # (repeat*B, C, H, W)
     for i in range(skip, inv.num_steps):
         coef = schedule.step_coefficients(timesteps[i], prevs[i], inv.eta)
         mu = posterior_mean(coef, x_t, denoiser(x_t, timesteps[i]))
-        x_t = mu + coef.noise_scale * inv.zs[i]
+        x_t = mu + coef.noise_scale * inv.zs[i].repeat(repeat, 1, 1, 1)
         if progress is not None:
             progress(i + 1 - skip, inv.num_steps - skip)
     return x_t
@@ -221,6 +235,7 @@ def shift_maps(inv: InversionResult, dx: int, dy: int) -> InversionResult:
         inv,
         xts=torch.roll(inv.xts, shifts=(dx, dy), dims=dims),
         zs=torch.roll(inv.zs, shifts=(dx, dy), dims=dims),
+        eps=None,  # estimates of the unshifted x_t; a trajectory-conditioned edit recomputes them
     )
 
 

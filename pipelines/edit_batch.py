@@ -7,19 +7,23 @@
     dvc repro edit_batch    # the val split: --input data/prepared --split val --out outputs/val
 
 Inputs: a folder (searched recursively), a list file (one path per line, relative to ``--root``,
-default the list file's folder) or a prepared split. The driver only lists files; each image is
-decoded and preprocessed inside Ray Data with the prepare stage's code (``load_image`` +
-``to_tensor``), inverted once and replayed per attribute by :class:`EditImages`, a callable class
-that loads the backbone and the rectifiers once per actor.
+default the list file's folder) or a prepared split. The driver only lists files; Ray Data runs three
+stages (:mod:`pipelines.batch_actor`): decode + preprocess in CPU tasks with the prepare stage's
+code (``load_image`` + ``to_tensor``; a bad input becomes its error row there) -> the model in
+:class:`EditImages` actors (``num_cpus``/``num_gpus``; the backbone and rectifiers loaded once
+per actor; each batch inverted once and replayed for every attribute in one batch; arrays in and
+out) -> PNG writing, metrics and the done-log in CPU tasks.
 
 Outputs: ``<out>/<attribute>/<id>.png`` (``id``: the path relative to the input folder; written
 to a temporary name and renamed, so no partial PNG ever appears) and ``<out>/manifest.parquet``,
 one row per (input, attribute): input, output, seed, timings, L1/SSIM to the source (and the max
 error of ``reconstruction``), or the reason it failed. Every input gets its rows.
 
-Determinism: image ``id``'s noise comes from seed sha256(f"{inversion.seed}:{id}") and each image
-is processed alone (batched CPU kernels are not bit-invariant), so results do not depend on
-actors, batch size or scheduling.
+Determinism: image ``id``'s noise comes from seed sha256(f"{inversion.seed}:{id}"); each batch of
+``edit_batch.batch_size`` images is inverted once and replayed for all its attributes in one
+batch. The same images in the same batches give identical PNGs whatever the actors or the
+scheduling; another batch size changes the edits only by float rounding (within 1e-5 before
+quantisation: batched CPU kernels are not bit-invariant).
 
 Resume: as soon as an image's PNGs are in place its rows are appended (one write, fsync) to
 ``<out>/_log/<run>-<pid>-*.jsonl``. A rerun skips every (input, attribute) whose logged row matches
@@ -63,7 +67,8 @@ from hfedit.device import DeviceUnavailable
 from hfedit.editing import RECONSTRUCTION
 from hfedit.files import remove_temporaries
 from hfedit.validation import check_output_folder
-from pipelines.batch_actor import EditImages, error_row
+from pipelines.batch_actor import (EditImages, backbone_resolution, columns, decode_images,
+                                   error_row, write_outputs)
 from pipelines.ray_runtime import actor_gpus
 from pipelines.batch_job import (  # noqa: F401 (LOG_DIR, output_relpath: part of this module's API)
     COLUMNS, COMPACTED, EXIT_CRASHED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, LOG_DIR,
@@ -72,6 +77,11 @@ from pipelines.batch_job import (  # noqa: F401 (LOG_DIR, output_relpath: part o
 
 
 # ------------------------------------------------------------------------- the driver
+# CPUs of each decode and write task: small, so that on a 2-core machine they run beside actors
+# holding num_cpus each (an actor pool that takes every CPU stalls Ray Data: DESIGN.md).
+TASK_CPUS = 0.25
+
+
 @dataclass
 class JobResult:
     manifest: pd.DataFrame  # one row per (input, attribute)
@@ -137,7 +147,9 @@ def plan(entries: list[Entry], job: Job, done: DoneIndex, global_seed: int
 
 def execute(items: list[dict], job: Job, cfg: HfeditConfig, on_batch: Callable[[pd.DataFrame], None],
             progress: bool = True) -> None:
-    """Run :class:`EditImages` over ``items`` on Ray Data (Ray must be initialised)."""
+    """The job as three Ray Data stages (Ray must be initialised): decode in CPU tasks ->
+    :class:`EditImages` actors (``edit_batch.num_cpus``/``num_gpus``, batches of
+    ``edit_batch.batch_size`` images, arrays in and out) -> PNGs and done-log in CPU tasks."""
     import ray
 
     eb = cfg.edit_batch
@@ -147,27 +159,28 @@ def execute(items: list[dict], job: Job, cfg: HfeditConfig, on_batch: Callable[[
     gpus = actor_gpus(cfg)
     gpu = {"num_gpus": gpus} if gpus > 0 else {}
     job = dataclasses.replace(job, device="cuda" if gpus > 0 else "cpu")
-    ds = ray.data.from_items(items, override_num_blocks=n_blocks).map_batches(
-        EditImages,
-        fn_constructor_kwargs={"job": job},
-        batch_size=eb.batch_size,
-        batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(eb.actors, n_blocks))),
-        num_cpus=eb.num_cpus,
-        **gpu,
-    )
+    common = {"batch_size": eb.batch_size, "batch_format": "numpy"}
+    ds = (ray.data.from_items(items, override_num_blocks=n_blocks)
+          .map_batches(decode_images, fn_kwargs={"job": job, "size": backbone_resolution(job.backbone)},
+                       num_cpus=TASK_CPUS, **common)
+          .map_batches(EditImages, fn_constructor_kwargs={"job": job},
+                       compute=ray.data.ActorPoolStrategy(size=max(1, min(eb.actors, n_blocks))),
+                       num_cpus=eb.num_cpus, **gpu, **common)
+          .map_batches(write_outputs, fn_kwargs={"job": job}, num_cpus=TASK_CPUS,
+                       batch_size=None, batch_format="numpy"))  # an actor batch's rows together
     for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
         on_batch(batch)
 
 
 def execute_plain(items: list[dict], job: Job, cfg: HfeditConfig,
                   on_batch: Callable[[pd.DataFrame], None], progress: bool = True) -> None:
-    """The same callable class in a plain loop in this process (no Ray): the benchmark's
+    """The same three stages in a plain loop in this process (no Ray): the benchmark's
     baseline, and a way to debug one image."""
-    fn = EditImages(job)
-    size = cfg.edit_batch.batch_size
-    for start in range(0, len(items), size):
-        on_batch(fn(pd.DataFrame(items[start:start + size])))
+    model, size = EditImages(job), backbone_resolution(job.backbone)
+    step = cfg.edit_batch.batch_size
+    for start in range(0, len(items), step):
+        chunk = columns([from_wire(i) for i in items[start:start + step]], list(items[0]))
+        on_batch(pd.DataFrame(write_outputs(model(decode_images(chunk, job, size)), job)))
 
 
 Executor = Callable[[list[dict], Job, HfeditConfig, Callable[[pd.DataFrame], None], bool], None]

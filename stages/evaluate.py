@@ -11,7 +11,8 @@ On the first ``evaluate.images`` val images, at every ``N`` in ``evaluate.steps`
   posterior gap per model;
 - editing, per attribute with an edit rectifier: directional CLIP similarity, L1/SSIM/PSNR to
   the source, dlib identity similarity where a face is large enough (else "not applicable" with
-  the reason);
+  the reason); the same with the rectifier conditioned on the inversion's trajectory and live
+  (``inversion.condition``), side by side, with the mean/max difference between the two edits;
 - score matching vs Markovian edit training: read from the ``edit_ablation`` stage's metrics;
 - the batch run (``edit_batch``): images done and failed per attribute, mean fidelity.
 
@@ -76,17 +77,24 @@ def evaluate_reconstruction(cfg: HfeditConfig, denoiser, rectifier, images) -> d
             "lpips": with_lpips, "lpips_note": lpips_note}
 
 
-def evaluate_edits(cfg: HfeditConfig, denoiser, edits: dict, clip, images) -> tuple[dict, dict]:
-    """``({attribute: [summary per N]}, {attribute: [(N, edited)]})``."""
+def evaluate_edits(cfg: HfeditConfig, denoiser, edits: dict, clip, images
+                   ) -> tuple[dict, dict, dict]:
+    """``({attribute: [summary per N]}, {attribute: [(N, edited)]}, {attribute: [conditioning
+    comparison per N]})``: the summaries and edits are those of ``inversion.condition``; the
+    comparison scores both conditionings (:class:`hfedit.config.Conditioning`) side by side
+    with the mean and max absolute difference between their edits."""
     from hfedit.clip_loss import DirectionalClipLoss
+    from hfedit.config import Conditioning
     from hfedit.edit_evaluation import evaluate_edit
     from hfedit.editing import Editor
     from pipelines.edit_ablation import identity_scorer
 
     seeds = [cfg.inversion.seed + i for i in range(images.shape[0])]
     scorer, note = identity_scorer(cfg.edits.ablation.min_face_px, int(images.shape[-1]))
+    default = Conditioning(cfg.inversion.condition)
     results: dict[str, list] = {}
     edited: dict[str, list] = {}
+    compared: dict[str, list] = {}
     for name, rect in edits.items():
         attr = cfg.edits.attributes.get(name)
         if attr is None:
@@ -95,11 +103,20 @@ def evaluate_edits(cfg: HfeditConfig, denoiser, edits: dict, clip, images) -> tu
         direction = DirectionalClipLoss(clip, attr.source, attr.target)
         for n in cfg.evaluate.steps:
             editor = Editor(denoiser, replace(cfg.inversion, num_steps=int(n)), {name: rect})
-            ev = evaluate_edit(editor, name, images, seeds, direction, scorer,
-                               batch_size=cfg.runtime.eval_batch_size, identity_note=note)
+            evs = {c: evaluate_edit(editor, name, images, seeds, direction, scorer,
+                                    batch_size=cfg.runtime.eval_batch_size, identity_note=note,
+                                    condition=c) for c in Conditioning}
+            ev = evs[default]
             results.setdefault(name, []).append({"steps": int(n), **ev.summary()})
             edited.setdefault(name, []).append((int(n), ev.edited))
-    return results, edited
+            diff = (evs[Conditioning.trajectory].edited - evs[Conditioning.live].edited).abs()
+            compared.setdefault(name, []).append({
+                "steps": int(n), "default": default.value,
+                **{c.value: {k: v for k, v in e.summary().items()
+                             if k in ("clip_direction", "l1", "ssim", "psnr")}
+                   for c, e in evs.items()},
+                "difference": {"mean": float(diff.mean()), "max": float(diff.max())}})
+    return results, edited, compared
 
 
 def batch_summary(batch: Path) -> dict[str, Any]:
@@ -220,6 +237,21 @@ def results_markdown(report: dict[str, Any]) -> str:
             ident = "n/a" if r.get("identity") is None else f"{r['identity']:.3f}"
             lines.append(f"| {name} | {r['clip_direction']:+.4f} | {r['l1']:.4f} | "
                          f"{r['ssim']:.4f} | {ident} |")
+    if report.get("conditioning"):
+        lines += ["", f"Conditioning of the rectifier during the replay (`inversion.condition`), "
+                  f"same images and edits, N = {n}; difference = |trajectory - live| of the "
+                  "edited images:", "",
+                  "| attribute | conditioning | CLIP direction | L1 to source | SSIM | PSNR | "
+                  "difference mean / max |", "|---|---|---|---|---|---|---|"]
+        for name, per_n in report["conditioning"].items():
+            r = next((x for x in per_n if x["steps"] == n), per_n[-1])
+            for c in ("trajectory", "live"):
+                m = r[c]
+                mark = " (default)" if c == r["default"] else ""
+                diff = (f"{r['difference']['mean']:.1e} / {r['difference']['max']:.1e}"
+                        if c == "trajectory" else "")
+                lines.append(f"| {name} | {c}{mark} | {m['clip_direction']:+.4f} | {m['l1']:.4f} | "
+                             f"{m['ssim']:.4f} | {m['psnr']:.2f} | {diff} |")
     ab = report.get("ablation") or {}
     if ab.get("enabled") and "score_matching" in ab and "markovian" in ab:
         lines += ["", f"Edit training, score matching vs Markovian ({ab['attribute']}, "
@@ -307,7 +339,8 @@ def run(cfg: HfeditConfig, backbone: Path, rectifier_dir: Path, edits_dir: Path,
 
         report["clip"]["note"] = NOT_SEMANTIC
     log.info("evaluate: editing %s", sorted(edits))
-    report["editing"], edited = evaluate_edits(cfg, denoiser, edits, clip, images)
+    report["editing"], edited, report["conditioning"] = evaluate_edits(cfg, denoiser, edits,
+                                                                       clip, images)
     report["ablation"] = (json.loads(ablation.read_text()) if ablation.is_file()
                           else {"note": f"{ablation} not found: run the edit_ablation stage"})
     report["batch"] = batch_summary(batch)
@@ -338,6 +371,11 @@ def run(cfg: HfeditConfig, backbone: Path, rectifier_dir: Path, edits_dir: Path,
             for r in per_n:
                 tracker.log_metrics({f"edit/{name}/{k}": v for k, v in r.items()
                                      if isinstance(v, float) and math.isfinite(v)}, step=r["steps"])
+        for name, per_n in report["conditioning"].items():
+            for r in per_n:
+                tracker.log_metrics({f"conditioning/{name}/{c}/{k}": v
+                                     for c in ("trajectory", "live", "difference")
+                                     for k, v in r[c].items() if math.isfinite(v)}, step=r["steps"])
         tracker.log_artifacts(out, "eval")
         parent = tracker.parent()
         if parent is not None:

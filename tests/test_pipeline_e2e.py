@@ -151,6 +151,11 @@ def test_default_pipeline_end_to_end(tmp_path, mlflow_server):
     ddim = [r for r in report["reconstruction"]["rows"] if r["inversion"] == "ddim"]
     assert min(r["max_error"] for r in ddim) > 1e-3  # DDIM inversion is not exact
     assert sorted(report["editing"]) == ["old", "smiling"]
+    for name, per_n in report["conditioning"].items():  # both conditionings at every N
+        assert [r["steps"] for r in per_n] == [5, 10]
+        for r, e in zip(per_n, report["editing"][name]):
+            assert r["default"] == "trajectory" and r["trajectory"]["l1"] == e["l1"]
+            assert r["difference"]["max"] >= r["difference"]["mean"] > 0  # two different edits
     assert report["batch"]["smiling"]["ok"] == report["batch"]["reconstruction"]["ok"] > 0
     for name in ("smiling", "old"):
         assert (work / "eval" / "grids" / f"{name}.png").stat().st_size > 0

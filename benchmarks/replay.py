@@ -1,0 +1,117 @@
+"""Seconds per edit step: a trajectory-conditioned edit vs a live-conditioned one vs a plain replay.
+
+    .venv/bin/python benchmarks/replay.py [--batch 8] [--steps 20] [--repeats 3] [--threads 1]
+
+The default tiny backbone (random weights: the cost is the architecture's) and the default
+rectifier (ResNet34 trunk, branch_channels 64, heads perturbed so the offsets are not zero), B
+images inverted once, then replayed over all N steps (skip 0):
+
+  plain replay   the backbone alone (the reconstruction): one plain U-Net pass per step
+  live           per step: plain pass for P_t, hypernetwork, modulated pass (reusing the plain
+                 pass's down path); what every edit did before trajectory conditioning
+  trajectory     one batched hypernetwork call over the N*B (step, image) pairs from the
+                 inversion's kept estimates, then one modulated pass per step
+  K x ...        the same with K attributes in one replay of K*B samples (per step and per
+                 attribute: divide by K)
+
+Each case's whole replay (hypernetwork included) divided by N; cases interleaved, the best of
+``--repeats`` kept; ratios to the plain replay from this one run. Load average printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--attributes", type=int, default=3, help="K of the K x rows")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--trunk", default="resnet34")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from hfedit.backbone import new_denoiser
+    from hfedit.config import HfeditConfig, InversionConfig, RectifierTrunk
+    from hfedit.editing import Editor
+    from hfedit.inversion import replay
+    from hfedit.rectifier import build_rectifier
+    from tests.conftest import perturbed, real_faces
+
+    cfg = HfeditConfig()
+    torch.manual_seed(0)
+    d = new_denoiser(cfg.backbone, 32).freeze()
+    cfg.rectifier.trunk = RectifierTrunk(args.trunk)
+    base = build_rectifier(cfg.rectifier, d.unet).eval()
+    rects = {f"a{k}": perturbed(base, 0.05, seed=k) for k in range(args.attributes)}
+    x0 = real_faces(args.batch)
+    seeds = list(range(args.batch))
+    editor = Editor(d, InversionConfig(num_steps=args.steps), rects)
+    inv = editor.invert(x0, seeds)
+    one, many = ("a0",), tuple(rects)
+    cases = {
+        "plain replay": lambda: replay(d, d.schedule, inv),
+        "live": lambda: editor.edit(x0, seeds, one, inversion=inv, condition="live"),
+        "trajectory": lambda: editor.edit(x0, seeds, one, inversion=inv, condition="trajectory"),
+        f"{args.attributes} x live": lambda: editor.edit(x0, seeds, many, inversion=inv,
+                                                          condition="live"),
+        f"{args.attributes} x trajectory": lambda: editor.edit(x0, seeds, many, inversion=inv,
+                                                                condition="trajectory"),
+    }
+    best = {k: float("inf") for k in cases}
+    loads = []
+    with torch.no_grad():
+        for _ in range(args.repeats):
+            for name, fn in cases.items():
+                loads.append(os.getloadavg()[0])
+                start = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - start)
+    # the hypernetwork's share of a trajectory edit: its one batched call alone
+    from hfedit.editing import JointRectifier
+
+    hyper = float("inf")
+    with torch.no_grad():
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            JointRectifier(d, [rects["a0"]], x0).trajectory(inv, 0)
+            hyper = min(hyper, time.perf_counter() - start)
+
+    plain = best["plain replay"] / args.steps
+    print(f"tiny backbone (32x32, {sum(q.numel() for q in d.unet.parameters()) / 1e6:.2f}M), "
+          f"rectifier {args.trunk}, B = {args.batch}, N = {args.steps}, {args.threads} torch "
+          f"thread(s), best of {args.repeats}; {cpu_name()}, {os.cpu_count()} CPUs, load average "
+          f"{min(loads):.1f}-{max(loads):.1f}")
+    print(f"{'case':<18}{'ms/step':>10}{'x plain':>9}{'ms/step/attr':>14}{'x plain':>9}")
+    for name, total in best.items():
+        k = args.attributes if " x " in name else 1
+        per = total / args.steps * 1e3
+        print(f"{name:<18}{per:>10.1f}{per / plain / 1e3:>9.2f}{per / k:>14.1f}"
+              f"{per / k / plain / 1e3:>9.2f}")
+    print(f"trajectory's batched hypernetwork call ({args.steps * args.batch} pairs): "
+          f"{hyper * 1e3:.0f} ms = {hyper / args.steps * 1e3:.1f} ms/step "
+          f"({hyper / args.steps / plain:.2f}x plain)")
+
+
+if __name__ == "__main__":
+    main()
