@@ -1,17 +1,17 @@
 """What runtime.precision changes: reconstruction error, edit difference and training gradients
 under fp32, bf16 and fp16 autocast, against fp32, on the CPU (or any device).
 
-    .venv/bin/python benchmarks/precision.py                  # ~3 min on a 2-core CPU
+    .venv/bin/python benchmarks/precision.py                  # ~5 min on an idle 2-core CPU
     .venv/bin/python benchmarks/precision.py --device cuda    # the same on a GPU
 
 Model: the tiny backbone trained for ``--train-steps`` on the bundled faces (a model whose noise
 estimates mean something) and a rectifier with nonzero offsets (a stand-in for a trained edit
 rectifier: its heads drawn at the scale trained ones reach). Per precision:
-  * edit-friendly reconstruction max error through the rectified model (N = 50): the maps are
+  * edit-friendly reconstruction max error through the rectified model (N = 20): the maps are
     float32 whatever the precision, so the replay must give the input back;
   * the edit (maps replayed through the rectified model) against the fp32 edit: mean and max
     |difference| on [-1, 1], and the share of 8-bit pixel values that change;
-  * DDIM reconstruction L1 to the source (the model's own fidelity) and its change;
+  * DDIM reconstruction L1 to the source by the backbone (the model's own fidelity);
   * a training step of the rectifier (reconstruction loss): cosine of the gradient to fp32's,
     relative loss difference, non-finite gradient entries;
   * wall time of the edit relative to fp32 (on a CPU, reduced precision is rarely faster).
@@ -47,9 +47,9 @@ def faces(n: int, resolution: int) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--train-steps", type=int, default=300)
-    ap.add_argument("--images", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=50, help="N of inversion and edit")
+    ap.add_argument("--train-steps", type=int, default=200)
+    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=20, help="N of inversion and edit")
     args = ap.parse_args()
     device = resolve_device(args.device)
 
@@ -87,7 +87,7 @@ def main() -> None:
             seconds = time.perf_counter() - start
             inv_r = invert(model, denoiser.schedule, x0, args.steps, noise=noise)
             ef_error = (replay(model, denoiser.schedule, inv_r) - x0).abs().max().item()
-            ddim_l1 = reconstruct(denoiser, x0, args.steps, rect)["ddim"]["l1"]
+            ddim_l1 = reconstruct(denoiser, x0, args.steps)["ddim"]["l1"]  # the backbone's
         rect.zero_grad()
         loss, _ = ReconstructionObjective(ModulatedDenoiser(denoiser, rect))(x0, t, eps)
         loss.backward()
