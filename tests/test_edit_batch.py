@@ -318,7 +318,7 @@ def test_bad_arguments_fail_before_ray_with_the_fix(folder, models, tmp_path, ca
 
 
 # ------------------------------------------------------------------------------- on Ray
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)  # the module fixtures run a Ray Data job in setup: minutes under load
 def test_every_input_is_edited_or_listed_with_its_reason(folder, first_run):  # noqa: F811
     root, expected = folder
     out, result = first_run
@@ -340,7 +340,7 @@ def test_every_input_is_edited_or_listed_with_its_reason(folder, first_run):  # 
     assert not list(out.rglob("*.tmp"))
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)  # the module fixtures run a Ray Data job in setup: minutes under load
 def test_a_file_name_that_is_not_utf8_crosses_ray(folder, models, ray_cluster, tmp_path):  # noqa: F811
     """Arrow strings must be UTF-8: names cross Ray Data as their bytes."""
     root, _ = folder
@@ -351,7 +351,7 @@ def test_a_file_name_that_is_not_utf8_crosses_ray(folder, models, ray_cluster, t
     _assert_odd_name_edited(result, tmp_path / "out", odd)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)  # the module fixtures run a Ray Data job in setup: minutes under load
 def test_a_rerun_does_no_work(folder, models, first_run):  # noqa: F811
     root, expected = folder
     out, first = first_run
@@ -372,7 +372,7 @@ def _png_arrays(out: Path) -> dict[str, np.ndarray]:
     return {k: np.asarray(Image.open(out / k), dtype=np.int16) for k in _pngs(out)}
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)  # the module fixtures run a Ray Data job in setup: minutes under load
 @pytest.mark.parametrize("how", ["plain loop", pytest.param("1 actor", marks=pytest.mark.slow)])
 def test_same_batches_give_identical_pngs_other_batch_sizes_agree(folder, models, first_run,
                                                                  tmp_path, how):  # noqa: F811
@@ -401,7 +401,7 @@ def test_same_batches_give_identical_pngs_other_batch_sizes_agree(folder, models
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)  # the module fixtures run a Ray Data job in setup: minutes under load
 def test_a_killed_actor_is_restarted_and_every_image_accounted(folder, models, ray_cluster, tmp_path):  # noqa: F811
     root, expected = folder
     backbone, edits = models
@@ -453,7 +453,7 @@ def _cli_args(root, out, backbone, edits, *extra) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)  # the module fixtures run a Ray Data job in setup: minutes under load
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_job_is_finished_by_a_rerun(folder, models, tmp_path, sig):  # noqa: F811
     root, expected = folder
@@ -523,7 +523,7 @@ def _stop_cluster(head: subprocess.Popen, temp: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)  # the module fixtures run a Ray Data job in setup: minutes under load
 def test_ray_job_submit_against_a_head_node(folder, models, tmp_path):  # noqa: F811
     root, expected = folder
     backbone, edits = models
