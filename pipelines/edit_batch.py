@@ -159,8 +159,14 @@ def execute(items: list[dict], job: Job, cfg: HfeditConfig, on_batch: Callable[[
     gpus = actor_gpus(cfg)
     gpu = {"num_gpus": gpus} if gpus > 0 else {}
     job = dataclasses.replace(job, device="cuda" if gpus > 0 else "cpu")
-    common = {"batch_size": eb.batch_size, "batch_format": "numpy"}
-    ds = (ray.data.from_items(items, override_num_blocks=n_blocks)
+    # One block per batch of edit_batch.batch_size consecutive items, and every stage takes
+    # whole blocks (batch_size=None): the model sees exactly the plain loop's batches, so the
+    # same batch size gives the same PNGs (from_items' even split and Ray Data's re-batching of
+    # decoded blocks regrouped images across batches: PNGs differing by one level in CI).
+    common = {"batch_size": None, "batch_format": "numpy"}
+    step = eb.batch_size
+    blocks = [pd.DataFrame(items[i:i + step]) for i in range(0, len(items), step)]
+    ds = (ray.data.from_pandas(blocks)
           .map_batches(decode_images, fn_kwargs={"job": job, "size": backbone_resolution(job.backbone)},
                        num_cpus=TASK_CPUS, **common)
           .map_batches(EditImages, fn_constructor_kwargs={"job": job},
