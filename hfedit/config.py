@@ -26,7 +26,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from hfedit.device import Precision, check_device_spec
+from hfedit.device import Precision
 from hfedit.validation import check_config
 
 
@@ -471,12 +471,6 @@ def load_config(
     cfg.profile = chosen
     typed: HfeditConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     check_config(typed, ConfigError)  # values the types cannot check (hfedit/validation.py)
-    try:
-        check_device_spec(typed.runtime.device)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if typed.runtime.eval_batch_size < 1:
-        raise ConfigError(f"runtime.eval_batch_size={typed.runtime.eval_batch_size}: must be >= 1")
     return typed
 
 

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from hfedit.device import check_device_spec
+
 # key -> (rule holds for a value, rule in words, the flag that sets it, if a front end has one)
 _RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "inversion.num_steps": (lambda v: v >= 1, "at least 1", "--steps"),
@@ -30,6 +32,9 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "edit_batch.torch_threads": (lambda v: v >= 0, "0 or more", ""),
     "edit_batch.max_attempts": (lambda v: v >= 1, "at least 1", ""),
     "evaluate.images": (lambda v: v >= 1, "at least 1", ""),
+    "evaluate.gap_timesteps": (lambda v: v >= 1, "at least 1", ""),
+    "pretrain.eval_gap_timesteps": (lambda v: v >= 1, "at least 1", ""),
+    "runtime.eval_batch_size": (lambda v: v >= 1, "at least 1", ""),
 }
 
 
@@ -55,6 +60,10 @@ def config_problems(cfg) -> list[str]:
         problems.append(f"inversion.skip={inv.skip} must be less than inversion.num_steps="
                         f"{inv.num_steps}: it skips that many of the N steps (set by "
                         f"{_where('inversion.skip')}, or raise {_where('inversion.num_steps')})")
+    try:
+        check_device_spec(cfg.runtime.device)
+    except ValueError as err:
+        problems.append(f"{err} (set by --device, --set runtime.device=... or conf/runtime.yaml)")
     if any(n < 1 for n in cfg.evaluate.steps):
         problems.append(f"evaluate.steps={list(cfg.evaluate.steps)}: every N must be at least 1 "
                         "(set by --set evaluate.steps=[...] or params.yaml)")

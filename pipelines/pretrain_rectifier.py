@@ -43,7 +43,7 @@ from hfedit.config import ConfigError, HfeditConfig, load_config, project_root, 
 from hfedit.data import load_split
 from hfedit.device import DeviceUnavailable, check_precision, placement, wants_gpu
 from hfedit.files import replace_folder
-from pipelines.ray_runtime import init_ray
+from pipelines.ray_runtime import cluster_gpus, init_ray
 from pipelines.tracking import stage_run
 
 STATE = "train_state"
@@ -189,10 +189,8 @@ def train(cfg: HfeditConfig, backbone: Path, data: Path, out: Path, checkpoints:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    import ray
-
     rc = cfg.runtime.ray
-    use_gpu = wants_gpu(cfg.runtime.device, ray.cluster_resources().get("GPU", 0))
+    use_gpu = wants_gpu(cfg.runtime.device, cluster_gpus())
     run_fp = fingerprint({"pretrain": to_flat_dict(cfg.pretrain), "rectifier": to_flat_dict(cfg.rectifier),
                           "backbone": file_digest(backbone / "unet" / "diffusion_pytorch_model.safetensors"),
                           "data": file_digest(data / "train.safetensors"), "workers": rc.num_workers,

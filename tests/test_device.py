@@ -30,7 +30,8 @@ def fp32_backbone(random_denoiser):
 
 
 # ------------------------------------------------------------------------------ resolution
-@pytest.mark.skipif(not NO_GPU, reason="checks the CPU-only machine's answers")
+@pytest.mark.skipif(not NO_GPU, reason="asserts what a machine without a CUDA device answers; "
+                                        "a GPU machine is covered by the placement tests below")
 def test_auto_is_the_cpu_here_and_cuda_is_refused_with_the_setting_named():
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(DeviceUnavailable, match=r"runtime.device='cuda'.*auto or cpu"):
