@@ -40,7 +40,7 @@ def main() -> None:
 
     from hfedit.backbone import load_backbone
     from hfedit.config import load_config
-    from hfedit.data import load_split
+    from hfedit.dataset import load_split
     from hfedit.rectifier import ModulatedDenoiser, build_rectifier
     from hfedit.training import ReconstructionObjective, make_optimizer, reconstruction_step
 

@@ -30,6 +30,7 @@ from hfedit.checkpoint import (
     unflatten_optimizer,
 )
 from hfedit.config import BackboneConfig, to_flat_dict
+from hfedit.dataset import Split
 from hfedit.inversion import ddpm_sample
 from hfedit.schedule import q_sample
 
@@ -54,17 +55,18 @@ def _lr_at(step: int, cfg) -> float:
 
 def train_backbone(
     cfg: BackboneConfig,
-    images: Tensor,
+    images: "Tensor | Split",
     checkpoint_dir: str | Path,
     log: LogFn = None,
     show_progress: bool = True,
     device: str | torch.device = "cpu",
 ) -> BackboneTrainResult:
-    """Train a UNet2DModel on ``images`` (N, 3, R, R) in [-1, 1]; resume from ``checkpoint_dir``
-    when it holds a checkpoint of the same config and data. The networks live on ``device``;
-    the images stay where they are and each batch is moved once; every random draw comes from a
+    """Train a UNet2DModel on ``images`` (N, 3, R, R) in [-1, 1]: a tensor, or a prepared split
+    (:class:`hfedit.dataset.Split`) from which each step reads only its batch. Resumes from
+    ``checkpoint_dir`` when it holds a checkpoint of the same config and data. The networks live
+    on ``device``; the images stay where they are and each batch is moved once; every random draw comes from a
     CPU generator, so a run is the same draws on every device."""
-    if images.ndim != 4 or images.shape[0] == 0:
+    if len(images.shape) != 4 or images.shape[0] == 0:
         raise ValueError(f"need a non-empty (N, C, H, W) image tensor, got {tuple(images.shape)}")
     tc = cfg.train
     resolution = int(images.shape[-1])
@@ -78,7 +80,8 @@ def train_backbone(
     opt = torch.optim.AdamW(unet.parameters(), lr=tc.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(tc.seed)
 
-    data_id = fingerprint([list(images.shape), float(images.double().sum())])
+    data_id = fingerprint([list(images.shape), images.data.digest if isinstance(images, Split)
+                           else float(images.double().sum())])
     run_id = fingerprint({"cfg": to_flat_dict(cfg), "data": data_id})
     start, losses = 0, []
     ckpt_dir = Path(checkpoint_dir)

@@ -37,7 +37,7 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------- data
 @dataclass
 class DataConfig:
-    """``prepare`` stage: image folder (or the bundled images) -> normalised tensors."""
+    """``prepare`` stage: image folder (or the bundled images) -> uint8 Parquet shards."""
 
     # "bundled" = real images shipped inside installed packages (scikit-image, matplotlib);
     # otherwise a folder, searched recursively.
@@ -51,6 +51,10 @@ class DataConfig:
     center_crop: bool = True
     # Use only the first N inputs in sorted order (0 = all): a quick run on a subset.
     max_images: int = 0
+    # Images per Parquet shard of the prepared dataset (uint8: 192 KiB each at 256 px).
+    shard_images: int = 1000
+    # Decode processes of prepare (0 = one per CPU).
+    workers: int = 0
 
 
 # ----------------------------------------------------------------------------------- backbone

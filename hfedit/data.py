@@ -1,8 +1,9 @@
-"""Image files <-> normalised tensors: strict loading, bundled real faces, the prepared dataset.
+"""Image files <-> normalised tensors: strict loading, bundled real faces, the manifest, the split.
 
 Every input file ends up either prepared or listed with a reason code (:data:`REASONS`) in
 ``manifest.json``; nothing is dropped silently and one bad file never stops the run.
-Tensors are float32 ``(3, R, R)`` in [-1, 1] (``x = u8 / 127.5 - 1``), stored as safetensors.
+Tensors are float32 ``(3, R, R)`` in [-1, 1] (``x = u8 / 127.5 - 1``). The prepared dataset
+(uint8 Parquet shards, streamed) is :mod:`hfedit.dataset`.
 """
 
 from __future__ import annotations
@@ -13,19 +14,14 @@ import io
 import json
 import os
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
-from safetensors import safe_open
-from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
-from hfedit.config import DataConfig
 from hfedit.files import atomic_write, atomic_write_text
 from hfedit.jpeg import JpegDataError, check_jpeg
 
@@ -43,7 +39,6 @@ REASONS: dict[str, str] = {
     "unreadable": "check the file's permissions",
 }
 SPLITS = ("train", "val")
-PREVIEW_MAX = 64  # images in preview.png
 
 
 class ImageError(ValueError):
@@ -316,7 +311,8 @@ def iter_folder(root: str | os.PathLike) -> Iterator[FolderEntry]:
 # -------------------------------------------------------------------------------- manifest
 @dataclass
 class ManifestRow:
-    """One input: ``status`` "ok" (then ``split``/``index`` locate its tensor) or "error"."""
+    """One input: ``status`` "ok" (then ``split``/``index`` is its place in the split and
+    ``shard``/``row`` where its pixels are stored) or "error"."""
 
     id: str
     source: str
@@ -328,6 +324,8 @@ class ManifestRow:
     mode: Optional[str] = None
     size: Optional[list[int]] = None  # [width, height] as stored in the file
     orientation: Optional[int] = None
+    shard: Optional[int] = None  # where its pixels are (hfedit.dataset)
+    row: Optional[int] = None
 
 
 @dataclass
@@ -377,81 +375,6 @@ def split_ids(ids: Iterable[str], val_fraction: float, seed: int) -> tuple[list[
     return [i for i in unique if i not in val], [i for i in unique if i in val]
 
 
-# --------------------------------------------------------------------------------- prepare
-def _inputs(cfg: DataConfig) -> list[tuple[str, str, Callable[[], LoadedImage]]]:
-    """(id, source, load) per input; ``load()`` returns a LoadedImage or raises ImageError."""
-    if cfg.source == "bundled":
-        def wrap(img: Image.Image) -> Callable[[], LoadedImage]:
-            return lambda: LoadedImage(to_rgb(img), img.mode, img.size)
-        return [(sid, f"bundled:{sid}", wrap(img)) for sid, img in bundled_images()]
-
-    def loader(entry: FolderEntry) -> Callable[[], LoadedImage]:
-        if entry.error is not None:
-            def fail() -> LoadedImage:
-                raise entry.error
-            return fail
-        return lambda: load_image(entry.path, cfg.max_pixels)
-    return [(e.id, str(e.path), loader(e)) for e in iter_folder(cfg.source)]
-
-
-def _save_split(images: torch.Tensor, ids: list[str], path: Path) -> None:
-    meta = {"ids": json.dumps(ids), "format": "float32 (N, 3, R, R) in [-1, 1]"}
-    atomic_write(path, lambda tmp: save_file({"images": images.contiguous()}, tmp, metadata=meta))
-
-
-def prepare_dataset(cfg: DataConfig, out_dir: str | os.PathLike, progress: bool = True) -> Manifest:
-    """Load every input of ``cfg.source`` ("bundled" or a folder), crop/resize the good ones to
-    ``cfg.resolution``, split them (:func:`split_ids`) and write ``out_dir``/{train,val}.safetensors
-    (key "images": (N, 3, R, R) float32 in [-1, 1]), manifest.json and preview.png.
-
-    Raises :class:`DatasetError` naming the source when no input is a usable image (the manifest
-    listing every refusal is written first).
-    """
-    if cfg.resolution <= 0 or cfg.max_pixels <= 0 or cfg.max_images < 0:
-        raise ValueError(f"data.resolution={cfg.resolution} and data.max_pixels={cfg.max_pixels} "
-                         f"must be positive, data.max_images={cfg.max_images} >= 0 (0 = all)")
-    split_ids([], cfg.val_fraction, cfg.seed)  # validates val_fraction early
-    out = Path(out_dir)
-    rows: list[ManifestRow] = []
-    pixels: dict[str, np.ndarray] = {}  # id -> (R, R, 3) uint8
-    inputs = _inputs(cfg)
-    if cfg.max_images:
-        inputs = inputs[: cfg.max_images]
-    for id_, source, load in tqdm(inputs, desc="prepare", unit="file", disable=not progress):
-        try:
-            loaded = load()
-        except ImageError as err:
-            rows.append(ManifestRow(id_, source, "error", err.reason, str(err)))
-            continue
-        pixels[id_] = _square_u8(loaded.image, cfg.resolution, cfg.center_crop)
-        rows.append(ManifestRow(id_, source, "ok", mode=loaded.mode, size=list(loaded.size),
-                                orientation=loaded.orientation))
-
-    train, val = split_ids(pixels, cfg.val_fraction, cfg.seed)
-    where = {i: ("train", k) for k, i in enumerate(train)} | {i: ("val", k) for k, i in enumerate(val)}
-    for row in rows:
-        if row.status == "ok":
-            row.split, row.index = where[row.id]
-    reasons = Counter(r.reason for r in rows if r.status == "error")
-    counts = {"inputs": len(rows), "ok": len(pixels), "error": sum(reasons.values()),
-              "train": len(train), "val": len(val), "reasons": dict(sorted(reasons.items()))}
-    manifest = Manifest(cfg.source, dataclasses.asdict(cfg), counts, rows)
-    if not pixels:
-        write_manifest(manifest, out)
-        summary = ", ".join(f"{k}: {v}" for k, v in counts["reasons"].items()) or "no files"
-        raise DatasetError(f"data.source={cfg.source!r}: none of its {len(rows)} files is a usable "
-                           f"image ({summary}); see {out / 'manifest.json'}")
-    res = cfg.resolution
-    tensors = {}
-    for name, ids in (("train", train), ("val", val)):
-        stacked = np.stack([pixels[i] for i in ids]) if ids else np.zeros((0, res, res, 3), np.uint8)
-        tensors[name] = _u8_to_tensor(stacked)  # (N, 3, R, R)
-        _save_split(tensors[name], ids, out / f"{name}.safetensors")
-    make_grid_png(tensors["train"][:PREVIEW_MAX], out / "preview.png", nrow=8)
-    write_manifest(manifest, out)
-    return manifest
-
-
 def write_manifest(manifest: Manifest, out_dir: str | os.PathLike) -> Path:
     """Write ``out_dir``/manifest.json atomically."""
     text = json.dumps(manifest.to_dict(), indent=1)
@@ -464,18 +387,3 @@ def load_manifest(prepared_dir: str | os.PathLike) -> Manifest:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run the prepare stage (stages/prepare.py)")
     return Manifest.from_dict(json.loads(path.read_text()))
-
-
-def load_split(prepared_dir: str | os.PathLike, split: str) -> torch.Tensor:
-    """Read one split: (N, 3, R, R) float32 in [-1, 1] (N may be 0 for val)."""
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r}: expected one of {SPLITS}")
-    path = Path(prepared_dir) / f"{split}.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the prepare stage (stages/prepare.py)")
-    with safe_open(str(path), framework="pt") as f:
-        images = f.get_tensor("images")
-    if images.dtype != torch.float32 or images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"{path}: 'images' is {images.dtype} {tuple(images.shape)}, "
-                         "expected float32 (N, 3, R, R)")
-    return images

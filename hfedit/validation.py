@@ -25,6 +25,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "data.max_pixels": (lambda v: v > 0, "positive", ""),
     "data.max_images": (lambda v: v >= 0, "0 (all) or more", ""),
     "data.val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)", ""),
+    "data.shard_images": (lambda v: v >= 1, "1 or more", ""),
+    "data.workers": (lambda v: v >= 0, "0 (one per CPU) or more", ""),
     "edit_batch.actors": (lambda v: v >= 1, "at least 1", "--actors"),
     "edit_batch.batch_size": (lambda v: v >= 1, "at least 1", "--batch-size"),
     "edit_batch.num_cpus": (lambda v: v > 0, "positive (fractions allowed, e.g. 0.5)", "--num-cpus"),

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hfedit.data import ImageError, load_image, load_split, save_png, to_tensor
+from hfedit.data import ImageError, load_image, save_png, to_tensor
+from hfedit.dataset import Split, load_split
 from hfedit.editing import RECONSTRUCTION, load_editor
 from hfedit.device import placement
 from pipelines.batch_job import (COLUMNS, EDIT_FAILED, WORKER_CRASHED, DoneIndex, Job, DoneLog,
@@ -61,7 +62,7 @@ def _str(value) -> str:
 
 
 # ------------------------------------------------------------------ 1. decode (CPU tasks)
-_SPLITS: dict[str, torch.Tensor] = {}  # per worker process: prepared splits read once
+_SPLITS: dict[str, "Split"] = {}  # per worker process: prepared splits opened once, read per row
 
 
 def backbone_resolution(backbone: str) -> int:

@@ -20,7 +20,8 @@ from typing import Callable, Optional
 
 from hfedit.checkpoint import file_digest, fingerprint
 from hfedit.config import HfeditConfig, InversionConfig, to_flat_dict
-from hfedit.data import SPLITS, ImageError, id_digest, iter_folder, load_manifest, printable
+from hfedit.data import SPLITS, DatasetError, ImageError, id_digest, iter_folder, load_manifest, printable
+from hfedit.dataset import PreparedData
 from hfedit.editing import RECONSTRUCTION, available_edits
 from hfedit.validation import UsageError, check_list_file  # bad arguments: exit status 2
 
@@ -41,7 +42,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 @dataclass
 class Entry:
     """One input. ``id``: POSIX path relative to the root (or the prepared id); ``input``: the
-    file (``<split>.safetensors#<index>`` for a prepared split); ``signature``: size and mtime,
+    file (``<folder>/<split>#<index>`` for a prepared split); ``signature``: size and mtime,
     which change when the file does; ``error``: set when it must not be opened."""
 
     id: str
@@ -84,10 +85,11 @@ def _split_entries(folder: Path, split: str) -> list[Entry]:
         raise UsageError(f"--split {split!r}: expected one of {SPLITS}")
     try:
         manifest = load_manifest(folder)
-    except FileNotFoundError as err:
+        PreparedData(folder)  # the shards' format is one this hfedit reads
+    except (FileNotFoundError, DatasetError) as err:
         raise UsageError(f"--input {folder} --split {split}: {err}") from None
-    path = folder / f"{split}.safetensors"
-    sig = _signature(path)
+    path = folder / split  # "<folder>/<split>#<index>": a row of the prepared split
+    sig = _signature(folder / "dataset.json")
     return [Entry(r.id, f"{path}#{r.index}", sig, index=r.index)
             for r in manifest.rows if r.split == split]
 

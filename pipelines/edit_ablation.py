@@ -66,11 +66,12 @@ def identity_scorer(min_face_px: int, resolution: int):
 
 def held_out(cfg: HfeditConfig, data: Path) -> tuple[torch.Tensor, list[int]]:
     """The first ``eval_images`` val images and their seeds (``inversion.seed + index``)."""
-    from hfedit.data import load_split
+    from hfedit.dataset import load_split
 
     images = load_split(data, "val")[: cfg.edits.ablation.eval_images]
     if images.shape[0] == 0:
-        raise ValueError(f"{data}/val.safetensors holds no images: nothing to evaluate on")
+        raise ValueError(f"{data}: the val split holds no images: nothing to evaluate on "
+                         "(raise data.val_fraction)")
     return images, [cfg.inversion.seed + i for i in range(images.shape[0])]
 
 

@@ -3,7 +3,8 @@
     python pipelines/pretrain_rectifier.py --backbone models/backbone --data data/prepared \
         --out models/rectifier --checkpoints checkpoints/rectifier --metrics metrics/pretrain_rectifier.json
 
-Each worker runs :func:`hfedit.training.reconstruction_step` on its shard of the training split;
+Each worker runs :func:`hfedit.training.reconstruction_step` on its part of the training split,
+streamed by Ray Data (``get_dataset_shard``; a local shuffle seeded per epoch, see :func:`stream`);
 DDP (gloo on CPU, nccl on GPU) averages the rectifier's gradients. Every
 ``pretrain.checkpoint_every`` steps rank 0 reports a checkpoint (safetensors + JSON); when a
 worker dies Ray restarts the group from it (``runtime.ray.max_failures``), and a rerun of the
@@ -40,7 +41,7 @@ from hfedit.checkpoint import (
     unflatten_optimizer,
 )
 from hfedit.config import ConfigError, HfeditConfig, load_config, project_root, to_flat_dict
-from hfedit.data import load_split
+from hfedit.dataset import PreparedData, load_split, pixels_to_tensor
 from hfedit.device import DeviceUnavailable, check_precision, placement, wants_gpu
 from hfedit.files import replace_folder
 from pipelines.ray_runtime import cluster_gpus, init_ray
@@ -50,6 +51,36 @@ STATE = "train_state"
 # A checkpoint is resumed only by a run of the same code (see :func:`train`'s fingerprint).
 CODE_MODULES = ("hfedit.rectifier", "hfedit.modulation", "hfedit.training", "hfedit.schedule",
                 "hfedit.backbone", "pipelines.pretrain_rectifier")
+
+
+# Rows each worker shuffles among (Ray Data's local shuffle buffer; 48 MiB at 256 px).
+SHUFFLE_BUFFER = 256
+
+
+def epoch_batches(shard, batch_size: int, seed: int, rank: int, epoch: int, resolution: int,
+                  skip: int = 0):
+    """This worker's batches of ``epoch`` from its Ray Data shard (``get_dataset_shard``): the
+    shard's rows in a local shuffle seeded by (seed, rank, epoch), whole batches only, as
+    (B, 3, R, R) float32 on the CPU (converted per batch); the first ``skip`` batches are read
+    but not converted (a resumed run continues mid-epoch)."""
+    batches = shard.iter_batches(
+        batch_size=batch_size, batch_format="numpy", drop_last=True,
+        local_shuffle_buffer_size=SHUFFLE_BUFFER,
+        local_shuffle_seed=seed * 1_000_003 + rank * 10_007 + epoch)
+    for k, batch in enumerate(batches):
+        if k >= skip:
+            yield pixels_to_tensor(list(batch["pixels"]), resolution)
+
+
+def stream(shard, batch_size: int, seed: int, rank: int, start: int, per_epoch: int,
+           resolution: int):
+    """Endless batches from step ``start`` on: epoch ``start // per_epoch``, batch
+    ``start % per_epoch`` of it, then the next epochs. ``per_epoch``: whole batches of this
+    worker's rows (Ray Train splits a dataset into equal row counts)."""
+    epoch, skip = divmod(start, per_epoch)
+    while True:
+        yield from epoch_batches(shard, batch_size, seed, rank, epoch, resolution, skip)
+        epoch, skip = epoch + 1, 0
 
 
 def _step_generator(seed: int, rank: int, step: int) -> torch.Generator:
@@ -105,14 +136,21 @@ def train_loop_per_worker(config: dict) -> None:
             ModulatedDenoiser(denoiser, rectifier, checkpoint=cfg.runtime.activation_checkpointing),
             pc.loss, pc.dw_weight),
         parallel_strategy="ddp")
-    images = load_split(config["data"], "train")[rank::world]  # this rank's shard, on the CPU
+    # This rank's part of the training split, streamed by Ray Data (only the current batch and
+    # the shuffle buffer are in memory); the batch goes to the device alone.
+    per_epoch = config["train_rows"] // world // pc.batch_size
+    batches = stream(ray.train.get_dataset_shard("train"), pc.batch_size, pc.seed, rank, start,
+                     per_epoch, config["resolution"])
     tracker = _rank0_tracker(config) if rank == 0 else None
     T = denoiser.schedule.num_train_timesteps
 
     for step in range(start, pc.steps):
         gen = _step_generator(pc.seed, rank, step)
-        idx = torch.randint(0, images.shape[0], (pc.batch_size,), generator=gen)
-        stats = reconstruction_step(objective, opt, images[idx].to(device), gen, T)
+        x0 = next(batches)
+        if config.get("batch_log"):  # which images each step saw (tests of determinism)
+            with open(Path(config["batch_log"]) / f"rank{rank}.txt", "a") as f:
+                f.write(f"{step} {float(x0.double().sum()):.10g}\n")
+        stats = reconstruction_step(objective, opt, x0.to(device), gen, T)
         lr_sched.step()
         done = step + 1
         metrics = {"loss": stats.loss, "noise_mse": stats.noise_mse,
@@ -184,16 +222,27 @@ def latest_checkpoint(storage: Path, run_fingerprint: str):
 
 
 def train(cfg: HfeditConfig, backbone: Path, data: Path, out: Path, checkpoints: Path,
-          mlflow_run_id: str = "", mlflow_uri: str = "", pid_dir: str = "") -> dict:
+          mlflow_run_id: str = "", mlflow_uri: str = "", pid_dir: str = "",
+          batch_log: str = "") -> dict:
     """Run the TorchTrainer; copy the final rectifier to ``out``. Returns the final metrics."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    import ray.data
+    from ray.train import DataConfig
+
     rc = cfg.runtime.ray
     use_gpu = wants_gpu(cfg.runtime.device, cluster_gpus())
+    prepared = PreparedData(data)
+    per_worker = prepared.count("train") // rc.num_workers
+    if per_worker < cfg.pretrain.batch_size:
+        raise ConfigError(f"pretrain.batch_size={cfg.pretrain.batch_size} is more than the "
+                          f"{per_worker} training images each of runtime.ray.num_workers="
+                          f"{rc.num_workers} workers gets from {data}: lower the batch size or "
+                          "the workers, or prepare more images")
     run_fp = fingerprint({"pretrain": to_flat_dict(cfg.pretrain), "rectifier": to_flat_dict(cfg.rectifier),
                           "backbone": file_digest(backbone / "unet" / "diffusion_pytorch_model.safetensors"),
-                          "data": file_digest(data / "train.safetensors"), "workers": rc.num_workers,
+                          "data": prepared.digest, "workers": rc.num_workers,
                           "targets": file_digest(project_root() / cfg.rectifier.targets_file),
                           "code": module_digests(CODE_MODULES)})
     storage = checkpoints.resolve()
@@ -204,13 +253,23 @@ def train(cfg: HfeditConfig, backbone: Path, data: Path, out: Path, checkpoints:
             meta = load_checkpoint(folder, STATE).meta
         return {**meta.get("metrics", {}), "resumed_from_step": resume_step,
                 "restarts": meta.get("restarts", 0)}
+    # Read tasks ask for no CPU (hfedit.dataset.PreparedData.ray_dataset): they only move
+    # Parquet pages, the float conversion happens in the workers, per batch.
+    train_ds = prepared.ray_dataset("train")
+    # preserve_order and no locality hints: the same rows reach the same rank in every run
+    # (Ray Train's reproducibility recipe), so a seed fixes every batch.
+    ingest = ray.data.ExecutionOptions(preserve_order=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "cfg": _config_dict(cfg), "backbone": str(backbone.resolve()),
             "data": str(data.resolve()), "fingerprint": run_fp, "mlflow_run_id": mlflow_run_id,
             "mlflow_uri": mlflow_uri, "pid_dir": pid_dir, "storage": str(storage),
+            "train_rows": prepared.count("train"), "resolution": prepared.resolution,
+            "batch_log": batch_log,
         },
+        datasets={"train": train_ds},
+        dataset_config=DataConfig(execution_options=ingest, enable_shard_locality=False),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=rc.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": rc.cpus_per_worker}),
@@ -272,6 +331,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints/rectifier"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics/pretrain_rectifier.json"))
     parser.add_argument("--pid-dir", default="", help="workers write rank<k>.pid here")
+    parser.add_argument("--batch-log", default="", help="workers append '<step> <batch sum>' "
+                        "lines to rank<k>.txt here (which images each step saw)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     cfg = load_config(overrides=args.overrides)
@@ -280,7 +341,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     with stage_run(cfg, "pretrain_rectifier") as tracker:
         final = train(cfg, args.backbone, args.data, args.out, args.checkpoints,
-                      mlflow_run_id=tracker.run_id, mlflow_uri=tracking_uri(cfg), pid_dir=args.pid_dir)
+                      mlflow_run_id=tracker.run_id, mlflow_uri=tracking_uri(cfg), pid_dir=args.pid_dir,
+                      batch_log=args.batch_log)
         report = evaluate(cfg, args.backbone, args.data, args.out)
         report["training"] = {k: final[k] for k in ("loss", "noise_mse", "plain_noise_mse",
                                                     "step", "restarts", "resumed_from_step")}

@@ -46,6 +46,7 @@ from hfedit.checkpoint import (
     save_rectifier,
 )
 from hfedit.config import ConfigError, EditMethod, HfeditConfig, load_config, to_flat_dict
+from hfedit.dataset import PreparedData, Split
 from hfedit.device import DeviceUnavailable, placement
 from hfedit.files import is_temporary, replace_folder
 
@@ -72,7 +73,7 @@ def input_digests(backbone: Path, rectifier: Path, data: Path) -> dict[str, Any]
     return {
         "backbone": file_digest(Path(backbone) / "unet" / "diffusion_pytorch_model.safetensors"),
         "rectifier": file_digest(Path(rectifier) / f"{RECTIFIER}.safetensors"),
-        "data": file_digest(Path(data) / "train.safetensors"),
+        "data": PreparedData(data).digest,
         "code": code,
         "format": EDIT_FORMAT,
     }
@@ -117,7 +118,7 @@ class Loaded:
     denoiser: Any
     reconstruction: Any
     clip: Any
-    images: torch.Tensor
+    images: "Split"  # hfedit.dataset.Split: read lazily
 
 
 def config_from_dict(config: dict) -> HfeditConfig:
@@ -139,7 +140,7 @@ def load_inputs(spec: dict, work: str = "training") -> Loaded:
     from hfedit.backbone import load_backbone
     from hfedit.checkpoint import load_rectifier
     from hfedit.clip_loss import RandomClipWarning, load_clip
-    from hfedit.data import load_split
+    from hfedit.dataset import load_split
 
     cfg = config_from_dict(spec["cfg"])
     device, precision = placement(spec.get("device", cfg.runtime.device), cfg.runtime.precision,
@@ -149,7 +150,7 @@ def load_inputs(spec: dict, work: str = "training") -> Loaded:
     with warnings.catch_warnings():  # announced by the driver, the tags and the metrics
         warnings.simplefilter("ignore", RandomClipWarning)
         clip = load_clip(cfg.clip, device)
-    images = load_split(spec["data"], "train")
+    images = load_split(spec["data"], "train")  # lazy: training reads only its images
     return Loaded(cfg, denoiser, recon, clip, images)
 
 

@@ -20,9 +20,9 @@ import torch
 
 from hfedit.backbone import BackboneUnavailable, describe, load_backbone, save_backbone
 from hfedit.backbone_train import sample_grid, train_backbone
-from hfedit.checkpoint import file_digest
 from hfedit.config import ConfigError, HfeditConfig, load_config
-from hfedit.data import load_split, make_grid_png
+from hfedit.data import make_grid_png
+from hfedit.dataset import load_split
 from hfedit.device import DeviceUnavailable, placement
 from hfedit.files import atomic_write_csv
 from pipelines.tracking import stage_run
@@ -39,7 +39,7 @@ def run(cfg: HfeditConfig, data: Path, out: Path, checkpoints: Path, plots: Path
             denoiser = result.denoiser
             atomic_write_csv(plots / "loss.csv", ["step", "loss"], result.losses)
             meta = {"source": "train", "train_images": int(images.shape[0]),
-                    "data_digest": file_digest(data / "train.safetensors"),
+                    "data_digest": images.data.digest,
                     "resumed_from_step": result.resumed_from}
         else:
             denoiser = load_backbone(cfg.backbone.source, device)

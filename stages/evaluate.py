@@ -53,11 +53,11 @@ PAPER_L1 = {"backbone": 0.090, "rectifier": 0.085}
 
 # ------------------------------------------------------------------------------- computing
 def held_out(cfg: HfeditConfig, data: Path) -> torch.Tensor:
-    from hfedit.data import load_split
+    from hfedit.dataset import load_split
 
     images = load_split(data, "val")[: cfg.evaluate.images]
     if images.shape[0] == 0:
-        raise ValueError(f"{data}/val.safetensors holds no images: nothing to evaluate "
+        raise ValueError(f"{data}: the val split holds no images: nothing to evaluate "
                          "(raise data.val_fraction or add images)")
     return images
 

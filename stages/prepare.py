@@ -1,9 +1,12 @@
-"""DVC stage ``prepare``: image folder (or the bundled faces) -> normalised tensors + manifest.
+"""DVC stage ``prepare``: image folder (or the bundled faces) -> uint8 Parquet shards + manifest.
 
     python stages/prepare.py --out data/prepared [--set data.source=data/raw --set data.resolution=64]
 
-Writes ``<out>/train.safetensors``, ``<out>/val.safetensors``, ``<out>/manifest.json`` (every input,
-prepared or refused with its reason) and ``<out>/preview.png``. Settings: ``data`` in params.yaml.
+Writes ``<out>/shards/*.parquet`` (at most ``data.shard_images`` images each), ``dataset.json``,
+``index.json``, ``manifest.json`` (every input, prepared or refused with its reason) and
+``preview.png`` (:mod:`hfedit.dataset`). Streams: memory does not grow with the number of
+images; decoding runs in ``data.workers`` processes; an interrupted run resumes, keeping the
+shards it completed. Settings: ``data`` in params.yaml.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import sys
 from pathlib import Path
 
 from hfedit.config import ConfigError, load_config
-from hfedit.data import DatasetError, Manifest, prepare_dataset
+from hfedit.data import DatasetError, Manifest
+from hfedit.dataset import prepare_dataset
 from hfedit.validation import UsageError, check_output_folder
 from pipelines.tracking import stage_run
 

@@ -32,6 +32,24 @@ def real_faces(n: int, resolution: int = RES) -> torch.Tensor:
     return (torch.cat(faces)[:n].clamp(0, 1) * 2 - 1).contiguous()
 
 
+def prepared_faces(out, n: int, val_fraction: float = 0.25, resolution: int = RES):
+    """A prepared dataset folder ``out`` (hfedit.dataset) of ``real_faces(n)``, through the
+    prepare stage's own code: PNG files in ``out``/../faces-src, then ``prepare_dataset``."""
+    from pathlib import Path
+
+    from hfedit.config import DataConfig
+    from hfedit.data import save_png
+    from hfedit.dataset import prepare_dataset
+
+    out = Path(out)
+    src = out.parent / f"{out.name}-src"
+    for i, face in enumerate(real_faces(n, resolution)):
+        save_png(face, src / f"face{i:03d}.png")
+    prepare_dataset(DataConfig(source=str(src), resolution=resolution, val_fraction=val_fraction),
+                    out, progress=False)
+    return out
+
+
 def perturbed(rect, scale: float = 0.05, seed: int = 0):
     """A copy of a rectifier whose A heads are no longer zero: Delta != 0 and differs between
     samples (a stand-in for a trained rectifier)."""

@@ -146,7 +146,7 @@ def test_a_missing_edit_rectifier_fails_fast_naming_it(folder, models, tmp_path,
 
 def test_prepared_split_in_a_plain_loop_reconstructs_exactly(folder, models, tmp_path):  # noqa: F811
     from hfedit.config import DataConfig
-    from hfedit.data import load_split, prepare_dataset
+    from hfedit.dataset import load_split, prepare_dataset
 
     root, _ = folder
     backbone, edits = models

@@ -21,7 +21,7 @@ from hfedit.inversion import ddim_invert, ddim_sample, invert, replay
 from hfedit.rectifier import ModulatedDenoiser, build_rectifier
 from hfedit.schedule import q_sample
 from hfedit.training import ReconstructionObjective, make_optimizer, reconstruction_step
-from tests.conftest import perturbed, real_faces
+from tests.conftest import perturbed, prepared_faces, real_faces
 
 SMALL = RectifierConfig(trunk=RectifierTrunk.resnet18, branch_channels=16, time_embed_dim=32)
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,23 +110,19 @@ def _prepared(tmp_path, random_denoiser):
     from hfedit.backbone import save_backbone
 
     save_backbone(random_denoiser, tmp_path / "backbone")
-    data = tmp_path / "data"
-    data.mkdir()
-    faces = real_faces(12)
-    save_file({"images": faces[:8].contiguous()}, str(data / "train.safetensors"))
-    save_file({"images": faces[8:].contiguous()}, str(data / "val.safetensors"))
+    data = prepared_faces(tmp_path / "data", 12, val_fraction=1 / 3)  # 8 train, 4 val
     return tmp_path / "backbone", data
 
 
-def _run_stage(tmp_path, backbone, data, extra=(), pid_dir=""):
+def _run_stage(tmp_path, backbone, data, extra=(), pid_dir="", batch_log="", ckpt="ckpt"):
     sets = ["rectifier.trunk=resnet18", "rectifier.branch_channels=16", "rectifier.time_embed_dim=32",
             "pretrain.steps=8", "pretrain.batch_size=2", "pretrain.checkpoint_every=2",
             "pretrain.log_every=2", "pretrain.eval_steps=5", "pretrain.eval_images=2",
             "runtime.ray.num_workers=2", "runtime.ray.cpus_per_worker=0.5", *extra]
     cmd = [sys.executable, str(ROOT / "pipelines" / "pretrain_rectifier.py"),
            "--backbone", str(backbone), "--data", str(data), "--out", str(tmp_path / "rect"),
-           "--checkpoints", str(tmp_path / "ckpt"), "--metrics", str(tmp_path / "m.json"),
-           "--pid-dir", pid_dir] + [a for s in sets for a in ("--set", s)]
+           "--checkpoints", str(tmp_path / ckpt), "--metrics", str(tmp_path / "m.json"),
+           "--pid-dir", pid_dir, "--batch-log", batch_log] + [a for s in sets for a in ("--set", s)]
     env = {**os.environ, "HFEDIT_ROOT": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
            "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -139,8 +135,11 @@ def test_torch_trainer_survives_a_killed_worker_and_resumes(tmp_path, random_den
 
     backbone, data = _prepared(tmp_path, random_denoiser)
     pid_dir = tmp_path / "pids"
+    logs = {run: tmp_path / f"batches-{run}" for run in ("killed", "clean")}
+    for folder in logs.values():
+        folder.mkdir()
     proc = _run_stage(tmp_path, backbone, data, pid_dir=str(pid_dir),
-                      extra=["pretrain.steps=40"])
+                      extra=["pretrain.steps=40"], batch_log=str(logs["killed"]))
     killed = threading.Event()
     killed_pid: list[int] = []
 
@@ -178,6 +177,25 @@ def test_torch_trainer_survives_a_killed_worker_and_resumes(tmp_path, random_den
     assert proc.returncode == 0, out[-4000:]
     report = json.loads((tmp_path / "m.json").read_text())
     assert report["training"]["resumed_from_step"] == 40
+
+    # The streamed batches are a function of the seed: a run that was never interrupted sees,
+    # on every rank and at every step, the images the killed-and-resumed run saw (the resumed
+    # group re-reads its epoch and continues mid-way), across epochs (8 images / 2 ranks / 2).
+    proc = _run_stage(tmp_path, backbone, data, extra=["pretrain.steps=40"],
+                      batch_log=str(logs["clean"]), ckpt="ckpt-clean")
+    out, _ = proc.communicate(timeout=550)
+    assert proc.returncode == 0, out[-4000:]
+
+    def seen(folder, rank):  # step -> batch sum; a resumed step's last line wins
+        lines = (folder / f"rank{rank}.txt").read_text().split()
+        return dict(zip(map(int, lines[::2]), lines[1::2]))
+
+    for rank in (0, 1):
+        clean, resumed = seen(logs["clean"], rank), seen(logs["killed"], rank)
+        assert sorted(clean) == sorted(resumed) == list(range(40))
+        assert clean == resumed, rank
+        assert len(set(clean.values())) > 2  # the batches differ from step to step
+    assert seen(logs["clean"], 0) != seen(logs["clean"], 1)  # each rank its own rows
 
 
 def test_a_checkpoint_copied_half_way_is_not_complete(tmp_path):

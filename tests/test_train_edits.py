@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import perturbed, real_faces
+from tests.conftest import perturbed, prepared_faces, real_faces
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "edits.attributes.smiling.steps=2", "--set", "edits.attributes.old.steps=2",
@@ -33,8 +33,6 @@ pytestmark = [pytest.mark.slow]
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, random_denoiser):
     """models/backbone, models/rectifier, data/prepared of a tiny pipeline, in a temp folder."""
-    from safetensors.torch import save_file
-
     from hfedit.backbone import save_backbone
     from hfedit.checkpoint import save_rectifier
     from hfedit.config import RectifierConfig, RectifierTrunk
@@ -47,10 +45,7 @@ def inputs(tmp_path_factory, random_denoiser):
                                                      branch_channels=16, time_embed_dim=32),
                                      random_denoiser.unet), scale=0.01)
     save_rectifier(root / "rectifier", rect, {"step": 1})
-    (root / "data").mkdir()
-    faces = real_faces(8)
-    save_file({"images": faces[:6].contiguous()}, str(root / "data" / "train.safetensors"))
-    save_file({"images": faces[6:].contiguous()}, str(root / "data" / "val.safetensors"))
+    prepared_faces(root / "data", 8, val_fraction=0.25)  # 6 train, 2 val
     return root
 
 

@@ -1,0 +1,526 @@
+"""The prepared dataset: uint8 images in Parquet shards, written by streaming, read per batch.
+
+A prepared folder (``data/prepared``) holds::
+
+    dataset.json            format, resolution, the shards, the split sizes and the split key
+    index.json              per split: its ids (sorted) and the shard and row of each
+    manifest.json           every input: prepared (split, index, shard, row) or refused (reason)
+    preview.png             the first training images
+    shards/00000.parquet    columns id (binary: the file name's bytes, so names that are not
+                            UTF-8 survive), key (binary: sha256(seed:id), 32 bytes, the split key) and
+                            pixels (binary: R*R*3 uint8, rows x columns x RGB)
+    shards/00000.json       the shard's record: its inputs, the decode settings and their
+                            manifest rows; written after the shard, so it marks it complete
+
+Why Parquet: Ray Data reads it natively (:meth:`PreparedData.ray_dataset`, the split chosen by
+a filter on ``key`` that Parquet pushes down), pyarrow reads single row groups of it for random
+batches (:meth:`PreparedData.read`), and any pyarrow filesystem serves it (a local or NFS path,
+``s3://...``). uint8 is 4x smaller than the float32 tensors; the ``[-1, 1]`` conversion happens
+per batch in the reader (:func:`pixels_to_tensor`), bit-identical to :func:`hfedit.data.to_tensor`.
+
+Shard k holds the good images among inputs ``k*S .. (k+1)*S - 1`` (``S = data.shard_images``,
+inputs sorted by id), so shard boundaries and contents depend only on the inputs and settings:
+an interrupted prepare resumes and skips every shard whose record matches. The train/val split
+is drawn at the end over the good ids exactly as :func:`hfedit.data.split_ids` does; it needs no
+rewrite of the shards: val is the ``n_val`` smallest keys, so ``key <= val_key_max`` selects it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections import Counter, OrderedDict
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from hfedit.config import DataConfig
+from hfedit.data import (
+    SPLITS,
+    DatasetError,
+    ImageError,
+    LoadedImage,
+    Manifest,
+    ManifestRow,
+    _square_u8,
+    _u8_to_tensor,
+    bundled_images,
+    id_digest,
+    iter_folder,
+    load_image,
+    make_grid_png,
+    split_ids,
+    to_rgb,
+    write_manifest,
+)
+from hfedit.files import atomic_write, atomic_write_text
+
+FORMAT = "hfedit-shards/1"
+# Images per Parquet row group: the unit a random read decodes (8 x 192 KiB at 256 px).
+ROW_GROUP = 8
+# Decode work items are this many inputs: small enough that the workers share a shard.
+DECODE_ITEMS = 16
+PREVIEW_MAX = 64
+
+
+# ------------------------------------------------------------------------------ conversion
+def pixels_to_u8(pixels: Sequence[bytes] | np.ndarray, resolution: int) -> np.ndarray:
+    """Rows of the ``pixels`` column (R*R*3 uint8 bytes each) -> (n, R, R, 3) uint8 (writable)."""
+    if isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8:
+        return pixels.reshape(-1, resolution, resolution, 3).copy()
+    return np.frombuffer(b"".join(pixels), np.uint8).reshape(-1, resolution, resolution, 3).copy()
+
+
+def pixels_to_tensor(pixels: Sequence[bytes] | np.ndarray, resolution: int) -> torch.Tensor:
+    """Rows of the ``pixels`` column -> (n, 3, R, R) float32 in [-1, 1]: the per-batch
+    conversion, the same arithmetic as :func:`hfedit.data.to_tensor`."""
+    return _u8_to_tensor(pixels_to_u8(pixels, resolution))
+
+
+# ------------------------------------------------------------------------------- inputs
+@dataclass
+class Input:
+    """One input of ``prepare``: a file (``path``), a bundled image (``image``), or a refusal
+    known before decoding (``error``)."""
+
+    id: str
+    source: str
+    path: Optional[str] = None
+    image: object = None  # PIL image of a bundled source
+    error: Optional[ImageError] = None
+
+
+def list_inputs(cfg: DataConfig) -> list[Input]:
+    """Every input of ``cfg.source`` sorted by id, cut to ``cfg.max_images`` (0 = all)."""
+    if cfg.source == "bundled":
+        inputs = [Input(sid, f"bundled:{sid}", image=img) for sid, img in bundled_images()]
+    else:
+        inputs = [Input(e.id, str(e.path), path=str(e.path), error=e.error)
+                  for e in iter_folder(cfg.source)]
+    return inputs[: cfg.max_images] if cfg.max_images else inputs
+
+
+def _decode_settings(cfg: DataConfig) -> dict:
+    """What a shard's content depends on besides its inputs (a change redoes the shard)."""
+    return {"format": FORMAT, "resolution": cfg.resolution, "center_crop": cfg.center_crop,
+            "max_pixels": cfg.max_pixels, "seed": cfg.seed}
+
+
+def _decode_items(items: list[Input], settings: dict) -> list[tuple[dict, Optional[bytes]]]:
+    """Decode + crop + resize: per input its manifest row and its pixels (None if refused).
+    Runs in the decode worker processes."""
+    out = []
+    for item in items:
+        try:
+            if item.error is not None:
+                raise item.error
+            if item.image is not None:
+                loaded = LoadedImage(to_rgb(item.image), item.image.mode, item.image.size)
+            else:
+                loaded = load_image(item.path, settings["max_pixels"])
+        except ImageError as err:
+            row = ManifestRow(item.id, item.source, "error", err.reason, str(err))
+            out.append((dataclasses.asdict(row), None))
+            continue
+        u8 = _square_u8(loaded.image, settings["resolution"], settings["center_crop"])
+        row = ManifestRow(item.id, item.source, "ok", mode=loaded.mode, size=list(loaded.size),
+                          orientation=loaded.orientation)
+        out.append((dataclasses.asdict(row), u8.tobytes()))
+    return out
+
+
+# -------------------------------------------------------------------------------- shards
+def _shard_name(k: int) -> str:
+    return f"shards/{k:05d}"
+
+
+def _record_matches(out: Path, k: int, ids: list[str], settings: dict) -> Optional[list[dict]]:
+    """The manifest rows of shard ``k`` when it is complete for these inputs and settings."""
+    record, shard = out / f"{_shard_name(k)}.json", out / f"{_shard_name(k)}.parquet"
+    try:
+        rec = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    if rec.get("ids") != ids or rec.get("settings") != settings or not shard.is_file():
+        return None
+    return rec["rows"]
+
+
+def _write_shard(out: Path, k: int, ids: list[str], settings: dict,
+                 results: list[tuple[dict, Optional[bytes]]]) -> list[dict]:
+    """Write shard ``k`` (its good images, in input order) and then its record; returns its
+    manifest rows with ``shard``/``row`` set."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows, good_ids, keys, pixels = [], [], [], []
+    for row, px in results:
+        if px is not None:
+            row = {**row, "shard": k, "row": len(pixels)}
+            good_ids.append(os.fsencode(row["id"]))
+            keys.append(id_digest(settings["seed"], row["id"]))
+            pixels.append(px)
+        rows.append(row)
+    table = pa.table({"id": pa.array(good_ids, pa.binary()),
+                      "key": pa.array(keys, pa.binary()),
+                      "pixels": pa.array(pixels, pa.binary())})
+    # No compression: natural images barely compress with Parquet's codecs and random reads
+    # would pay the decompression; row groups of ROW_GROUP images keep random reads small.
+    atomic_write(out / f"{_shard_name(k)}.parquet",
+                 lambda tmp: pq.write_table(table, tmp, row_group_size=ROW_GROUP,
+                                            compression="none"))
+    atomic_write_text(out / f"{_shard_name(k)}.json",
+                      json.dumps({"ids": ids, "settings": settings, "rows": rows}))
+    return rows
+
+
+def _default_workers(cfg: DataConfig) -> int:
+    return cfg.workers if cfg.workers > 0 else max(1, os.cpu_count() or 1)
+
+
+def prepare_dataset(cfg: DataConfig, out_dir: str | os.PathLike, progress: bool = True) -> Manifest:
+    """Decode every input of ``cfg.source`` ("bundled" or a folder) into uint8 Parquet shards of
+    at most ``cfg.shard_images`` images under ``out_dir``, split the good ones
+    (:func:`hfedit.data.split_ids`) and write dataset.json, index.json, manifest.json and
+    preview.png.
+
+    Streams: at most one shard's pixels and a few decode items are in memory at a time. Decoding
+    runs in ``cfg.workers`` processes (0 = one per CPU; a process pool rather than Ray Data:
+    every input's outcome comes back to this process, which keeps the manifest exact and the
+    shards in input order, and a stage that reads one file system needs no cluster). Shards whose
+    record matches (same inputs, same settings) are kept: an interrupted prepare resumes.
+
+    Raises :class:`DatasetError` naming the source when no input is a usable image (the manifest
+    listing every refusal is written first).
+    """
+    if cfg.resolution <= 0 or cfg.max_pixels <= 0 or cfg.max_images < 0 or cfg.shard_images < 1:
+        raise ValueError(f"data.resolution={cfg.resolution}, data.max_pixels={cfg.max_pixels} and "
+                         f"data.shard_images={cfg.shard_images} must be positive, "
+                         f"data.max_images={cfg.max_images} >= 0 (0 = all)")
+    split_ids([], cfg.val_fraction, cfg.seed)  # validates val_fraction early
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = _decode_settings(cfg)
+    inputs = list_inputs(cfg)
+    S = cfg.shard_images
+    chunks = [inputs[i: i + S] for i in range(0, len(inputs), S)]
+    rows_of: dict[int, list[dict]] = {}
+    todo = []
+    for k, chunk in enumerate(chunks):
+        done = _record_matches(out, k, [i.id for i in chunk], settings)
+        if done is not None:
+            rows_of[k] = done
+        else:
+            todo.append(k)
+    for stale in out.glob("shards/*"):  # shards of an earlier, longer input list
+        if stale.suffix in (".json", ".parquet") and stale.stem.isdigit() \
+                and int(stale.stem) >= len(chunks):
+            stale.unlink()
+    bar = tqdm(total=len(inputs), desc="prepare", unit="img", disable=not progress,
+               initial=sum(len(chunks[k]) for k in rows_of))
+    # The bundled faces (102 small images) decode faster than worker processes start.
+    workers = 1 if cfg.source == "bundled" else min(
+        _default_workers(cfg), max(1, sum(len(chunks[k]) for k in todo) // DECODE_ITEMS))
+    for k, rows in _decode_shards(out, chunks, todo, settings, workers, bar):
+        rows_of[k] = rows
+    bar.close()
+    return _finish(cfg, out, [ManifestRow(**r) for k in range(len(chunks)) for r in rows_of[k]])
+
+
+def _decode_shards(out: Path, chunks: list[list[Input]], todo: list[int], settings: dict,
+                   workers: int, bar) -> Iterator[tuple[int, list[dict]]]:
+    """Decode the shards ``todo`` (in order) with ``workers`` processes, at most ``2*workers``
+    items in flight; yields ``(k, rows)`` as each shard is written."""
+    items = [(k, chunks[k][i: i + DECODE_ITEMS]) for k in todo
+             for i in range(0, len(chunks[k]), DECODE_ITEMS)]
+    if workers <= 1:
+        pending: dict[int, list] = {}
+        for k, batch in items:
+            pending.setdefault(k, []).extend(_decode_items(batch, settings))
+            bar.update(len(batch))
+            if len(pending[k]) == len(chunks[k]):
+                yield k, _write_shard(out, k, [i.id for i in chunks[k]], settings, pending.pop(k))
+        return
+    # Results are consumed in submission order, so shards fill (and are written) in order.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context()) as pool:
+        queue: list[tuple[int, int, Future]] = []
+        it = iter(items)
+        pending = {}
+        for k, batch in it:
+            queue.append((k, len(batch), pool.submit(_decode_items, batch, settings)))
+            if len(queue) >= 2 * workers:
+                break
+        while queue:
+            k, n, fut = queue.pop(0)
+            pending.setdefault(k, []).extend(fut.result())
+            bar.update(n)
+            nxt = next(it, None)
+            if nxt is not None:
+                queue.append((nxt[0], len(nxt[1]), pool.submit(_decode_items, nxt[1], settings)))
+            if len(pending[k]) == len(chunks[k]):
+                yield k, _write_shard(out, k, [i.id for i in chunks[k]], settings, pending.pop(k))
+
+
+def _mp_context():
+    # forkserver: the stage process has MLflow's and tqdm's threads running, which fork would
+    # copy mid-lock; spawned workers import only what decoding needs.
+    import multiprocessing
+
+    return multiprocessing.get_context("forkserver")
+
+
+def _finish(cfg: DataConfig, out: Path, rows: list[ManifestRow]) -> Manifest:
+    """Split the good images, write index.json, dataset.json, preview.png and the manifest."""
+    good = [r for r in rows if r.status == "ok"]
+    train, val = split_ids([r.id for r in good], cfg.val_fraction, cfg.seed)
+    where = {i: ("train", k) for k, i in enumerate(train)} | {i: ("val", k) for k, i in enumerate(val)}
+    for row in good:
+        row.split, row.index = where[row.id]
+    reasons = Counter(r.reason for r in rows if r.status == "error")
+    counts = {"inputs": len(rows), "ok": len(good), "error": sum(reasons.values()),
+              "train": len(train), "val": len(val), "reasons": dict(sorted(reasons.items()))}
+    manifest = Manifest(cfg.source, dataclasses.asdict(cfg), counts, rows)
+    if not good:
+        write_manifest(manifest, out)
+        summary = ", ".join(f"{k}: {v}" for k, v in counts["reasons"].items()) or "no files"
+        raise DatasetError(f"data.source={cfg.source!r}: none of its {len(rows)} files is a usable "
+                           f"image ({summary}); see {out / 'manifest.json'}")
+    by_id = {r.id: r for r in good}
+    index = {s: {"ids": ids, "shard": [by_id[i].shard for i in ids], "row": [by_id[i].row for i in ids]}
+             for s, ids in (("train", train), ("val", val))}
+    atomic_write_text(out / "index.json", json.dumps(index))
+    shard_rows = Counter(r.shard for r in good)
+    n_shards = -(-len(rows) // cfg.shard_images)
+    val_key_max = max((id_digest(cfg.seed, i) for i in val), default=b"")
+    meta = {"format": FORMAT, "resolution": cfg.resolution, "shard_images": cfg.shard_images,
+            "row_group": ROW_GROUP, "counts": {"train": len(train), "val": len(val)},
+            "shards": [{"file": f"{_shard_name(k)}.parquet", "rows": shard_rows.get(k, 0)}
+                       for k in range(n_shards)],
+            "val_key_max": val_key_max.hex()}
+    atomic_write_text(out / "dataset.json", json.dumps(meta, indent=1))
+    for old in ("train.safetensors", "val.safetensors"):  # an older format's files
+        (out / old).unlink(missing_ok=True)
+    data = PreparedData(out)
+    make_grid_png(data.read("train", range(min(PREVIEW_MAX, len(train)))), out / "preview.png", nrow=8)
+    write_manifest(manifest, out)
+    return manifest
+
+
+# -------------------------------------------------------------------------------- reading
+def _filesystem(location: str | os.PathLike):
+    """``(pyarrow filesystem, path)`` of a local path or a URI (``s3://``, ``file://``, ...)."""
+    from pyarrow import fs
+
+    text = str(location)
+    if "://" in text:
+        return fs.FileSystem.from_uri(text)
+    return fs.LocalFileSystem(), str(Path(text).absolute())
+
+
+class PreparedData:
+    """Read access to a prepared folder (a local path or a URI every node sees). Opening reads
+    only dataset.json and index.json; images are read per request."""
+
+    def __init__(self, location: str | os.PathLike, cache_bytes: int = 256 << 20):
+        self.location = str(location)
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cached = 0
+        self.fs, self.root = _filesystem(location)
+        meta = self._json("dataset.json", missing=self._missing)
+        if meta.get("format") != FORMAT:
+            raise DatasetError(f"{self.location}/dataset.json: format {meta.get('format')!r}, this "
+                               f"hfedit reads {FORMAT!r}: rerun prepare (dvc repro prepare)")
+        self.meta = meta
+        self.resolution: int = int(meta["resolution"])
+        self.index: dict = self._json("index.json", missing=self._missing)
+        self._files: dict[int, object] = {}
+
+    def _missing(self, name: str) -> str:
+        old = [s for s in SPLITS if self._exists(f"{s}.safetensors")]
+        if old:
+            return (f"{self.location} holds prepared data in the old single-file format "
+                    f"({', '.join(f'{s}.safetensors' for s in old)}); rerun prepare to shard it: "
+                    f"dvc repro prepare (or python stages/prepare.py --out {self.location})")
+        return f"{self.location}/{name} not found: run the prepare stage (dvc repro prepare)"
+
+    def _exists(self, name: str) -> bool:
+        from pyarrow import fs
+
+        return self.fs.get_file_info(f"{self.root}/{name}").type == fs.FileType.File
+
+    def _json(self, name: str, missing) -> dict:
+        if not self._exists(name):
+            raise FileNotFoundError(missing(name))
+        with self.fs.open_input_stream(f"{self.root}/{name}") as f:
+            return json.loads(f.read())
+
+    def uri(self, name: str) -> str:
+        return name if "://" in self.location else f"{self.root}/{name}"
+
+    @property
+    def digest(self) -> str:
+        """Changes whenever prepare writes different data (the fingerprint of dataset.json and
+        index.json: shard list, counts, split, ids)."""
+        import hashlib
+
+        h = hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode())
+        h.update(json.dumps(self.index, sort_keys=True).encode())
+        return h.hexdigest()[:16]
+
+    def _check_split(self, split: str) -> dict:
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r}: expected one of {SPLITS}")
+        return self.index[split]
+
+    def count(self, split: str) -> int:
+        return len(self._check_split(split)["ids"])
+
+    def ids(self, split: str) -> list[str]:
+        return list(self._check_split(split)["ids"])
+
+    def _file(self, shard: int):
+        import pyarrow.parquet as pq
+
+        if shard not in self._files:
+            name = self.meta["shards"][shard]["file"]
+            self._files[shard] = pq.ParquetFile(self.fs.open_input_file(f"{self.root}/{name}"))
+        return self._files[shard]
+
+    def read(self, split: str, indices: Iterable[int]) -> torch.Tensor:
+        """Images ``indices`` of ``split`` (positions in :meth:`ids`, any order, repeats allowed)
+        -> (n, 3, R, R) float32 in [-1, 1]. Reads only the row groups holding them."""
+        entry = self._check_split(split)
+        idx = [int(i) for i in indices]
+        n = len(entry["ids"])
+        bad = [i for i in idx if not -n <= i < n]
+        if bad:
+            raise IndexError(f"{split} split of {self.location} has {n} images; asked for {bad[:5]}")
+        G = int(self.meta["row_group"])
+        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (shard, group) -> (pos, row)
+        for pos, i in enumerate(idx):
+            shard, row = entry["shard"][i], entry["row"][i]
+            groups.setdefault((shard, row // G), []).append((pos, row % G))
+        u8 = np.empty((len(idx), self.resolution, self.resolution, 3), np.uint8)
+        for where, places in sorted(groups.items()):
+            u8[[p for p, _ in places]] = self._group(*where)[[r for _, r in places]]
+        return _u8_to_tensor(u8)
+
+    def _group(self, shard: int, group: int) -> np.ndarray:
+        """Row group ``group`` of ``shard`` as (n, R, R, 3) uint8, through a bounded LRU cache
+        (``cache_bytes``): repeated random batches of a small split are read once, a large
+        split's reads stay within the bound."""
+        key = (shard, group)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        col = self._file(shard).read_row_group(group, columns=["pixels"]).column("pixels")
+        arr = pixels_to_u8(col.to_pylist(), self.resolution)
+        self._cache[key] = arr
+        self._cached += arr.nbytes
+        while self._cached > self.cache_bytes and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._cached -= old.nbytes
+        return arr
+
+    def split(self, split: str) -> "Split":
+        self._check_split(split)
+        return Split(self, split)
+
+    def ray_dataset(self, split: str, num_cpus: float = 0.0, groups_per_task: int = 4):
+        """``split`` as a Ray Data dataset of ``pixels`` rows (R*R*3 uint8 bytes each, in the
+        split's order; convert per batch with :func:`pixels_to_tensor`).
+
+        One row per Parquet row group holding rows of the split goes in (from the index, no
+        listing), and tasks of ``num_cpus`` each read ``groups_per_task`` groups. Not
+        ``ray.data.read_parquet``: its first step (listing the files, or sampling them in its
+        older path) is a task that asks for a whole CPU, whatever the read asks, and while Ray
+        Train's workers hold every CPU (2 workers x 1 CPU on a 2-CPU node) it never starts:
+        measured here, pretraining waited until Ray's health check killed the workers. Reading
+        only moves Parquet pages, so by default it asks for no CPU.
+        """
+        import ray.data
+
+        entry = self._check_split(split)
+        G = int(self.meta["row_group"])
+        groups: dict[tuple[int, int], list[int]] = {}
+        for shard, row in zip(entry["shard"], entry["row"]):
+            groups.setdefault((shard, row // G), []).append(row % G)
+        items = [{"shard": k, "group": g, "rows": rows} for (k, g), rows in sorted(groups.items())]
+        files = [self.uri(s["file"]) for s in self.meta["shards"]]
+        fs = self.fs if "://" in self.location else None
+        ds = ray.data.from_items(items).map_batches(
+            _read_groups, batch_size=groups_per_task, batch_format="numpy", num_cpus=num_cpus,
+            fn_kwargs={"files": files, "filesystem": fs})
+        ds.context.execution_options.preserve_order = True  # the split's order, every run
+        return ds
+
+    def split_filter(self, split: str):
+        """The pyarrow expression that selects ``split``'s rows of the shards (by ``key``)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        self._check_split(split)
+        bound = pa.scalar(bytes.fromhex(self.meta["val_key_max"]), pa.binary())
+        return pc.field("key") > bound if split == "train" else pc.field("key") <= bound
+
+
+def _read_groups(batch: dict, files: list[str], filesystem=None) -> dict:
+    """Ray Data task: rows ``batch["rows"]`` of row group ``batch["group"]`` of shard
+    ``batch["shard"]``, for each item -> ``{"pixels": [bytes, ...]}`` in item order."""
+    import pyarrow.parquet as pq
+
+    pixels = []
+    for shard, group, rows in zip(batch["shard"], batch["group"], batch["rows"]):
+        f = pq.ParquetFile(files[int(shard)], filesystem=filesystem)
+        col = f.read_row_group(int(group), columns=["pixels"]).column("pixels")
+        pixels.extend(col[int(r)].as_py() for r in rows)
+    return {"pixels": np.array(pixels, dtype=object)}
+
+
+class Split:
+    """One split, read lazily: ``len``, ``shape``, ``ids`` and indexing (int, slice, index list
+    or LongTensor) that reads only the images asked for."""
+
+    def __init__(self, data: PreparedData, name: str):
+        self.data, self.name = data, name
+
+    def __len__(self) -> int:
+        return self.data.count(self.name)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        r = self.data.resolution
+        return (len(self), 3, r, r)
+
+    @property
+    def ids(self) -> list[str]:
+        return self.data.ids(self.name)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, slice):
+            return self.data.read(self.name, range(*key.indices(len(self))))
+        if isinstance(key, (int, np.integer)) or (isinstance(key, torch.Tensor) and key.ndim == 0):
+            return self.data.read(self.name, [int(key)])[0]
+        if isinstance(key, torch.Tensor):
+            key = key.tolist()
+        return self.data.read(self.name, list(key))
+
+    def all(self) -> torch.Tensor:
+        """Every image of the split (memory grows with the split: for small splits only)."""
+        return self[:]
+
+
+def load_split(prepared: str | os.PathLike, split: str) -> Split:
+    """``split`` of a prepared folder, read lazily (:class:`Split`)."""
+    return PreparedData(prepared).split(split)
+
+
+__all__ = ["FORMAT", "PreparedData", "Split", "list_inputs", "load_split", "pixels_to_tensor",
+           "pixels_to_u8", "prepare_dataset"]
