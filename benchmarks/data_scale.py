@@ -6,18 +6,19 @@ edit-training reads), at 256 px.
 For each size N it builds (once, then reuses) a folder of N synthetic 256 px JPEGs: random
 crops, flips and colour jitter of the photographs that ship in scikit-image and matplotlib
 (astronaut, coffee, chelsea, Grace Hopper), generated here, never committed. Then, each in its
-own process, sampling the resident set size (RSS) of the process and all its children every
-20 ms:
+own process, sampling every 0.1 s the memory of the process and all its children as the sum of
+their proportional set sizes (PSS: like the resident set size, RSS, but a page shared by k
+processes counts 1/k in each, so that Ray's shared object store and libraries count once):
 
-* ``prepare`` with 1 and with 2 decode processes (``data.workers``): wall time, images/s, peak RSS;
+* ``prepare`` with 1 and with 2 decode processes (``data.workers``): wall time, images/s, peak memory (PSS);
 * the pretraining input pipeline: a Ray Train ``TorchTrainer`` with 2 workers streaming the
   prepared training split exactly as ``pipelines/pretrain_rectifier.py`` does
   (``get_dataset_shard`` + :func:`pipelines.pretrain_rectifier.stream`, batch 8) for 50 batches
-  and no model: peak RSS of the whole local Ray cluster (raylet, workers, object store pages);
+  and no model: peak PSS of the whole local Ray cluster (raylet, workers, object store pages);
 * an edit-training task's data reads: the ``edits`` image subset (``num_images``, 100) read
-  from the shards, then 200 random batches of 4 drawn from the shards: peak RSS.
+  from the shards, then 200 random batches of 4 drawn from the shards: peak PSS.
 
-The goal (issue 11): every peak RSS at 16,000 images within 1.25x of that at 1,000, and prepare
+The goal (issue 11): every peak (PSS here) at 16,000 images within 1.25x of that at 1,000, and prepare
 at least 1.6x faster with 2 workers than with 1 on an idle 2-core machine.
 """
 
@@ -86,8 +87,15 @@ def build_folder(folder: Path, n: int) -> float:
 
 
 # ------------------------------------------------------------------------------ measuring
+def _pss(p) -> int:
+    """Proportional set size: shared pages (libraries, Ray's object store) divided among the
+    processes that map them, so that a sum over processes counts each page once."""
+    return p.memory_full_info().pss
+
+
 def measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
-    """Run ``cmd``; returns (wall seconds, peak RSS of it and its children in bytes, output)."""
+    """Run ``cmd``; returns (wall seconds, peak memory of it and its children in bytes: the sum
+    of their proportional set sizes, sampled every 0.1 s, and its output)."""
     import psutil
 
     start = time.perf_counter()
@@ -100,13 +108,13 @@ def measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
         try:
             for p in [parent, *parent.children(recursive=True)]:
                 try:
-                    total += p.memory_info().rss
+                    total += _pss(p)
                 except psutil.Error:
                     pass
         except psutil.Error:
             pass
         peak = max(peak, total)
-        time.sleep(0.02)
+        time.sleep(0.1)
     wall = time.perf_counter() - start
     out.seek(0)
     text = out.read().decode(errors="replace")
@@ -210,8 +218,8 @@ def main() -> None:
     print(f"\n256 px JPEGs; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; "
           f"{os.cpu_count()} CPUs\n")
     print("| images | prepare, 1 worker: s (img/s) | 2 workers: s (img/s) | speed-up "
-          "| prepare peak RSS 1 / 2 workers, MiB | pretraining input peak RSS, MiB "
-          "| edit-training reads peak RSS, MiB |")
+          "| prepare peak PSS 1 / 2 workers, MiB | pretraining input peak PSS, MiB "
+          "| edit-training reads peak PSS, MiB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         n = r["n"]
@@ -221,7 +229,7 @@ def main() -> None:
               f"| {mib(r['edit_rss'])} |")
     if len(rows) > 1:
         a, b = rows[0], rows[-1]
-        print(f"\npeak RSS at {b['n']} / at {a['n']} images: prepare (2 workers) "
+        print(f"\npeak PSS at {b['n']} / at {a['n']} images: prepare (2 workers) "
               f"{b['prep2_rss'] / a['prep2_rss']:.2f}x, prepare (1 worker) "
               f"{b['prep1_rss'] / a['prep1_rss']:.2f}x, pretraining input "
               f"{b['pipe_rss'] / a['pipe_rss']:.2f}x, edit-training reads "

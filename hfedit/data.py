@@ -16,14 +16,16 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from hfedit.files import atomic_write, atomic_write_text
 from hfedit.jpeg import JpegDataError, check_jpeg
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: decode workers never load it
+    import torch
 
 # reason code -> how the user fixes it (the message always names the file too)
 REASONS: dict[str, str] = {
@@ -46,8 +48,11 @@ class ImageError(ValueError):
 
     def __init__(self, reason: str, path: str | os.PathLike, detail: str):
         assert reason in REASONS, reason
-        self.reason, self.path = reason, str(path)
+        self.reason, self.path, self.detail = reason, str(path), detail
         super().__init__(f"{path}: {detail.rstrip('.')}. Fix: {REASONS[reason]}")
+
+    def __reduce__(self):  # crosses process boundaries (prepare's decode processes, Ray)
+        return (type(self), (self.reason, self.path, self.detail))
 
 
 class DatasetError(ValueError):
@@ -195,6 +200,8 @@ def _square_u8(img: Image.Image, resolution: int, center_crop: bool = True) -> n
 
 def _u8_to_tensor(arr: np.ndarray) -> torch.Tensor:
     """(..., H, W, 3) uint8 -> (..., 3, H, W) float32 in [-1, 1]."""
+    import torch
+
     return torch.from_numpy(arr).movedim(-1, -3).float().div(127.5).sub(1.0)
 
 
@@ -206,6 +213,8 @@ def to_tensor(img: Image.Image, resolution: int, center_crop: bool = True) -> to
 
 def to_pil(tensor: torch.Tensor) -> Image.Image:
     """(3, H, W) tensor in [-1, 1] -> RGB PIL image; exact inverse of :func:`to_tensor`'s scaling."""
+    import torch
+
     if tensor.ndim != 3 or tensor.shape[0] != 3:
         raise ValueError(f"to_pil expects a (3, H, W) tensor, got shape {tuple(tensor.shape)}")
     x = tensor.detach().float().cpu()
@@ -224,6 +233,7 @@ def save_png(tensor: torch.Tensor, path: str | os.PathLike) -> Path:
 def make_grid_png(tensors: torch.Tensor | Iterable[torch.Tensor], path: str | os.PathLike,
                   nrow: int = 8) -> Path:
     """Save (N, 3, H, W) [-1, 1] images as one PNG grid, ``nrow`` per row, white padding."""
+    import torch
     from torchvision.utils import make_grid
 
     batch = tensors if isinstance(tensors, torch.Tensor) else torch.stack(list(tensors))
@@ -232,6 +242,44 @@ def make_grid_png(tensors: torch.Tensor | Iterable[torch.Tensor], path: str | os
     grid = make_grid(batch.detach().float().cpu().clamp(-1, 1), nrow=nrow, padding=2,
                      pad_value=1.0)  # (3, H', W')
     return save_png(grid, path)
+
+
+# ---------------------------------------------------------------------------------- decode
+@dataclass
+class Input:
+    """One input of ``prepare``: a file (``path``), a bundled image (``image``), or a refusal
+    known before decoding (``error``)."""
+
+    id: str
+    source: str
+    path: Optional[str] = None
+    image: object = None  # PIL image of a bundled source
+    error: Optional[ImageError] = None
+
+
+def decode_inputs(items: list[Input], settings: dict) -> list[tuple[dict, Optional[bytes]]]:
+    """Decode + crop + resize each input as ``prepare`` does (``settings``: resolution,
+    center_crop, max_pixels): per input its manifest row (a dict) and its (R, R, 3) uint8
+    pixels as bytes, None when refused. Runs in prepare's decode processes, which import
+    this module and not torch."""
+    out = []
+    for item in items:
+        try:
+            if item.error is not None:
+                raise item.error
+            if item.image is not None:
+                loaded = LoadedImage(to_rgb(item.image), item.image.mode, item.image.size)
+            else:
+                loaded = load_image(item.path, settings["max_pixels"])
+        except ImageError as err:
+            row = ManifestRow(item.id, item.source, "error", err.reason, str(err))
+            out.append((dataclasses.asdict(row), None))
+            continue
+        u8 = _square_u8(loaded.image, settings["resolution"], settings["center_crop"])
+        row = ManifestRow(item.id, item.source, "ok", mode=loaded.mode, size=list(loaded.size),
+                          orientation=loaded.orientation)
+        out.append((dataclasses.asdict(row), u8.tobytes()))
+    return out
 
 
 # --------------------------------------------------------------------------------- sources

@@ -32,7 +32,6 @@ import json
 import os
 from collections import Counter, OrderedDict
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
@@ -44,22 +43,20 @@ from hfedit.config import DataConfig
 from hfedit.data import (
     SPLITS,
     DatasetError,
-    ImageError,
-    LoadedImage,
+    Input,
     Manifest,
     ManifestRow,
-    _square_u8,
     _u8_to_tensor,
     bundled_images,
+    decode_inputs,
     id_digest,
     iter_folder,
-    load_image,
     make_grid_png,
     split_ids,
-    to_rgb,
     write_manifest,
 )
 from hfedit.files import atomic_write, atomic_write_text
+from hfedit.parquet import read_groups
 
 FORMAT = "hfedit-shards/1"
 # Images per Parquet row group: the unit a random read decodes (8 x 192 KiB at 256 px).
@@ -84,18 +81,6 @@ def pixels_to_tensor(pixels: Sequence[bytes] | np.ndarray, resolution: int) -> t
 
 
 # ------------------------------------------------------------------------------- inputs
-@dataclass
-class Input:
-    """One input of ``prepare``: a file (``path``), a bundled image (``image``), or a refusal
-    known before decoding (``error``)."""
-
-    id: str
-    source: str
-    path: Optional[str] = None
-    image: object = None  # PIL image of a bundled source
-    error: Optional[ImageError] = None
-
-
 def list_inputs(cfg: DataConfig) -> list[Input]:
     """Every input of ``cfg.source`` sorted by id, cut to ``cfg.max_images`` (0 = all)."""
     if cfg.source == "bundled":
@@ -110,29 +95,6 @@ def _decode_settings(cfg: DataConfig) -> dict:
     """What a shard's content depends on besides its inputs (a change redoes the shard)."""
     return {"format": FORMAT, "resolution": cfg.resolution, "center_crop": cfg.center_crop,
             "max_pixels": cfg.max_pixels, "seed": cfg.seed}
-
-
-def _decode_items(items: list[Input], settings: dict) -> list[tuple[dict, Optional[bytes]]]:
-    """Decode + crop + resize: per input its manifest row and its pixels (None if refused).
-    Runs in the decode worker processes."""
-    out = []
-    for item in items:
-        try:
-            if item.error is not None:
-                raise item.error
-            if item.image is not None:
-                loaded = LoadedImage(to_rgb(item.image), item.image.mode, item.image.size)
-            else:
-                loaded = load_image(item.path, settings["max_pixels"])
-        except ImageError as err:
-            row = ManifestRow(item.id, item.source, "error", err.reason, str(err))
-            out.append((dataclasses.asdict(row), None))
-            continue
-        u8 = _square_u8(loaded.image, settings["resolution"], settings["center_crop"])
-        row = ManifestRow(item.id, item.source, "ok", mode=loaded.mode, size=list(loaded.size),
-                          orientation=loaded.orientation)
-        out.append((dataclasses.asdict(row), u8.tobytes()))
-    return out
 
 
 # -------------------------------------------------------------------------------- shards
@@ -225,8 +187,8 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | os.PathLike, progress: bool 
     bar = tqdm(total=len(inputs), desc="prepare", unit="img", disable=not progress,
                initial=sum(len(chunks[k]) for k in rows_of))
     # The bundled faces (102 small images) decode faster than worker processes start.
-    workers = 1 if cfg.source == "bundled" else min(
-        _default_workers(cfg), max(1, sum(len(chunks[k]) for k in todo) // DECODE_ITEMS))
+    items = sum(-(-len(chunks[k]) // DECODE_ITEMS) for k in todo)
+    workers = 1 if cfg.source == "bundled" else max(1, min(_default_workers(cfg), items))
     for k, rows in _decode_shards(out, chunks, todo, settings, workers, bar):
         rows_of[k] = rows
     bar.close()
@@ -242,7 +204,7 @@ def _decode_shards(out: Path, chunks: list[list[Input]], todo: list[int], settin
     if workers <= 1:
         pending: dict[int, list] = {}
         for k, batch in items:
-            pending.setdefault(k, []).extend(_decode_items(batch, settings))
+            pending.setdefault(k, []).extend(decode_inputs(batch, settings))
             bar.update(len(batch))
             if len(pending[k]) == len(chunks[k]):
                 yield k, _write_shard(out, k, [i.id for i in chunks[k]], settings, pending.pop(k))
@@ -253,7 +215,7 @@ def _decode_shards(out: Path, chunks: list[list[Input]], todo: list[int], settin
         it = iter(items)
         pending = {}
         for k, batch in it:
-            queue.append((k, len(batch), pool.submit(_decode_items, batch, settings)))
+            queue.append((k, len(batch), pool.submit(decode_inputs, batch, settings)))
             if len(queue) >= 2 * workers:
                 break
         while queue:
@@ -262,7 +224,7 @@ def _decode_shards(out: Path, chunks: list[list[Input]], todo: list[int], settin
             bar.update(n)
             nxt = next(it, None)
             if nxt is not None:
-                queue.append((nxt[0], len(nxt[1]), pool.submit(_decode_items, nxt[1], settings)))
+                queue.append((nxt[0], len(nxt[1]), pool.submit(decode_inputs, nxt[1], settings)))
             if len(pending[k]) == len(chunks[k]):
                 yield k, _write_shard(out, k, [i.id for i in chunks[k]], settings, pending.pop(k))
 
@@ -433,12 +395,15 @@ class PreparedData:
         self._check_split(split)
         return Split(self, split)
 
-    def ray_dataset(self, split: str, num_cpus: float = 0.0, groups_per_task: int = 4):
+    def ray_dataset(self, split: str, num_cpus: float = 0.0, groups_per_task: int = 4,
+                    read_tasks: int = 2):
         """``split`` as a Ray Data dataset of ``pixels`` rows (R*R*3 uint8 bytes each, in the
         split's order; convert per batch with :func:`pixels_to_tensor`).
 
         One row per Parquet row group holding rows of the split goes in (from the index, no
-        listing), and tasks of ``num_cpus`` each read ``groups_per_task`` groups. Not
+        listing), and at most ``read_tasks`` tasks of ``num_cpus`` each at a time read
+        ``groups_per_task`` groups each (they import pyarrow and :mod:`hfedit.parquet`, not
+        torch). Not
         ``ray.data.read_parquet``: its first step (listing the files, or sampling them in its
         older path) is a task that asks for a whole CPU, whatever the read asks, and while Ray
         Train's workers hold every CPU (2 workers x 1 CPU on a 2-CPU node) it never starts:
@@ -456,7 +421,8 @@ class PreparedData:
         files = [self.uri(s["file"]) for s in self.meta["shards"]]
         fs = self.fs if "://" in self.location else None
         ds = ray.data.from_items(items).map_batches(
-            _read_groups, batch_size=groups_per_task, batch_format="numpy", num_cpus=num_cpus,
+            read_groups, batch_size=groups_per_task, batch_format="numpy", num_cpus=num_cpus,
+            compute=ray.data.TaskPoolStrategy(size=read_tasks),
             fn_kwargs={"files": files, "filesystem": fs})
         ds.context.execution_options.preserve_order = True  # the split's order, every run
         return ds
@@ -469,19 +435,6 @@ class PreparedData:
         self._check_split(split)
         bound = pa.scalar(bytes.fromhex(self.meta["val_key_max"]), pa.binary())
         return pc.field("key") > bound if split == "train" else pc.field("key") <= bound
-
-
-def _read_groups(batch: dict, files: list[str], filesystem=None) -> dict:
-    """Ray Data task: rows ``batch["rows"]`` of row group ``batch["group"]`` of shard
-    ``batch["shard"]``, for each item -> ``{"pixels": [bytes, ...]}`` in item order."""
-    import pyarrow.parquet as pq
-
-    pixels = []
-    for shard, group, rows in zip(batch["shard"], batch["group"], batch["rows"]):
-        f = pq.ParquetFile(files[int(shard)], filesystem=filesystem)
-        col = f.read_row_group(int(group), columns=["pixels"]).column("pixels")
-        pixels.extend(col[int(r)].as_py() for r in rows)
-    return {"pixels": np.array(pixels, dtype=object)}
 
 
 class Split:

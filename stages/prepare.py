@@ -15,15 +15,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from hfedit.config import ConfigError, load_config
-from hfedit.data import DatasetError, Manifest
-from hfedit.dataset import prepare_dataset
-from hfedit.validation import UsageError, check_output_folder
-from pipelines.tracking import stage_run
+# Only the standard library at the top: prepare's decode processes import this file again (it
+# is their __main__) and must stay light (no torch, no MLflow); the rest is imported in main().
 
 
-def main(argv: list[str] | None = None) -> Manifest:
+def main(argv: list[str] | None = None):
     """Parse arguments, load the config, prepare the dataset; returns the manifest."""
+    from hfedit.config import load_config
+    from hfedit.dataset import prepare_dataset
+    from hfedit.validation import check_output_folder
+    from pipelines.tracking import stage_run
+
     parser = argparse.ArgumentParser(description="Prepare the image dataset (DVC stage).")
     parser.add_argument("--out", type=Path, required=True, help="output folder (dvc.yaml outs)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -44,6 +46,10 @@ def main(argv: list[str] | None = None) -> Manifest:
 
 
 if __name__ == "__main__":
+    from hfedit.config import ConfigError
+    from hfedit.data import DatasetError
+    from hfedit.validation import UsageError
+
     try:
         main()
     except (ConfigError, UsageError) as err:  # bad arguments or settings: nothing done

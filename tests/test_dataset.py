@@ -211,3 +211,22 @@ def test_a_changed_setting_redoes_the_shards(tmp_path):
     prepare_dataset(DataConfig(source=str(src), resolution=16, shard_images=20, max_images=10),
                     out, progress=False)
     assert sorted(p.name for p in out.glob("shards/*")) == ["00000.json", "00000.parquet"]
+
+
+def test_refusals_cross_to_the_decode_processes_and_back(folder, tmp_path):  # noqa: F811
+    """2 decode processes, refusals found while listing (links, fifo) and while decoding: the
+    manifest is the one a single process writes."""
+    import pickle
+
+    from hfedit.data import ImageError
+
+    err = ImageError("broken_link", "/x/y.png", "dangling symlink to /x/z.png")
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.reason, back.path, str(back)) == (err.reason, err.path, str(err))
+    root, expected = folder
+    one = prepare_dataset(DataConfig(source=str(root), resolution=RES, shard_images=3, workers=1),
+                          tmp_path / "one", progress=False)
+    two = prepare_dataset(DataConfig(source=str(root), resolution=RES, shard_images=3, workers=2),
+                          tmp_path / "two", progress=False)
+    assert two.rows == one.rows
+    assert {r.id: r.status if r.status == "ok" else r.reason for r in two.rows} == expected
