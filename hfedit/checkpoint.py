@@ -141,6 +141,30 @@ def prefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def model_reference(source: str | Path) -> dict[str, str]:
+    """What a checkpoint records of the model it was trained from, portably: a hub id as is; a
+    local folder by its path relative to the project when inside it (else its name only, never
+    an absolute path of the training machine) and the sha256 prefix of its weights
+    (``unet/diffusion_pytorch_model.safetensors``, or a rectifier's ``rectifier.safetensors``)."""
+    from hfedit.config import project_root
+
+    path = Path(str(source))
+    if not path.exists():
+        return {"source": str(source)}
+    path = path.resolve()
+    try:
+        shown = str(path.relative_to(project_root().resolve()))
+    except ValueError:
+        shown = path.name
+    ref = {"source": shown}
+    for weights in ("unet/diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors",
+                    f"{RECTIFIER}.safetensors"):
+        if (path / weights).is_file():
+            ref["sha256"] = file_digest(path / weights)
+            break
+    return ref
+
+
 # ---------------------------------------------------------------------- rectifier files
 RECTIFIER = "rectifier"
 

@@ -34,6 +34,7 @@ from hfedit.checkpoint import (
     flatten_optimizer,
     load_checkpoint,
     load_rectifier,
+    model_reference,
     module_digests,
     save_checkpoint,
     save_rectifier,
@@ -45,6 +46,7 @@ from hfedit.device import DeviceUnavailable, check_precision, placement, wants_g
 from hfedit.files import replace_folder
 from pipelines.ray_runtime import cluster_gpus, init_ray
 from pipelines.tracking import stage_run
+from pipelines.serving import log_rectifier_model
 
 STATE = "train_state"
 # A checkpoint is resumed only by a run of the same code (see :func:`train`'s fingerprint).
@@ -132,7 +134,7 @@ def train_loop_per_worker(config: dict) -> None:
                         "step": done, "optim": opt_meta, "lr_sched": lr_sched.state_dict(),
                         "restarts": restarts, "run_fingerprint": config["fingerprint"],
                         "metrics": metrics})
-                    save_rectifier(tmp, rectifier, {"step": done, "backbone": config["backbone"]})
+                    save_rectifier(tmp, rectifier, {"step": done, "backbone": config["backbone_ref"]})
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(metrics, checkpoint=ckpt)
         elif done % pc.log_every == 0:
@@ -208,6 +210,7 @@ def train(cfg: HfeditConfig, backbone: Path, data: Path, out: Path, checkpoints:
         train_loop_per_worker,
         train_loop_config={
             "cfg": _config_dict(cfg), "backbone": str(backbone.resolve()),
+            "backbone_ref": model_reference(backbone),
             "data": str(data.resolve()), "fingerprint": run_fp, "mlflow_run_id": mlflow_run_id,
             "mlflow_uri": mlflow_uri, "pid_dir": pid_dir, "storage": str(storage),
         },
@@ -288,10 +291,12 @@ def main(argv: list[str] | None = None) -> dict:
         for model in ("backbone", "rectifier"):
             tracker.log_metrics({f"recon_{model}/{k}": v for k, v in report[model].items()},
                                 step=cfg.pretrain.steps)
-        tracker.log_artifacts(args.out, "rectifier")
         tracker.log_artifact(args.metrics)
-        tracker.register(cfg, "rectifier", "rectifier", tags={
-            f"held_out_{k}_improvement": f"{v:.6g}" for k, v in report["improvement"].items()})
+        log_rectifier_model(cfg, tracker.run_id, args.backbone, args.out, "rectifier", "rectifier",
+                            tags={"hfedit.kind": "reconstruction",
+                                  "hfedit.backbone": model_reference(args.backbone)["source"],
+                                  **{f"held_out_{k}_improvement": f"{v:.6g}"
+                                     for k, v in report["improvement"].items()}})
     imp = report["improvement"]
     print(f"pretrain_rectifier: held-out L1 {report['backbone']['l1']:.4f} -> "
           f"{report['rectifier']['l1']:.4f}, gap {report['backbone']['gap']:.4f} -> "

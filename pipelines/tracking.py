@@ -7,9 +7,10 @@ it runs under (host, pid, start time): the first stage of an invocation creates 
 later ones nest under it. ``$HFEDIT_PARENT_RUN_ID`` names the parent explicitly instead (a
 wrapper script, ``ray job submit``); a stage run by hand has none.
 
-The reconstruction rectifier and every edit rectifier are registered in the model registry
-(``runtime.mlflow.register``), as ``<prefix>-rectifier`` and ``<prefix>-edit-<attribute>``, each
-version pointing at the run's safetensors + JSON artifacts (no pickled code).
+The reconstruction rectifier and every edit rectifier are logged as servable pyfunc models and
+registered (``runtime.mlflow.register``) as ``<prefix>-rectifier`` and
+``<prefix>-edit-<attribute>``, the latest version aliased ``champion``: see
+:mod:`pipelines.serving`.
 
 The store defaults to a local SQLite file (``<project>/mlflow.db``, artifacts in
 ``<project>/mlartifacts``); ``MLFLOW_TRACKING_URI`` or ``runtime.mlflow.tracking_uri`` point
@@ -112,36 +113,6 @@ class StageRun:
         """The run this one is nested under (the pipeline run of a stage), or None."""
         parent_id = self._client.get_run(self.run_id).data.tags.get("mlflow.parentRunId")
         return StageRun(self._client.get_run(parent_id), self._client) if parent_id else None
-
-    def register(self, cfg: HfeditConfig, artifact_path: str, name: str,
-                 tags: dict[str, Any] | None = None) -> str | None:
-        """Register this run's ``artifact_path`` folder as a new version of the model
-        ``<runtime.mlflow.registry_prefix>-<name>``; returns the version (None when
-        ``runtime.mlflow.register`` is off)."""
-        mc = cfg.runtime.mlflow
-        if not mc.register:
-            return None
-        return register_folder(self._client, self.run, f"{mc.registry_prefix}-{name}", artifact_path, tags)
-
-
-def register_folder(client, run, model: str, artifact_path: str,
-                    tags: dict[str, Any] | None = None) -> str:
-    """A new version of registered model ``model`` (created when missing) whose source is the
-    ``artifact_path`` folder of ``run``."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.create_registered_model(
-            model, description="hfedit rectifier: safetensors weights + JSON config "
-                               "(load with hfedit.checkpoint.load_rectifier)")
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    version = client.create_model_version(
-        model, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=run.info.run_id,
-        tags={k: str(v) for k, v in (tags or {}).items()})
-    log.info("registered %s version %s", model, version.version)
-    return str(version.version)
 
 
 def dvc_invocation() -> tuple[str, str] | None:

@@ -43,6 +43,7 @@ from hfedit.checkpoint import (
     module_digests,
     fingerprint,
     has_checkpoint,
+    model_reference,
     save_rectifier,
 )
 from hfedit.config import ConfigError, EditMethod, HfeditConfig, load_config, to_flat_dict
@@ -231,8 +232,8 @@ def run_attribute(spec: dict) -> dict:
             result = train_logged(loaded, name, run)
             summary = summarise(result, method)
             meta = {"attribute": name, "edit": to_flat_dict(attr), "fingerprint": spec["fingerprint"],
-                    "inputs": spec["inputs"], "backbone": str(spec["backbone"]),
-                    "reconstruction_rectifier": str(spec["rectifier"]),
+                    "inputs": spec["inputs"], "backbone": model_reference(spec["backbone"]),
+                    "reconstruction_rectifier": model_reference(spec["rectifier"]),
                     "clip": {"model": loaded.clip.name, "weights": cfg.clip.weights,
                              "semantic": loaded.clip.semantic, "note": loaded.clip.weights_note},
                     "training": summary}
@@ -240,10 +241,14 @@ def run_attribute(spec: dict) -> dict:
                 meta["markovian"] = to_flat_dict(cfg.edits.markovian)
             folder = publish(Path(spec["out"]), name, result.rectifier.cpu(), meta)
             if run is not None:
-                run.log_artifacts(folder, f"edits/{name}")
-                run.register(cfg, f"edits/{name}", f"edit-{name}",
-                             tags={"attribute": name, "method": method.value,
-                                   "fingerprint": spec["fingerprint"]})
+                from pipelines.serving import log_rectifier_model
+
+                log_rectifier_model(cfg, run.run_id, spec["backbone"], folder, f"edit-{name}", name,
+                                    tags={"hfedit.attribute": name, "hfedit.method": method.value,
+                                          "hfedit.semantic": str(loaded.clip.semantic).lower(),
+                                          "hfedit.clip_model": loaded.clip.name,
+                                          "hfedit.fingerprint": spec["fingerprint"],
+                                          "hfedit.backbone": meta["backbone"]["source"]})
         except BaseException as err:
             if run is not None:
                 run.set_tags({"hfedit.error": f"{type(err).__name__}: {err}"[:4000]})

@@ -178,6 +178,14 @@ def test_torch_trainer_survives_a_killed_worker_and_resumes(tmp_path, random_den
     assert proc.returncode == 0, out[-4000:]
     report = json.loads((tmp_path / "m.json").read_text())
     assert report["training"]["resumed_from_step"] == 40
+    # the rectifier records its backbone portably and is a servable model, @champion
+    meta = json.loads((tmp_path / "rect" / "rectifier.json").read_text())
+    assert meta["backbone"]["source"] == "backbone" and str(tmp_path) not in json.dumps(meta)
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    champion = client.get_model_version_by_alias("hfedit-rectifier", "champion")
+    assert str(champion.version) == "2" and champion.tags["hfedit.kind"] == "reconstruction"
 
 
 def test_a_checkpoint_copied_half_way_is_not_complete(tmp_path):

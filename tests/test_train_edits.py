@@ -107,6 +107,11 @@ def test_two_attributes_train_in_parallel_and_unchanged_ones_are_skipped(inputs,
     meta = json.loads((work / "edits" / "smiling" / "rectifier.json").read_text())
     assert meta["fingerprint"] == smiling["fingerprint"] and meta["edit"]["target"] == "a smiling face"
     assert (work / "edits" / "smiling" / "rectifier.safetensors").is_file()
+    assert meta["backbone"]["source"] == "backbone" and str(inputs) not in json.dumps(meta)
+    # each attribute is a servable pyfunc model, @champion, tagged not semantic (random CLIP)
+    for name, child in children.items():
+        version = client.get_model_version_by_alias(f"hfedit-edit-{name}", "champion")
+        assert version.run_id == child.info.run_id and version.tags["hfedit.semantic"] == "false"
 
     # rerun with one attribute changed: only that one trains, the other's files stay as they were
     rerun = tmp_path / "rerun"
