@@ -3,8 +3,9 @@
 Every rectifier a stage trains is logged as an MLflow *pyfunc model* (``pipelines/serving_model.py``
 is the model, as code: nothing is pickled) holding its own copy of what it needs:
 
-- artifacts ``rectifier/`` (safetensors + JSON) and ``backbone/`` (the diffusers folder; a hub id
-  is kept as ``backbone_source`` in the model config instead of a copy);
+- artifacts ``rectifier`` (safetensors + JSON), ``base`` (the reconstruction rectifier whose
+  trunk an edit rectifier shares, ``edits.share_trunk``) and ``backbone`` (the diffusers folder;
+  a hub id is kept as ``backbone_source`` in the model config instead of a copy);
 - the ``hfedit`` package as model code, so ``mlflow models serve --env-manager local`` needs only
   torch, diffusers and Pillow in the serving environment;
 - a signature: input ``image`` (base64 of an image file) and optional ``seed``; output ``image``
@@ -20,6 +21,7 @@ method, the fingerprint and the backbone.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,9 @@ def log_rectifier_model(cfg: HfeditConfig, run_id: str, backbone: str | Path, re
     model_name = f"{mc.registry_prefix}-{name}"
     backbone_path = Path(str(backbone))
     artifacts = {"rectifier": str(Path(rectifier_dir).resolve())}
+    meta = json.loads((Path(rectifier_dir) / "rectifier.json").read_text())
+    if "base" in meta:  # an edit rectifier sharing the reconstruction rectifier's trunk
+        artifacts["base"] = str((Path(rectifier_dir) / meta["base"]["path"]).resolve())
     model_config: dict[str, Any] = {
         "attribute": attribute, "max_pixels": cfg.data.max_pixels,
         "inversion": {k: (v.value if hasattr(v, "value") else v)

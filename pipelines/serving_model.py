@@ -3,8 +3,9 @@ is pickled). Logged by :func:`pipelines.serving.log_rectifier_model`; served wit
 
     mlflow models serve -m models:/hfedit-edit-smiling@champion --env-manager local
 
-Artifacts: ``backbone`` (the diffusers folder of the backbone stage) and ``rectifier`` (its
-``rectifier.safetensors`` + ``rectifier.json``). Model config: ``attribute`` (the name the edit
+Artifacts: ``backbone`` (the diffusers folder of the backbone stage), ``rectifier`` (its
+``rectifier.safetensors`` + ``rectifier.json``) and, for an edit rectifier that shares the
+reconstruction rectifier's trunk, ``base`` (that rectifier). Model config: ``attribute`` (the name the edit
 is replayed under), ``inversion`` (the defaults of the request's params), ``max_pixels``, and
 ``backbone_source`` when the backbone is a hub id rather than an artifact.
 
@@ -41,7 +42,8 @@ class RectifierModel(PythonModel):
         backbone = context.artifacts.get("backbone") or conf["backbone_source"]
         self.denoiser = load_backbone(backbone, device, precision)
         self.rectifier, self.meta = load_rectifier(context.artifacts["rectifier"],
-                                                   self.denoiser.unet, device=str(device))
+                                                   self.denoiser.unet, device=str(device),
+                                                   base=context.artifacts.get("base"))
         self.attribute = conf.get("attribute", "edit")
         self.inversion = InversionConfig(**conf.get("inversion", {}))
         self.max_pixels = int(conf.get("max_pixels", 40_000_000))

@@ -88,6 +88,7 @@ def attribute_fingerprint(cfg: HfeditConfig, name: str, inputs: dict[str, Any]) 
         "attribute": to_flat_dict(attr),
         "clip": to_flat_dict(cfg.clip),
         "markovian": to_flat_dict(cfg.edits.markovian) if method is EditMethod.markovian else None,
+        "share_trunk": cfg.edits.share_trunk,
         "inputs": inputs,
     })
 
@@ -102,10 +103,12 @@ def saved_meta(folder: Path) -> Optional[dict]:
         return None
 
 
-def publish(out_root: Path, name: str, rectifier, meta: dict) -> Path:
+def publish(out_root: Path, name: str, rectifier, meta: dict, base: Optional[Path] = None) -> Path:
     """Write ``out_root/name/`` atomically: save into a temporary sibling, then rename it into
-    place (the previous version is renamed away first and deleted after)."""
-    return replace_folder(out_root / name, lambda tmp: save_rectifier(tmp, rectifier, meta))
+    place (the previous version is renamed away first and deleted after). ``base``: the
+    reconstruction rectifier whose trunk this one shares (only the rest is written)."""
+    return replace_folder(out_root / name,
+                          lambda tmp: save_rectifier(tmp, rectifier, meta, base=base))
 
 
 # ------------------------------------------------------------------------------- the task
@@ -182,7 +185,8 @@ def train_logged(loaded: Loaded, name: str, tracker, method: Optional[EditMethod
 
     return train_edit(cfg.edits.attributes[name], loaded.denoiser, loaded.reconstruction,
                       loaded.clip, loaded.images, cfg.edits.markovian, method=method, steps=steps,
-                      on_step=on_step, checkpoint=cfg.runtime.activation_checkpointing)
+                      on_step=on_step, checkpoint=cfg.runtime.activation_checkpointing,
+                      share_trunk=cfg.edits.share_trunk)
 
 
 def summarise(result, method: EditMethod) -> dict[str, Any]:
@@ -239,7 +243,8 @@ def run_attribute(spec: dict) -> dict:
                     "training": summary}
             if method is EditMethod.markovian:
                 meta["markovian"] = to_flat_dict(cfg.edits.markovian)
-            folder = publish(Path(spec["out"]), name, result.rectifier.cpu(), meta)
+            folder = publish(Path(spec["out"]), name, result.rectifier.cpu(), meta,
+                             base=Path(spec["rectifier"]) if cfg.edits.share_trunk else None)
             if run is not None:
                 from pipelines.serving import log_rectifier_model
 

@@ -39,8 +39,9 @@ def _b64_png(img: Image.Image) -> str:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A tiny random backbone, a perturbed (ResNet18) rectifier, both on disk, logged and
-    registered as ``hfedit-edit-smiling`` in a SQLite store of their own."""
+    """A tiny random backbone, a perturbed (ResNet18) edit rectifier sharing the trunk of a
+    reconstruction rectifier, all on disk, logged and registered as ``hfedit-edit-smiling`` in
+    a SQLite store of their own."""
     import mlflow
 
     from pipelines.serving import log_rectifier_model
@@ -52,8 +53,10 @@ def served(tmp_path_factory):
     torch.manual_seed(0)
     denoiser = new_denoiser(cfg.backbone, RES).freeze()
     save_backbone(denoiser, tmp / "backbone")
-    rect = perturbed(build_rectifier(cfg.rectifier, denoiser.unet), scale=0.05)
-    save_rectifier(tmp / "smiling", rect, {"attribute": "smiling"})
+    recon = build_rectifier(cfg.rectifier, denoiser.unet)
+    save_rectifier(tmp / "rectifier", recon)
+    rect = perturbed(recon, scale=0.05)  # the heads differ, the trunk is shared
+    save_rectifier(tmp / "smiling", rect, {"attribute": "smiling"}, base=tmp / "rectifier")
     uri = f"sqlite:///{tmp}/mlflow.db"
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
@@ -108,9 +111,10 @@ def test_registered_model_has_signature_alias_tags_and_portable_files(served):
     assert [c.name for c in info.signature.inputs.inputs] == ["image", "seed"]
     assert {p.name: p.default for p in info.signature.params.params}["num_steps"] == 50
     local = Path(mlflow.artifacts.download_artifacts("models:/hfedit-edit-smiling@champion"))
-    [meta_file] = list(local.rglob("rectifier.json"))
-    meta = json.loads(meta_file.read_text())
-    assert str(served["tmp"]) not in json.dumps(meta)
+    metas = {p.parent.name: json.loads(p.read_text()) for p in local.rglob("rectifier.json")}
+    assert set(metas) == {"smiling", "rectifier"}  # the edit and the base whose trunk it shares
+    assert metas["smiling"]["base"]["path"] == "../rectifier"
+    assert str(served["tmp"]) not in json.dumps(metas)
     # everything written into the store is readable by other users of a shared store
     store = served["tmp"] / "mlartifacts"
     modes = {p.relative_to(store): p.stat().st_mode & 0o777 for p in store.rglob("*")}

@@ -25,7 +25,7 @@ TINY = ["--set", "edits.attributes.smiling.steps=2", "--set", "edits.attributes.
         "--set", "edits.attributes.smiling.batch_size=2", "--set", "edits.attributes.old.batch_size=2",
         "--set", "edits.attributes.smiling.num_images=4", "--set", "edits.attributes.old.num_images=4",
         "--set", "runtime.ray.edit_task_cpus=0.5", "--set", "runtime.ray.max_failures=0",
-        "--set", "edits.log_every=1"]
+        "--set", "edits.log_every=1", "--set", "edits.share_trunk=true"]
 
 pytestmark = [pytest.mark.slow]
 
@@ -108,6 +108,11 @@ def test_two_attributes_train_in_parallel_and_unchanged_ones_are_skipped(inputs,
     assert meta["fingerprint"] == smiling["fingerprint"] and meta["edit"]["target"] == "a smiling face"
     assert (work / "edits" / "smiling" / "rectifier.safetensors").is_file()
     assert meta["backbone"]["source"] == "backbone" and str(inputs) not in json.dumps(meta)
+    # edits.share_trunk: the trunk is not stored again; it is the reconstruction rectifier's
+    base = work / "edits" / "smiling" / meta["base"]["path"]
+    assert not Path(meta["base"]["path"]).is_absolute() and base.resolve() == (inputs / "rectifier").resolve()
+    assert (work / "edits" / "smiling" / "rectifier.safetensors").stat().st_size < \
+        0.7 * (inputs / "rectifier" / "rectifier.safetensors").stat().st_size
     # each attribute is a servable pyfunc model, @champion, tagged not semantic (random CLIP)
     for name, child in children.items():
         version = client.get_model_version_by_alias(f"hfedit-edit-{name}", "champion")
