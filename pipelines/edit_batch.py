@@ -70,10 +70,11 @@ from hfedit.validation import check_output_folder
 from pipelines.batch_actor import (EditImages, backbone_resolution, columns, decode_images,
                                    error_row, write_outputs)
 from pipelines.ray_runtime import actor_gpus
-from pipelines.batch_job import (  # noqa: F401 (LOG_DIR, output_relpath: part of this module's API)
+from pipelines.batch_job import (  # noqa: F401 (LOG_DIR, output_relpath, ...: this module's API)
     COLUMNS, COMPACTED, EXIT_CRASHED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, LOG_DIR,
     MANIFEST, NOT_PROCESSED, RETRIED, DoneIndex, Entry, Job, UsageError, check_attributes, from_wire,
-    image_seed, is_complete, list_inputs, make_job, output_relpath, to_display, to_wire)
+    ignored_files, image_seed, is_complete, is_image_name, list_inputs, make_job, output_names,
+    output_relpath, to_display, to_wire)
 
 
 # ------------------------------------------------------------------------- the driver
@@ -92,6 +93,7 @@ class JobResult:
     table: str = ""
     summary: str = ""
     error: str = ""
+    ignored: list[str] = dataclasses.field(default_factory=list)  # not images by their suffix
 
 
 @contextlib.contextmanager
@@ -141,7 +143,8 @@ def plan(entries: list[Entry], job: Job, done: DoneIndex, global_seed: int
                 pending.append(a)
         if pending:
             items.append(to_wire({"id": e.id, "input": e.input, "signature": e.signature,
-                                  "index": e.index, "seed": seed, "pending": ",".join(pending)}))
+                                  "index": e.index, "seed": seed, "pending": ",".join(pending),
+                                  "name": e.name or e.id}))
     return items, rows
 
 
@@ -218,8 +221,11 @@ def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike
     real_out = out.resolve()  # an output folder inside the input folder is not input
     entries = [e for e in list_inputs(source, split, root)
                if split is not None or not Path(e.input).resolve().is_relative_to(real_out)]
+    ignored = [] if split is not None else [
+        i for i in ignored_files(source) if not (Path(source) / i).resolve().is_relative_to(real_out)]
     if not entries:
-        raise UsageError(f"--input {source}: no files")
+        raise UsageError(f"--input {source}: no image files" + (
+            f" (ignored, not images by their suffix: {ignored[:5]})" if ignored else ""))
     job = make_job(cfg, backbone, out, rectifiers, split is not None, pid_dir)
     with _locked(out, job.attributes):
         done = DoneIndex(out).refresh()
@@ -262,7 +268,7 @@ def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike
     counts = count(manifest, job.run, len(items))
     if code == EXIT_OK and counts["failed"]:
         code = EXIT_FAILED
-    result = JobResult(manifest, counts, code, job.run, seconds, error=error)
+    result = JobResult(manifest, counts, code, job.run, seconds, error=error, ignored=ignored)
     result.table, result.summary = summary_table(manifest, job.run), summary_line(result, out)
     return result
 
@@ -396,6 +402,9 @@ def summary_line(result: JobResult, out: Path) -> str:
     reasons = ", ".join(f"{k} {v}" for k, v in c["reasons"].items())
     return (f"edit_batch: {c['inputs']} inputs, {c['edited']} edited ({c['edited_now']} now, "
             f"{c['edited_before']} before), {c['failed']} failed" + (f" ({reasons})" if reasons else "")
+            + (f"; {len(result.ignored)} other files ignored (not images by their suffix: "
+               f"{', '.join(result.ignored[:3])}{', ...' if len(result.ignored) > 3 else ''})"
+               if result.ignored else "")
             + f"; {result.seconds:.1f} s, {rate:.2f} images/s; manifest {out / MANIFEST}"
             + (f"; stopped: {result.error}" if result.error else ""))
 
@@ -455,6 +464,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"edit_batch: {err}", file=sys.stderr)
         return EXIT_USAGE
 
+    from pipelines.tracking import uploaded_copy
+
+    for flag, value in (("--backbone", args.backbone), ("--edits", args.edits)):
+        if value and not Path(value).is_absolute() and not Path(value).exists() \
+                and uploaded_copy(Path.cwd()):
+            print(f"edit_batch: {flag} {value}: not in the uploaded working directory "
+                  f"{Path.cwd()} (ray job submit uploads no git-ignored folder such as models/): "
+                  "give an absolute path on storage every node sees", file=sys.stderr)
+            return EXIT_USAGE
+
     def start_ray() -> None:
         from pipelines.ray_runtime import init_ray
 
@@ -470,7 +489,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             from pipelines.tracking import stage_run
 
-            with stage_run(cfg, "edit_batch", tags={"edit_batch.input": args.input}) as tracker:
+            with stage_run(cfg, "edit_batch", tags={"edit_batch.input": args.input},
+                           store_beside=args.out) as tracker:
                 result = go()
                 flat = {k: v for k, v in _flatten(metrics_dict(result)).items()
                         if isinstance(v, (int, float))}

@@ -37,13 +37,29 @@ PARENT_ENV = "HFEDIT_PARENT_RUN_ID"
 log = logging.getLogger("hfedit.tracking")
 
 
-def tracking_uri(cfg: HfeditConfig) -> str:
+def uploaded_copy(folder: Path) -> bool:
+    """Whether ``folder`` is the copy of a working directory that ``ray job submit
+    --working-dir`` unpacked on a node (``.../runtime_resources/working_dir_files/_ray_pkg_*``):
+    anything written there is lost with the job's temporary files."""
+    return any(part.startswith("_ray_pkg_") for part in Path(folder).resolve().parts)
+
+
+def tracking_uri(cfg: HfeditConfig, beside: Path | None = None) -> str:
+    """``$MLFLOW_TRACKING_URI``, else ``runtime.mlflow.tracking_uri``, else the project's
+    ``mlflow.db``; under ``ray job submit`` (the project is an uploaded copy) ``beside/mlflow.db``
+    instead, ``beside`` being where the job writes its results (edit_batch: ``--out``)."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
     if cfg.runtime.mlflow.tracking_uri:
         return cfg.runtime.mlflow.tracking_uri
-    return f"sqlite:///{project_root() / 'mlflow.db'}"
+    root = project_root()
+    if beside is not None and uploaded_copy(root):
+        store = Path(beside).resolve() / "mlflow.db"
+        log.warning("the project is an uploaded copy (%s): MLflow store %s (set "
+                    "MLFLOW_TRACKING_URI to choose another)", root, store)
+        return f"sqlite:///{store}"
+    return f"sqlite:///{root / 'mlflow.db'}"
 
 
 def artifact_location(uri: str) -> str | None:
@@ -167,14 +183,16 @@ def pipeline_run_id(mlflow, exp_id: str, cfg: HfeditConfig) -> str | None:
 
 
 @contextlib.contextmanager
-def stage_run(cfg: HfeditConfig, stage: str, tags: dict[str, Any] | None = None) -> Iterator[StageRun]:
+def stage_run(cfg: HfeditConfig, stage: str, tags: dict[str, Any] | None = None,
+              store_beside: Path | None = None) -> Iterator[StageRun]:
     """Start the MLflow run of ``stage`` nested under the pipeline run (:func:`pipeline_run_id`),
     log the flattened config as params, yield a :class:`StageRun`, and end the run (FAILED on
-    error). The pipeline run is marked FINISHED (or FAILED) with it; a later stage of the same
+    error). ``store_beside``: where the default store goes when the project is an uploaded copy
+    (:func:`tracking_uri`). The pipeline run is marked FINISHED (or FAILED) with it; a later stage of the same
     invocation logs into it again."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    mlflow.set_tracking_uri(tracking_uri(cfg, store_beside))
     exp_id = _experiment_id(mlflow, cfg)
     parent = pipeline_run_id(mlflow, exp_id, cfg)
     run_tags = {"hfedit.stage": stage, "hfedit.profile": cfg.profile, **(tags or {})}

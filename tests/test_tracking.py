@@ -33,3 +33,24 @@ def test_artifact_locations_of_each_kind_of_store(tmp_path, monkeypatch):
     assert artifact_location("sqlite:///sub/m.db?timeout=20") == (tmp_path / "sub/mlartifacts").as_uri()
     assert artifact_location("sqlite:///:memory:") == (tmp_path / "mlartifacts").as_uri()
     assert artifact_location("http://127.0.0.1:5000") is None
+
+
+def test_an_uploaded_copy_keeps_its_store_beside_the_results(tmp_path, monkeypatch):
+    """Under `ray job submit` the project is Ray's unpacked copy of the working directory: the
+    default store goes beside the job's results, not into that temporary copy."""
+    from pipelines.tracking import tracking_uri, uploaded_copy
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(params=root / "params.yaml", conf_dir=root / "conf")
+    copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    copy.mkdir(parents=True)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("HFEDIT_ROOT", str(copy))
+    assert uploaded_copy(copy) and not uploaded_copy(root)
+    assert tracking_uri(cfg, beside=tmp_path / "out") == f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+    assert tracking_uri(cfg) == f"sqlite:///{copy / 'mlflow.db'}"  # a stage that has no results folder
+    monkeypatch.setenv("HFEDIT_ROOT", str(root))
+    assert tracking_uri(cfg, beside=tmp_path / "out") == f"sqlite:///{root / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/m.db")
+    monkeypatch.setenv("HFEDIT_ROOT", str(copy))
+    assert tracking_uri(cfg, beside=tmp_path / "out") == "sqlite:////elsewhere/m.db"
