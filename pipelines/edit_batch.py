@@ -492,7 +492,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             with stage_run(cfg, "edit_batch", tags={"edit_batch.input": args.input},
                            store_beside=args.out) as tracker:
                 result = go()
-                flat = {k: v for k, v in _flatten(metrics_dict(result)).items()
+                flat = {f"edit_batch/{k.replace('.', '/')}": v
+                        for k, v in _flatten(metrics_dict(result)).items()
                         if isinstance(v, (int, float))}
                 tracker.log_metrics(flat, step=0)
                 tracker.log_artifact(args.out / MANIFEST)

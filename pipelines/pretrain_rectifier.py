@@ -49,6 +49,8 @@ from pipelines.tracking import stage_run
 from pipelines.serving import log_rectifier_model
 
 STATE = "train_state"
+# Logged to MLflow as their mean over the steps since the previous logged step.
+MEANED = ("loss", "noise_mse", "plain_noise_mse", "delta_rms")
 # A checkpoint is resumed only by a run of the same code (see :func:`train`'s fingerprint).
 CODE_MODULES = ("hfedit.rectifier", "hfedit.modulation", "hfedit.training", "hfedit.schedule",
                 "hfedit.backbone", "pipelines.pretrain_rectifier")
@@ -110,6 +112,7 @@ def train_loop_per_worker(config: dict) -> None:
     images = load_split(config["data"], "train")[rank::world]  # this rank's shard, on the CPU
     tracker = _rank0_tracker(config) if rank == 0 else None
     T = denoiser.schedule.num_train_timesteps
+    window: dict[str, list[float]] = {}
 
     for step in range(start, pc.steps):
         gen = _step_generator(pc.seed, rank, step)
@@ -120,9 +123,14 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {"loss": stats.loss, "noise_mse": stats.noise_mse,
                    "plain_noise_mse": stats.plain_noise_mse, "delta_rms": stats.delta_rms,
                    "lr": lr_sched.get_last_lr()[0], "step": done, "restarts": restarts}
-        if tracker is not None and (done % pc.log_every == 0 or done == pc.steps):
-            tracker.log_metrics({f"pretrain/{k}": v for k, v in metrics.items() if k != "step"},
-                                step=done)
+        for k in MEANED:  # one batch is noisy: MLflow gets the mean since the last point
+            window.setdefault(k, []).append(metrics[k])
+        if done % pc.log_every == 0 or done == pc.steps:
+            if tracker is not None:
+                means = {k: sum(v) / len(v) for k, v in window.items()}
+                tracker.log_metrics({f"pretrain/{k}": means.get(k, v) for k, v in metrics.items()
+                                     if k != "step"}, step=done)
+            window.clear()
         if done % pc.checkpoint_every == 0 or done == pc.steps:
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
@@ -289,7 +297,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                     "step", "restarts", "resumed_from_step")}
         atomic_write_json(args.metrics, report)
         for model in ("backbone", "rectifier"):
-            tracker.log_metrics({f"recon_{model}/{k}": v for k, v in report[model].items()},
+            tracker.log_metrics({f"pretrain/held_out/{model}/{k}": v
+                                 for k, v in report[model].items()},
                                 step=cfg.pretrain.steps)
         tracker.log_artifact(args.metrics)
         log_rectifier_model(cfg, tracker.run_id, args.backbone, args.out, "rectifier", "rectifier",

@@ -34,6 +34,40 @@ from hfedit.config import HfeditConfig, project_root, to_flat_dict
 
 # A run started by an outer process (the pipeline's parent run) is passed down in this variable.
 PARENT_ENV = "HFEDIT_PARENT_RUN_ID"
+# The config a stage's run logs as params: its own sections (the params.yaml sections its DVC
+# stage depends on) plus the profile and the device settings; the whole merged config is the
+# run's config.yaml artifact. A stage not listed logs everything.
+STAGE_SECTIONS = {
+    "prepare": ("data",),
+    "backbone": ("backbone", "data.resolution"),
+    "pretrain_rectifier": ("pretrain", "rectifier"),
+    "train_edits": ("edits.attributes", "edits.markovian", "edits.share_trunk", "edits.log_every",
+                    "clip"),
+    "edit_ablation": ("edits.ablation", "edits.markovian", "edits.share_trunk", "clip",
+                      "inversion"),
+    "edit_batch": ("edit_batch", "inversion"),
+    "evaluate": ("evaluate", "inversion"),
+}
+ALWAYS = ("profile", "runtime.device", "runtime.precision")
+
+
+def stage_params(cfg: HfeditConfig, stage: str) -> dict[str, Any]:
+    """The flattened config keys of ``stage``'s sections (:data:`STAGE_SECTIONS`) and
+    :data:`ALWAYS`."""
+    flat = to_flat_dict(cfg)
+    sections = STAGE_SECTIONS.get(stage)
+    if sections is None:
+        return flat
+    keep = (*ALWAYS, *sections)
+    return {k: v for k, v in flat.items() if any(k == s or k.startswith(s + ".") for s in keep)}
+
+
+def pipeline_run_name() -> str:
+    """The DVC experiment's name under ``dvc exp run`` (``$DVC_EXP_NAME``), else
+    ``pipeline-<UTC time>``."""
+    import time
+
+    return os.environ.get("DVC_EXP_NAME") or time.strftime("pipeline-%Y%m%d-%H%M%S", time.gmtime())
 log = logging.getLogger("hfedit.tracking")
 
 
@@ -173,11 +207,14 @@ def pipeline_run_id(mlflow, exp_id: str, cfg: HfeditConfig) -> str | None:
                               max_results=1)
     if runs:
         return runs[0].info.run_id
+    name = pipeline_run_name()
     tags = {"hfedit.kind": "pipeline", "hfedit.pipeline_key": key, "hfedit.command": command,
             "hfedit.profile": cfg.profile, "mlflow.source.git.commit": _git_commit(),
-            "mlflow.runName": "pipeline"}
-    run = client.create_run(exp_id, run_name="pipeline", tags=tags)
-    StageRun(run, client).log_params(to_flat_dict(cfg))
+            "mlflow.source.name": command, "mlflow.source.type": "PROJECT", "mlflow.runName": name}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["hfedit.dvc_experiment"] = os.environ["DVC_EXP_NAME"]
+    run = client.create_run(exp_id, run_name=name, tags=tags)
+    StageRun(run, client).log_params({k: v for k, v in to_flat_dict(cfg).items() if k in ALWAYS})
     log.info("MLflow pipeline run %s for `%s`", run.info.run_id, command)
     return run.info.run_id
 
@@ -196,6 +233,9 @@ def stage_run(cfg: HfeditConfig, stage: str, tags: dict[str, Any] | None = None,
     exp_id = _experiment_id(mlflow, cfg)
     parent = pipeline_run_id(mlflow, exp_id, cfg)
     run_tags = {"hfedit.stage": stage, "hfedit.profile": cfg.profile, **(tags or {})}
+    commit = _git_commit()
+    if commit:  # also when the script is not the git checkout's (an installed copy)
+        run_tags.setdefault("mlflow.source.git.commit", commit)
     owned = bool(parent) and not os.environ.get(PARENT_ENV)  # a pipeline run of ours
     if parent:
         run_tags["mlflow.parentRunId"] = parent
@@ -205,7 +245,7 @@ def stage_run(cfg: HfeditConfig, stage: str, tags: dict[str, Any] | None = None,
     try:
         with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=run_tags) as run:
             tracker = StageRun(run, mlflow.MlflowClient())
-            tracker.log_params(to_flat_dict(cfg))
+            tracker.log_params(stage_params(cfg, stage))
             with tempfile.TemporaryDirectory() as tmp:
                 from hfedit.config import to_yaml
 
@@ -239,7 +279,11 @@ def child_run(uri: str, experiment_id: str, parent_run_id: str, name: str,
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    run_tags = {"mlflow.parentRunId": parent_run_id, **{k: str(v) for k, v in (tags or {}).items()}}
+    # the stage's source and git commit, not the Ray worker's entry point (default_worker.py)
+    parent = mlflow.MlflowClient().get_run(parent_run_id).data.tags
+    source = {k: v for k, v in parent.items() if k.startswith("mlflow.source.")}
+    run_tags = {**source, "mlflow.parentRunId": parent_run_id,
+                **{k: str(v) for k, v in (tags or {}).items()}}
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=run_tags) as run:
         yield StageRun(run, mlflow.MlflowClient())
 

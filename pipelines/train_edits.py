@@ -165,7 +165,7 @@ def clip_tags(clip) -> dict[str, str]:
 
 
 def train_logged(loaded: Loaded, name: str, tracker, method: Optional[EditMethod] = None,
-                 steps: Optional[int] = None, prefix: str = ""):
+                 steps: Optional[int] = None, prefix: str = "edit_training/"):
     """:func:`train_edit` for attribute ``name``, logging every ``edits.log_every`` steps."""
     from hfedit.edit_training import train_edit
 
@@ -359,12 +359,13 @@ def run_stage(cfg: HfeditConfig, backbone: Path, rectifier: Path, data: Path, ou
     if tracker is not None:
         for name, a in report["attributes"].items():
             if "final_loss" in a:
-                tracker.log_metrics({f"{name}/final_loss": a["final_loss"],
-                                     f"{name}/final_direction": a["final_direction"],
-                                     f"{name}/final_l1": a["final_l1"],
-                                     f"{name}/seconds_per_step": a["seconds_per_step"]},
+                tracker.log_metrics({f"{STAGE}/{name}/final_loss": a["final_loss"],
+                                     f"{STAGE}/{name}/final_direction": a["final_direction"],
+                                     f"{STAGE}/{name}/final_l1": a["final_l1"],
+                                     f"{STAGE}/{name}/seconds_per_step": a["seconds_per_step"]},
                                     step=a["steps"])
-        tracker.log_metrics({k: report[k] for k in ("trained", "skipped", "failed")}, step=0)
+        tracker.log_metrics({f"{STAGE}/{k}": report[k] for k in ("trained", "skipped", "failed")},
+                            step=0)
     return report
 
 

@@ -152,13 +152,17 @@ def test_default_pipeline_end_to_end(tmp_path, mlflow_server):
     assert len(pipelines) == 1
     pipe = pipelines[0]
     assert pipe.info.status == "FINISHED"
-    assert pipe.data.params["backbone.train.steps"] == "40"
+    assert pipe.data.params["profile"] == "tiny" and pipe.info.run_name.startswith("pipeline-")
     assert "eval_rectifier_ddim_l1" in pipe.data.metrics
     by_stage = {r.data.tags.get("hfedit.stage"): r for r in runs
                 if r.data.tags.get("mlflow.parentRunId") == pipe.info.run_id}
     assert sorted(by_stage) == sorted(STAGES)
     assert all(r.info.status == "FINISHED" for r in by_stage.values())
     backbone = by_stage["backbone"]
+    # each stage logs its own sections (+ profile and device), every run names its commit
+    assert backbone.data.params["backbone.train.steps"] == "40"
+    assert not any(k.startswith("backbone.") for k in by_stage["edit_batch"].data.params)
+    assert all(r.data.tags.get("mlflow.source.git.commit") for r in runs)
     history = client.get_metric_history(backbone.info.run_id, "backbone/loss")
     assert len({m.step for m in history}) >= 5 and max(m.step for m in history) == 40
     pretrain_hist = client.get_metric_history(by_stage["pretrain_rectifier"].info.run_id,

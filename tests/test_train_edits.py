@@ -101,7 +101,7 @@ def test_two_attributes_train_in_parallel_and_unchanged_ones_are_skipped(inputs,
     for child in children.values():
         assert child.data.tags["mlflow.parentRunId"] == stage[0].info.run_id
         assert child.data.tags["hfedit.clip_semantic"] == "false"
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [1, 2]
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "edit_training/loss")] == [1, 2]
     assert stage[0].data.tags["hfedit.clip_semantic"] == "false"
     # each folder: safetensors + config with the fingerprint of its params and inputs
     meta = json.loads((work / "edits" / "smiling" / "rectifier.json").read_text())
