@@ -418,6 +418,9 @@ def metrics_dict(result: JobResult) -> dict:
 
 
 # ------------------------------------------------------------------------------- main
+BACKBONE_DEFAULT = "models/backbone"
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--input", required=True,
@@ -426,9 +429,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="<out>/<attribute>/<id>.png + manifest.parquet")
     p.add_argument("--split", choices=SPLITS, help="edit this split of the prepared dataset --input")
     p.add_argument("--root", help="list file: paths are relative to, and must stay inside, this folder")
-    p.add_argument("--backbone", default="models/backbone")
+    p.add_argument("--backbone", default=BACKBONE_DEFAULT,
+                   help="backbone folder, hub id, or models:/<registered hfedit model> (its backbone)")
     p.add_argument("--attributes", nargs="+", help="reconstruction and/or edits (edit_batch.attributes)")
-    p.add_argument("--edits", help="edit rectifiers <edits>/<attribute>/ (edit_batch.edits_dir)")
+    p.add_argument("--edits", help="edit rectifiers <edits>/<attribute>/ (edit_batch.edits_dir), or "
+                   "models:/hfedit-edit-<attribute>@<alias> (fetched into <out>/_models/)")
     p.add_argument("--actors", type=int, help="Ray Data actors (edit_batch.actors)")
     p.add_argument("--batch-size", type=int, help="images per actor call (edit_batch.batch_size)")
     p.add_argument("--num-cpus", type=float, help="CPUs per actor (edit_batch.num_cpus)")
@@ -456,8 +461,33 @@ def config_from_args(args: argparse.Namespace) -> HfeditConfig:
     return load_config(overrides=sets)
 
 
+def resolve_model_uris(args: argparse.Namespace) -> None:
+    """``--edits models:/<name>@<alias>`` (or ``/<version>``): fetch that registered rectifier
+    model into ``<out>/_models/`` (:func:`pipelines.serving.fetch_model`); ``--edits`` becomes its
+    edits folder, ``--backbone`` (when not given) its backbone, and its attribute is added to
+    ``--attributes``. ``--backbone models:/...`` takes the backbone of that model."""
+    from pipelines.serving import fetch_model
+
+    if args.edits and args.edits.startswith("models:/"):
+        backbone, attribute = fetch_model(args.edits, args.out / "_models")
+        args.edits = str(args.out / "_models" / "edits")
+        if args.backbone == BACKBONE_DEFAULT:
+            args.backbone = str(backbone)
+        if args.attributes is not None and attribute not in args.attributes:
+            args.attributes.append(attribute)
+    if args.backbone.startswith("models:/"):
+        args.backbone = str(fetch_model(args.backbone, args.out / "_backbone")[0])
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    try:
+        resolve_model_uris(args)
+    except Exception as err:  # noqa: BLE001 - a registry that cannot be read: say which URI
+        print(f"edit_batch: --edits {args.edits} / --backbone {args.backbone}: cannot fetch the "
+              f"model ({type(err).__name__}: {err}); is MLFLOW_TRACKING_URI the store that "
+              "holds it?", file=sys.stderr)
+        return EXIT_USAGE
     try:
         cfg = config_from_args(args)
     except ConfigError as err:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +116,36 @@ def log_rectifier_model(cfg: HfeditConfig, run_id: str, backbone: str | Path, re
             "--env-manager local"))
     log.info("registered %s version %s (@%s)", model_name, version, CHAMPION)
     return version
+
+
+def fetch_model(uri: str, dest: str | Path) -> tuple[Path, str]:
+    """A registered rectifier model (``models:/hfedit-edit-smiling@champion``, ``.../3``) as the
+    pipeline's folders under ``dest``: ``dest/backbone``, ``dest/edits/<attribute>`` (or
+    ``dest/rectifier`` for the reconstruction rectifier) and, for a shared-trunk edit, its base
+    where the edit's relative reference points (``dest/rectifier`` in the pipeline's layout). Returns (backbone folder or
+    hub id, attribute). Needs the tracking URI that holds the model (``MLFLOW_TRACKING_URI``)."""
+    import shutil
+
+    import mlflow
+    from mlflow.models import Model
+
+    dest = Path(dest)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest / ".download")))
+    flavor = Model.load(str(local)).flavors["python_function"]
+    conf, paths = flavor.get("config", {}), {k: v["path"] for k, v in flavor["artifacts"].items()}
+    attribute = conf.get("attribute", "")
+    places = {"rectifier": dest / ("rectifier" if attribute == "rectifier" else f"edits/{attribute}"),
+              "backbone": dest / "backbone"}
+    if "base" in paths:  # where the edit's JSON looks for it (../../rectifier in the pipeline)
+        meta = json.loads((local / paths["rectifier"] / "rectifier.json").read_text())
+        places["base"] = Path(os.path.normpath(places["rectifier"] / meta["base"]["path"]))
+        if not places["base"].is_relative_to(dest):
+            raise ValueError(f"{uri}: the edit's base {meta['base']['path']} leaves {dest}")
+    for key, rel in paths.items():
+        if places[key].exists():
+            shutil.rmtree(places[key])
+        places[key].parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(local / rel, places[key])
+    shutil.rmtree(dest / ".download", ignore_errors=True)
+    backbone = places["backbone"] if "backbone" in paths else conf["backbone_source"]
+    return backbone, attribute

@@ -170,3 +170,27 @@ def test_mlflow_models_serve_answers_an_edit_request(served):
         os.killpg(proc.pid, 15)
         proc.wait(timeout=60)
         log.close()
+
+
+def test_edit_batch_takes_a_registered_model_uri(served, tmp_path):
+    """``edit_batch --edits models:/hfedit-edit-smiling@champion``: the model's rectifier, its
+    base and its backbone are fetched under <out>/_models and edit exactly as the library does."""
+    from hfedit.config import load_config
+    from pipelines import edit_batch as eb
+
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    src = _astronaut(photos)
+    args = eb.parse_args(["--input", str(photos), "--out", str(out), "--edits",
+                          "models:/hfedit-edit-smiling@champion", "--attributes", "reconstruction"])
+    eb.resolve_model_uris(args)
+    assert args.attributes == ["reconstruction", "smiling"] and args.backbone.startswith(str(out))
+    cfg = load_config(overrides=[f"edit_batch.edits_dir={args.edits}", f"inversion.num_steps={STEPS}",
+                                 "edit_batch.attributes=[reconstruction,smiling]"])
+    result = eb.run_job(cfg, photos, out, args.backbone, progress=False, executor=eb.execute_plain)
+    assert result.exit_code == 0 and result.manifest.id.tolist() == ["astronaut.png"] * 2
+    expected, _ = _expected_png(served, src, seed=eb.image_seed(cfg.inversion.seed, "astronaut.png"))
+    got = np.asarray(Image.open(out / "smiling" / "astronaut.png").convert("RGB"), dtype=np.int16)
+    # the job's model stage runs with edit_batch.torch_threads (1): CPU convolutions round
+    # differently from this process's, by at most one 8-bit level (README, "Deterministic")
+    assert np.abs(got - expected).max() <= 1 and np.abs(got - expected).mean() < 0.05
