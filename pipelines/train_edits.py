@@ -262,6 +262,19 @@ def run_attribute(spec: dict) -> dict:
             "clip_semantic": loaded.clip.semantic, "started_at": started, "finished_at": time.time()}
 
 
+def numeric(report: dict) -> dict:
+    """The numbers of a nested report (for ``dvc metrics show``/``exp show``): statuses,
+    fingerprints, errors and notes stay in ``status.json``, the log and the MLflow tags."""
+    out = {}
+    for k, v in report.items():
+        if isinstance(v, dict):
+            if sub := numeric(v):
+                out[k] = sub
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = v
+    return out
+
+
 # ------------------------------------------------------------------------------ the driver
 def task_error(err: BaseException) -> str:
     """``Type: message`` of the exception a Ray task raised (unwrapped), first line."""
@@ -322,7 +335,8 @@ def run_stage(cfg: HfeditConfig, backbone: Path, rectifier: Path, data: Path, ou
         meta = saved_meta(out / name)
         if meta is not None and meta.get("fingerprint") == fp:
             report["attributes"][name] = {**meta.get("training", {}), "status": "skipped",
-                                          "fingerprint": fp}
+                                          "fingerprint": fp,
+                                          "clip_semantic": meta.get("clip", {}).get("semantic")}
             log.info("train_edits: %s unchanged (fingerprint %s): skipped", name, fp)
         else:
             todo[name] = fp
@@ -353,9 +367,7 @@ def run_stage(cfg: HfeditConfig, backbone: Path, rectifier: Path, data: Path, ou
     report["attributes"] = {n: report["attributes"][n] for n in names}  # params order
     statuses = [a["status"] for a in report["attributes"].values()]
     report.update({k: statuses.count(k) for k in ("trained", "skipped", "failed")})
-    atomic_write_json(out / STATUS_FILE, {
-        n: {k: a[k] for k in ("status", "fingerprint", "error") if k in a}
-        for n, a in report["attributes"].items()})
+    atomic_write_json(out / STATUS_FILE, report["attributes"])  # everything, text included
     if tracker is not None:
         for name, a in report["attributes"].items():
             if "final_loss" in a:
@@ -399,7 +411,7 @@ def main(argv: list[str] | None = None) -> dict:
         info = {"uri": tracking_uri(cfg), "experiment_id": tracker.run.info.experiment_id,
                 "parent_run_id": tracker.run_id}
         report = run_stage(cfg, args.backbone, args.rectifier, args.data, args.out, tracker, info)
-        atomic_write_json(args.metrics, report)
+        atomic_write_json(args.metrics, numeric(report))  # DVC metrics: numbers only
         tracker.log_artifact(args.metrics)
         tracker.log_artifact(args.out / STATUS_FILE)
         for name, a in report["attributes"].items():
