@@ -1,6 +1,6 @@
-"""A local DVC remote, as the README sets it up: a first clone trains and pushes, a second clone
-pulls the stage outputs (a persisted one included, like models/edits) instead of running the
-stage again. Real DVC in temporary git repositories."""
+"""DVC as the README uses it, with real DVC in temporary git repositories: a local remote (a
+first clone trains and pushes, a second clone pulls the stage outputs, a persisted one included,
+like models/edits, instead of running the stage again), and `dvc plots show` offline."""
 
 from __future__ import annotations
 
@@ -72,3 +72,27 @@ def test_a_second_clone_pulls_what_the_first_pushed(tmp_path):
     assert not (second / "runs.log").exists()
     assert (first / "runs.log").read_text() == "ran\n"
     shutil.rmtree(remote)
+
+
+@pytest.mark.timeout(300)
+def test_dvc_plots_show_needs_no_network(tmp_path):
+    """The project's .dvc/config points `dvc plots show` at conf/dvc_plots/offline.html: the page
+    carries Vega, Vega-Lite and vega-embed inline and loads no script from a CDN."""
+    root = Path(__file__).resolve().parents[1]
+    venv_bin = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    dvc = [str(venv_bin / "dvc")]
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _run(["git", "init", "-q", "-b", "main"], repo, env)
+    _run(dvc + ["init", "-q"], repo, env)
+    shutil.copy(root / ".dvc" / "config", repo / ".dvc" / "config")  # the project's settings
+    shutil.copytree(root / "conf" / "dvc_plots", repo / "conf" / "dvc_plots")
+    (repo / "loss.csv").write_text("step,loss\n1,0.9\n2,0.5\n3,0.31\n")
+    (repo / "dvc.yaml").write_text("plots:\n  - loss.csv:\n      x: step\n      y: loss\n")
+    _run(dvc + ["plots", "show", "-o", "page"], repo, env)
+    html = (repo / "page" / "index.html").read_text()
+    assert "vegaEmbed(" in html and "0.31" in html  # the plot's spec with its data
+    assert "<script src" not in html and "cdn.jsdelivr" not in html
+    for library in ("vega 5.20.2", "vega-lite 5.2.0", "vega-embed 6.18.2"):
+        assert f"<!-- {library}" in html
