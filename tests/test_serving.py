@@ -191,6 +191,7 @@ def test_edit_batch_takes_a_registered_model_uri(served, tmp_path):
     assert result.exit_code == 0 and result.manifest.id.tolist() == ["astronaut.png"] * 2
     expected, _ = _expected_png(served, src, seed=eb.image_seed(cfg.inversion.seed, "astronaut.png"))
     got = np.asarray(Image.open(out / "smiling" / "astronaut.png").convert("RGB"), dtype=np.int16)
-    # the job's model stage runs with edit_batch.torch_threads (1): CPU convolutions round
-    # differently from this process's, by at most one 8-bit level (README, "Deterministic")
+    # within one 8-bit level, not bit for bit: the job's path (decode task, model actor,
+    # writer) and Editor.edit on one image differ by float rounding somewhere; the cause is not
+    # found yet (the thread count alone is not it)
     assert np.abs(got - expected).max() <= 1 and np.abs(got - expected).mean() < 0.05
