@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -52,7 +51,7 @@ def main() -> None:
     from hfedit.config import Conditioning, load_config
     from hfedit.edit_evaluation import evaluate_edit
     from hfedit.editing import Editor
-    from tests.conftest import real_faces
+    from tests.conftest import briefly_trained, real_faces
 
     cfg = load_config()
     attr = cfg.edits.attributes[args.attribute]
@@ -70,15 +69,10 @@ def main() -> None:
         rect, _ = load_rectifier(Path(args.edits) / args.attribute, denoiser.unet)
         origin = f"{args.backbone}, {args.edits}/{args.attribute}"
     else:
-        from hfedit.backbone_train import train_backbone
         from hfedit.edit_training import train_edit
         from hfedit.rectifier import build_rectifier
 
-        bcfg = cfg.backbone
-        bcfg.train.steps, bcfg.train.checkpoint_every = args.backbone_steps, 10**9
-        bcfg.train.warmup_steps = min(bcfg.train.warmup_steps, args.backbone_steps // 4)
-        denoiser = train_backbone(bcfg, train, tempfile.mkdtemp(prefix="cond-bb"),
-                                  show_progress=False).denoiser.freeze()
+        denoiser = briefly_trained(cfg.backbone, train, args.backbone_steps)
         torch.manual_seed(cfg.pretrain.seed)
         recon = build_rectifier(cfg.rectifier, denoiser.unet)
         rect = train_edit(replace(attr, steps=args.edit_steps), denoiser, recon, clip,

@@ -158,6 +158,9 @@ def write_celebahq256_standin(folder: str | Path, seed: int = 0) -> Path:
 
     celebahq256_unet(seed).save_pretrained(folder)
     DDPMScheduler(**CELEBAHQ256_SCHEDULER).save_pretrained(folder)
+    from hfedit.files import plain_modes
+
+    plain_modes(folder)
     return Path(folder)
 
 
@@ -170,6 +173,9 @@ def save_backbone(denoiser: Denoiser, folder: str | Path, meta: dict | None = No
         raise ValueError("save_backbone: the denoiser carries no diffusers scheduler to save")
     folder = Path(folder)
     DDPMPipeline(unet=denoiser.unet, scheduler=denoiser.scheduler).save_pretrained(folder)
+    from hfedit.files import plain_modes
+
+    plain_modes(folder)  # safetensors writes 0600
     if meta is not None:
         from hfedit.files import atomic_write_json
 

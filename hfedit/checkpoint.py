@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,14 +142,44 @@ def prefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def model_reference(source: str | Path) -> dict[str, str]:
+    """What a checkpoint records of the model it was trained from, portably: a hub id as is; a
+    local folder by its path relative to the project when inside it (else its name only, never
+    an absolute path of the training machine) and the sha256 prefix of its weights
+    (``unet/diffusion_pytorch_model.safetensors``, or a rectifier's ``rectifier.safetensors``)."""
+    from hfedit.config import project_root
+
+    path = Path(str(source))
+    if not path.exists():
+        return {"source": str(source)}
+    path = path.resolve()
+    try:
+        shown = str(path.relative_to(project_root().resolve()))
+    except ValueError:
+        shown = path.name
+    ref = {"source": shown}
+    for weights in ("unet/diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors",
+                    f"{RECTIFIER}.safetensors"):
+        if (path / weights).is_file():
+            ref["sha256"] = file_digest(path / weights)
+            break
+    return ref
+
+
 # ---------------------------------------------------------------------- rectifier files
 RECTIFIER = "rectifier"
 
 
-def save_rectifier(folder: str | Path, rectifier, meta: dict | None = None) -> None:
+def save_rectifier(folder: str | Path, rectifier, meta: dict | None = None,
+                   base: str | Path | None = None) -> None:
     """``folder/rectifier.safetensors`` + ``folder/rectifier.json`` (its RectifierConfig, the
-    target convs and kernel shapes, and ``meta``: backbone, step, fingerprint, ...)."""
+    target convs and kernel shapes, and ``meta``: backbone, step, fingerprint, ...).
+
+    ``base``: the folder of the rectifier whose shared parameters (trunk and time MLP,
+    :data:`hfedit.rectifier.SHARED_PREFIXES`) this one kept frozen: they are not written, and the
+    JSON records ``base`` (its path relative to ``folder`` and its digest) to load them from."""
     from hfedit.config import to_flat_dict
+    from hfedit.rectifier import SHARED_PREFIXES
 
     info = {
         "rectifier_config": to_flat_dict(rectifier.cfg),
@@ -156,14 +187,31 @@ def save_rectifier(folder: str | Path, rectifier, meta: dict | None = None) -> N
         "kernel_shapes": [list(s) for s in rectifier.kernel_shapes],
         **(meta or {}),
     }
-    save_checkpoint(folder, RECTIFIER, rectifier.state_dict(), info)
+    tensors = rectifier.state_dict()
+    if base is not None:
+        base = Path(base)
+        base_tensors = load_checkpoint(base, RECTIFIER).tensors
+        shared = {k: v for k, v in tensors.items() if k.startswith(SHARED_PREFIXES)}
+        changed = [k for k, v in shared.items() if not torch.equal(v.cpu(), base_tensors[k])]
+        if changed:
+            raise ValueError(f"save_rectifier: {len(changed)} shared tensors (e.g. {changed[0]}) "
+                             f"differ from the base rectifier in {base}; train with the trunk "
+                             "frozen (share_trunk) or save without base")
+        tensors = {k: v for k, v in tensors.items() if k not in shared}
+        info["base"] = {"path": os.path.relpath(base.resolve(), Path(folder).resolve()),
+                        "sha256": file_digest(base / f"{RECTIFIER}.safetensors"),
+                        "shared": list(SHARED_PREFIXES)}
+    save_checkpoint(folder, RECTIFIER, tensors, info)
 
 
-def load_rectifier(folder: str | Path, unet, device: str = "cpu"):
+def load_rectifier(folder: str | Path, unet, device: str = "cpu", base: str | Path | None = None):
     """Rebuild the rectifier saved in ``folder`` for this backbone's ``unet`` and load it.
 
     Returns ``(rectifier, meta)``; refuses a checkpoint whose targets differ from what the
-    config finds in this backbone (a rectifier belongs to one backbone architecture)."""
+    config finds in this backbone (a rectifier belongs to one backbone architecture). A
+    rectifier saved with a base (:func:`save_rectifier`) takes its shared parameters from
+    ``base``, by default the folder its JSON names (relative to ``folder``), after checking
+    the digest."""
     from omegaconf import OmegaConf
 
     from hfedit.config import RectifierConfig
@@ -178,5 +226,20 @@ def load_rectifier(folder: str | Path, unet, device: str = "cpu"):
             f"rectifier in {folder} was trained for other target convs than this backbone has "
             f"({len(ck.meta['target_names'])} vs {rectifier.num_targets}); retrain it for this backbone"
         )
-    rectifier.load_state_dict(ck.tensors)
+    tensors = ck.tensors
+    if "base" in ck.meta:
+        ref = ck.meta["base"]
+        base_dir = Path(base) if base is not None else Path(folder) / ref["path"]
+        data = base_dir / f"{RECTIFIER}.safetensors"
+        if not data.is_file() or file_digest(data) != ref["sha256"]:
+            found = "missing" if not data.is_file() else f"sha256 {file_digest(data)}"
+            raise FileNotFoundError(
+                f"rectifier in {folder} shares its trunk with the reconstruction rectifier "
+                f"{ref['path']} (sha256 {ref['sha256']}), which is {found} at {base_dir}: keep "
+                "models/rectifier beside models/edits as the pipeline wrote them, or retrain the "
+                "edits (train_edits) for the rectifier you have")
+        shared = {k: v for k, v in load_file(str(data), device=device).items()
+                  if k.startswith(tuple(ref["shared"]))}
+        tensors = {**shared, **tensors}
+    rectifier.load_state_dict(tensors)
     return rectifier.eval(), ck.meta

@@ -237,10 +237,13 @@ def edit_step_markovian(objective: nn.Module, optimizer: torch.optim.Optimizer, 
 
 
 # --------------------------------------------------------------------------- the whole run
-def edit_rectifier_from(reconstruction: Rectifier) -> Rectifier:
-    """A trainable copy of the reconstruction rectifier (which stays untouched)."""
+def edit_rectifier_from(reconstruction: Rectifier, share_trunk: bool = False) -> Rectifier:
+    """A trainable copy of the reconstruction rectifier (which stays untouched); with
+    ``share_trunk`` its trunk and time MLP stay frozen (:meth:`Rectifier.freeze_shared`)."""
     rect = copy.deepcopy(reconstruction)
     rect.requires_grad_(True)
+    if share_trunk:
+        rect.freeze_shared()
     return rect.train()
 
 
@@ -274,7 +277,8 @@ class EditTrainResult:
 def train_edit(cfg: AttributeConfig, denoiser: Denoiser, reconstruction: Rectifier,
                clip: ClipModel, images: Tensor, markovian: MarkovianConfig = MarkovianConfig(),
                method: Optional[EditMethod | str] = None, steps: Optional[int] = None,
-               on_step: Optional[StepCallback] = None, checkpoint: bool = False) -> EditTrainResult:
+               on_step: Optional[StepCallback] = None, checkpoint: bool = False,
+               share_trunk: bool = False) -> EditTrainResult:
     """Train one attribute's edit rectifier from ``reconstruction`` on ``images`` (N, C, H, W).
 
     ``method`` and ``steps`` override ``cfg.method`` / ``cfg.steps`` (the ablation trains both
@@ -283,7 +287,8 @@ def train_edit(cfg: AttributeConfig, denoiser: Denoiser, reconstruction: Rectifi
     replacement from ``min(cfg.num_images, N)`` images picked with ``cfg.seed``, which also
     seeds every ``t`` and ``eps``. Training runs on the denoiser's device and precision;
     ``checkpoint``: activation checkpointing of the modulated passes (same gradients, less
-    memory: :func:`hfedit.rectifier.modulated_eps`).
+    memory: :func:`hfedit.rectifier.modulated_eps`). ``share_trunk``: train the per-target
+    branches and heads only, the trunk stays the reconstruction rectifier's.
     """
     method = EditMethod(method or cfg.method)
     steps = cfg.steps if steps is None else steps
@@ -291,7 +296,7 @@ def train_edit(cfg: AttributeConfig, denoiser: Denoiser, reconstruction: Rectifi
         raise ValueError(f"steps={steps}, batch_size={cfg.batch_size}, decay_every="
                          f"{cfg.decay_every}: each must be >= 1")
     device = next(denoiser.parameters()).device
-    rectifier = edit_rectifier_from(reconstruction).to(device)
+    rectifier = edit_rectifier_from(reconstruction, share_trunk).to(device)
     model = ModulatedDenoiser(denoiser, rectifier, rectifier.cfg.modulation, checkpoint=checkpoint)
     loss = EditLoss(DirectionalClipLoss(clip, cfg.source, cfg.target), cfg.lambda_clip,
                     cfg.lambda_recon)

@@ -85,6 +85,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def plain_modes(folder: str | os.PathLike) -> None:
+    """Give every file under ``folder`` the mode a plain ``open()`` gives (``0666 & ~umask``):
+    for folders written by libraries that create 0600 files (safetensors under diffusers'
+    ``save_pretrained``), so a shared store copy stays readable by its other users."""
+    mode = 0o666 & ~current_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:

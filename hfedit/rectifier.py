@@ -37,6 +37,9 @@ from hfedit.modulation import (
 )
 from hfedit.schedule import predict_x0
 
+# Parameters shared by every target conv: the ResNet trunk and the time MLP. Edit rectifiers
+# can keep them from their reconstruction rectifier (EditsConfig.share_trunk).
+SHARED_PREFIXES = ("trunk.", "time_mlp.")
 TRUNK_CHANNELS = 512  # output channels of torchvision's resnet18/resnet34 layer4
 _GROUPS = 32  # GroupNorm groups in the trunk (every width 64..512 divides)
 
@@ -103,6 +106,13 @@ class Rectifier(nn.Module):
         for head in self.head_a:  # A = 0 exactly => Delta = 0; B stays random so dL/dA != 0
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
+
+    def freeze_shared(self) -> "Rectifier":
+        """Stop gradients to the parameters every target shares (:data:`SHARED_PREFIXES`)."""
+        for name, param in self.named_parameters():
+            if name.startswith(SHARED_PREFIXES):
+                param.requires_grad_(False)
+        return self
 
     @property
     def num_targets(self) -> int:
@@ -278,6 +288,7 @@ def _is_conv(unet: nn.Module, name: str) -> bool:
 
 
 __all__ = [
+    "SHARED_PREFIXES",
     "ConditionedDenoiser",
     "ModulatedDenoiser",
     "RectifiedStep",

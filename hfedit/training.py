@@ -102,6 +102,7 @@ def reconstruction_step(objective: nn.Module, optimizer: torch.optim.Optimizer, 
 def make_optimizer(rectifier: torch.nn.Module, lr: float, weight_decay: float,
                    decay_every: int, decay_factor: float):
     """Adam (lr 1e-3, weight decay 1e-5 in the paper) and a step decay (x0.9 every 5000)."""
-    opt = torch.optim.Adam(rectifier.parameters(), lr=lr, weight_decay=weight_decay)
+    trainable = [p for p in rectifier.parameters() if p.requires_grad]  # frozen: shared trunk
+    opt = torch.optim.Adam(trainable, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=decay_every, gamma=decay_factor)
     return opt, sched

@@ -84,7 +84,7 @@ def decode_images(batch: Batch, job: Job, size: int) -> Batch:
     (zeros and) the ``reason`` and ``message`` of a bad input."""
     rows = []
     for item in records(batch):
-        row = {k: item[k] for k in ("id", "input", "signature", "pending")}
+        row = {k: item[k] for k in ("id", "input", "signature", "pending", "name")}
         row.update(seed=int(item["seed"]), reason="", message="")
         start = time.perf_counter()
         try:
@@ -95,8 +95,8 @@ def decode_images(batch: Batch, job: Job, size: int) -> Batch:
             x0 = torch.zeros(3, size, size)
         row.update(x0=x0.numpy(), decode_s=time.perf_counter() - start)
         rows.append(row)
-    return columns(rows, ["id", "input", "signature", "pending", "seed", "reason", "message",
-                          "decode_s", "x0"])
+    return columns(rows, ["id", "input", "signature", "pending", "name", "seed", "reason",
+                          "message", "decode_s", "x0"])
 
 
 def _decode(item: dict, job: Job, size: int) -> torch.Tensor:
@@ -115,7 +115,7 @@ def _decode(item: dict, job: Job, size: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------- 2. the model actor
-OUT = [*COLUMNS, "source", "edited", "write", "logged"]
+OUT = [*COLUMNS, "name", "source", "edited", "write", "logged"]
 
 
 class EditImages:
@@ -153,13 +153,14 @@ class EditImages:
         """(rows that are final: logged before, a bad input, a worker that died too often on
         the image; the image's pending work), for the attributes of ``item["pending"]``."""
         id_, seed, x0 = _str(item["id"]), int(item["seed"]), item["x0"]
-        base = {"id": id_, "input": _str(item["input"]), "seed": seed,
+        name = _str(item["name"])
+        base = {"id": id_, "input": _str(item["input"]), "seed": seed, "name": name,
                 "signature": _str(item["signature"]), "run": self.job.run, "worker_pid": self.pid,
                 "decode_s": float(item["decode_s"]), "source": x0, "edited": x0,
                 "write": False, "logged": False}
         rows, todo = [], []
         for a in _str(item["pending"]).split(","):
-            if (self.out / output_relpath(a, id_)).exists():  # a retried batch: logged before?
+            if (self.out / output_relpath(a, name)).exists():  # a retried batch: logged before?
                 row = self.done.refresh().rows.get((id_, a))
                 if is_complete(row, base["signature"], self.job.fingerprints[a], self.out):
                     rows.append({**base, **row, "logged": True})
@@ -218,7 +219,7 @@ def write_outputs(batch: Batch, job: Job) -> Batch:
     for row in rows:
         if row["write"]:
             row.update(_write(row["source"], row["edited"], _str(row["attribute"]),
-                              _str(row["id"]), out))
+                              _str(row["name"]), out))
     by_image: dict[str, list[dict]] = {}
     for row in rows:
         by_image.setdefault(_str(row["id"]), []).append(row)
@@ -229,7 +230,7 @@ def write_outputs(batch: Batch, job: Job) -> Batch:
     return columns([{c: _plain(r.get(c)) for c in COLUMNS} for r in rows], COLUMNS)
 
 
-def _write(source: np.ndarray, edited: np.ndarray, attribute: str, id_: str, out: Path) -> dict:
+def _write(source: np.ndarray, edited: np.ndarray, attribute: str, name: str, out: Path) -> dict:
     from hfedit.metrics import l1, ssim
 
     try:
@@ -243,7 +244,7 @@ def _write(source: np.ndarray, edited: np.ndarray, attribute: str, id_: str, out
                    "ssim": float(ssim(x0, image)[0]) if min(x0.shape[-2:]) >= 11 else math.nan,
                    "max_error": float((result - x0).abs().max()) if exact else math.nan}
         start = time.perf_counter()
-        rel = output_relpath(attribute, id_)
+        rel = output_relpath(attribute, name)
         save_png(image[0], out / rel)  # temporary name + rename
         return {"status": "ok", "output": rel, "write_s": time.perf_counter() - start, **metrics}
     except Exception as err:  # noqa: BLE001

@@ -50,6 +50,34 @@ class Entry:
     signature: str = ""
     index: int = -1
     error: Optional[ImageError] = None
+    name: str = ""  # the output's path under <out>/<attribute>/ (:func:`output_names`)
+
+
+# A folder is scanned for these (lower-case) suffixes; other files (notes, sidecars) are not
+# inputs: they are counted as ignored, never failures (links leaving the folder, dangling links
+# and special files are still reported, whatever their names). A list file's entries are all
+# inputs.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".tif",
+                            ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".tga"})
+
+
+def is_image_name(id_: str) -> bool:
+    return PurePosixPath(id_).suffix.lower() in IMAGE_SUFFIXES
+
+
+def output_names(ids: list[str]) -> dict[str, str]:
+    """``{id: output name}``: the id with its suffix replaced by ``.png`` (``a.png`` -> ``a.png``,
+    ``faces/b.jpg`` -> ``faces/b.png``); ids whose short names collide (``a.jpg`` beside
+    ``a.png``) keep their suffix (``a.jpg.png``; ``a.png`` keeps ``a.png``)."""
+    short = {i: str(PurePosixPath(i).with_suffix(".png")) if PurePosixPath(i).suffix else f"{i}.png"
+             for i in ids}
+    users = Counter(short.values())
+    names = {i: n if users[n] == 1 or i == n else f"{i}.png" for i, n in short.items()}
+    clash = [n for n, k in Counter(names.values()).items() if k > 1]
+    if clash:
+        raise UsageError(f"inputs {sorted(i for i, n in names.items() if n in clash)} would all be "
+                         f"written as {clash[0]}; rename one of them")
+    return names
 
 
 def _signature(path: Path) -> str:
@@ -69,7 +97,7 @@ def list_inputs(source: str | os.PathLike, split: Optional[str] = None,
         entries = _split_entries(source, split)
     elif source.is_dir():
         entries = [Entry(e.id, str(e.path), _signature(e.path), error=e.error)
-                   for e in iter_folder(source)]
+                   for e in iter_folder(source) if e.error is not None or is_image_name(e.id)]
     elif source.is_file():
         entries = _listed_entries(check_list_file(source), Path(root) if root else source.parent)
     else:
@@ -77,6 +105,9 @@ def list_inputs(source: str | os.PathLike, split: Optional[str] = None,
     unique: dict[str, Entry] = {}
     for entry in entries:
         unique.setdefault(entry.id, entry)
+    names = output_names(list(unique))
+    for entry in unique.values():
+        entry.name = names[entry.id]
     return sorted(unique.values(), key=lambda e: e.id)
 
 
@@ -134,7 +165,7 @@ def image_seed(global_seed: int, id_: str) -> int:
 # Fields that may hold a file name. Arrow (Ray Data's blocks, pandas' strings, parquet) takes only
 # valid UTF-8, and a name that is not UTF-8 holds surrogates in Python: such names cross Ray as
 # their bytes read as latin-1 (to_wire/from_wire, reversible) and reach the manifest escaped.
-TEXT_FIELDS = ("id", "input", "output", "message")
+TEXT_FIELDS = ("id", "input", "output", "message", "name")
 
 
 def _bytes_as_latin1(text: str) -> str:
@@ -163,12 +194,20 @@ def to_display(row: dict) -> dict:
     return _map_text(row, printable)
 
 
-def output_relpath(attribute: str, id_: str) -> str:
-    """``<attribute>/<id>.png``: the id with ``.png`` appended (a.jpg and a.png stay apart)."""
-    parts = PurePosixPath(id_).parts
-    if not parts or PurePosixPath(id_).is_absolute() or ".." in parts:
-        raise ValueError(f"image id {id_!r} is not a relative path inside the input")
-    return f"{attribute}/{id_}.png"
+def output_relpath(attribute: str, name: str) -> str:
+    """``<attribute>/<name>``, ``name`` an output name from :func:`output_names`."""
+    parts = PurePosixPath(name).parts
+    if not parts or PurePosixPath(name).is_absolute() or ".." in parts:
+        raise ValueError(f"output name {name!r} is not a relative path inside the output")
+    return f"{attribute}/{name}"
+
+
+def ignored_files(source: str | os.PathLike) -> list[str]:
+    """The files of a folder input that are not images by their suffix (not inputs)."""
+    source = Path(source)
+    if not source.is_dir():
+        return []
+    return sorted(e.id for e in iter_folder(source) if e.error is None and not is_image_name(e.id))
 
 
 # --------------------------------------------------------------------------- the job

@@ -70,10 +70,11 @@ from hfedit.validation import check_output_folder
 from pipelines.batch_actor import (EditImages, backbone_resolution, columns, decode_images,
                                    error_row, write_outputs)
 from pipelines.ray_runtime import actor_gpus
-from pipelines.batch_job import (  # noqa: F401 (LOG_DIR, output_relpath: part of this module's API)
+from pipelines.batch_job import (  # noqa: F401 (LOG_DIR, output_relpath, ...: this module's API)
     COLUMNS, COMPACTED, EXIT_CRASHED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, LOG_DIR,
     MANIFEST, NOT_PROCESSED, RETRIED, DoneIndex, Entry, Job, UsageError, check_attributes, from_wire,
-    image_seed, is_complete, list_inputs, make_job, output_relpath, to_display, to_wire)
+    ignored_files, image_seed, is_complete, is_image_name, list_inputs, make_job, output_names,
+    output_relpath, to_display, to_wire)
 
 
 # ------------------------------------------------------------------------- the driver
@@ -92,6 +93,7 @@ class JobResult:
     table: str = ""
     summary: str = ""
     error: str = ""
+    ignored: list[str] = dataclasses.field(default_factory=list)  # not images by their suffix
 
 
 @contextlib.contextmanager
@@ -141,7 +143,8 @@ def plan(entries: list[Entry], job: Job, done: DoneIndex, global_seed: int
                 pending.append(a)
         if pending:
             items.append(to_wire({"id": e.id, "input": e.input, "signature": e.signature,
-                                  "index": e.index, "seed": seed, "pending": ",".join(pending)}))
+                                  "index": e.index, "seed": seed, "pending": ",".join(pending),
+                                  "name": e.name or e.id}))
     return items, rows
 
 
@@ -218,8 +221,11 @@ def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike
     real_out = out.resolve()  # an output folder inside the input folder is not input
     entries = [e for e in list_inputs(source, split, root)
                if split is not None or not Path(e.input).resolve().is_relative_to(real_out)]
+    ignored = [] if split is not None else [
+        i for i in ignored_files(source) if not (Path(source) / i).resolve().is_relative_to(real_out)]
     if not entries:
-        raise UsageError(f"--input {source}: no files")
+        raise UsageError(f"--input {source}: no image files" + (
+            f" (ignored, not images by their suffix: {ignored[:5]})" if ignored else ""))
     job = make_job(cfg, backbone, out, rectifiers, split is not None, pid_dir)
     with _locked(out, job.attributes):
         done = DoneIndex(out).refresh()
@@ -262,7 +268,7 @@ def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike
     counts = count(manifest, job.run, len(items))
     if code == EXIT_OK and counts["failed"]:
         code = EXIT_FAILED
-    result = JobResult(manifest, counts, code, job.run, seconds, error=error)
+    result = JobResult(manifest, counts, code, job.run, seconds, error=error, ignored=ignored)
     result.table, result.summary = summary_table(manifest, job.run), summary_line(result, out)
     return result
 
@@ -396,6 +402,9 @@ def summary_line(result: JobResult, out: Path) -> str:
     reasons = ", ".join(f"{k} {v}" for k, v in c["reasons"].items())
     return (f"edit_batch: {c['inputs']} inputs, {c['edited']} edited ({c['edited_now']} now, "
             f"{c['edited_before']} before), {c['failed']} failed" + (f" ({reasons})" if reasons else "")
+            + (f"; {len(result.ignored)} other files ignored (not images by their suffix: "
+               f"{', '.join(result.ignored[:3])}{', ...' if len(result.ignored) > 3 else ''})"
+               if result.ignored else "")
             + f"; {result.seconds:.1f} s, {rate:.2f} images/s; manifest {out / MANIFEST}"
             + (f"; stopped: {result.error}" if result.error else ""))
 
@@ -409,6 +418,9 @@ def metrics_dict(result: JobResult) -> dict:
 
 
 # ------------------------------------------------------------------------------- main
+BACKBONE_DEFAULT = "models/backbone"
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--input", required=True,
@@ -417,9 +429,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="<out>/<attribute>/<id>.png + manifest.parquet")
     p.add_argument("--split", choices=SPLITS, help="edit this split of the prepared dataset --input")
     p.add_argument("--root", help="list file: paths are relative to, and must stay inside, this folder")
-    p.add_argument("--backbone", default="models/backbone")
+    p.add_argument("--backbone", default=BACKBONE_DEFAULT,
+                   help="backbone folder, hub id, or models:/<registered hfedit model> (its backbone)")
     p.add_argument("--attributes", nargs="+", help="reconstruction and/or edits (edit_batch.attributes)")
-    p.add_argument("--edits", help="edit rectifiers <edits>/<attribute>/ (edit_batch.edits_dir)")
+    p.add_argument("--edits", help="edit rectifiers <edits>/<attribute>/ (edit_batch.edits_dir), or "
+                   "models:/hfedit-edit-<attribute>@<alias> (fetched into <out>/_models/)")
     p.add_argument("--actors", type=int, help="Ray Data actors (edit_batch.actors)")
     p.add_argument("--batch-size", type=int, help="images per actor call (edit_batch.batch_size)")
     p.add_argument("--num-cpus", type=float, help="CPUs per actor (edit_batch.num_cpus)")
@@ -447,13 +461,48 @@ def config_from_args(args: argparse.Namespace) -> HfeditConfig:
     return load_config(overrides=sets)
 
 
+def resolve_model_uris(args: argparse.Namespace) -> None:
+    """``--edits models:/<name>@<alias>`` (or ``/<version>``): fetch that registered rectifier
+    model into ``<out>/_models/`` (:func:`pipelines.serving.fetch_model`); ``--edits`` becomes its
+    edits folder, ``--backbone`` (when not given) its backbone, and its attribute is added to
+    ``--attributes``. ``--backbone models:/...`` takes the backbone of that model."""
+    from pipelines.serving import fetch_model
+
+    if args.edits and args.edits.startswith("models:/"):
+        backbone, attribute = fetch_model(args.edits, args.out / "_models")
+        args.edits = str(args.out / "_models" / "edits")
+        if args.backbone == BACKBONE_DEFAULT:
+            args.backbone = str(backbone)
+        if args.attributes is not None and attribute not in args.attributes:
+            args.attributes.append(attribute)
+    if args.backbone.startswith("models:/"):
+        args.backbone = str(fetch_model(args.backbone, args.out / "_backbone")[0])
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    try:
+        resolve_model_uris(args)
+    except Exception as err:  # noqa: BLE001 - a registry that cannot be read: say which URI
+        print(f"edit_batch: --edits {args.edits} / --backbone {args.backbone}: cannot fetch the "
+              f"model ({type(err).__name__}: {err}); is MLFLOW_TRACKING_URI the store that "
+              "holds it?", file=sys.stderr)
+        return EXIT_USAGE
     try:
         cfg = config_from_args(args)
     except ConfigError as err:
         print(f"edit_batch: {err}", file=sys.stderr)
         return EXIT_USAGE
+
+    from pipelines.tracking import uploaded_copy
+
+    for flag, value in (("--backbone", args.backbone), ("--edits", args.edits)):
+        if value and not Path(value).is_absolute() and not Path(value).exists() \
+                and uploaded_copy(Path.cwd()):
+            print(f"edit_batch: {flag} {value}: not in the uploaded working directory "
+                  f"{Path.cwd()} (ray job submit uploads no git-ignored folder such as models/): "
+                  "give an absolute path on storage every node sees", file=sys.stderr)
+            return EXIT_USAGE
 
     def start_ray() -> None:
         from pipelines.ray_runtime import init_ray
@@ -470,9 +519,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             from pipelines.tracking import stage_run
 
-            with stage_run(cfg, "edit_batch", tags={"edit_batch.input": args.input}) as tracker:
+            with stage_run(cfg, "edit_batch", tags={"edit_batch.input": args.input},
+                           store_beside=args.out) as tracker:
                 result = go()
-                flat = {k: v for k, v in _flatten(metrics_dict(result)).items()
+                flat = {f"edit_batch/{k.replace('.', '/')}": v
+                        for k, v in _flatten(metrics_dict(result)).items()
                         if isinstance(v, (int, float))}
                 tracker.log_metrics(flat, step=0)
                 tracker.log_artifact(args.out / MANIFEST)

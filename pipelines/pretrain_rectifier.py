@@ -35,6 +35,7 @@ from hfedit.checkpoint import (
     flatten_optimizer,
     load_checkpoint,
     load_rectifier,
+    model_reference,
     module_digests,
     save_checkpoint,
     save_rectifier,
@@ -46,8 +47,11 @@ from hfedit.device import DeviceUnavailable, check_precision, placement, wants_g
 from hfedit.files import replace_folder
 from pipelines.ray_runtime import cluster_gpus, init_ray
 from pipelines.tracking import stage_run
+from pipelines.serving import log_rectifier_model
 
 STATE = "train_state"
+# Logged to MLflow as their mean over the steps since the previous logged step.
+MEANED = ("loss", "noise_mse", "plain_noise_mse", "delta_rms")
 # A checkpoint is resumed only by a run of the same code (see :func:`train`'s fingerprint).
 CODE_MODULES = ("hfedit.rectifier", "hfedit.modulation", "hfedit.training", "hfedit.schedule",
                 "hfedit.backbone", "pipelines.pretrain_rectifier")
@@ -143,6 +147,7 @@ def train_loop_per_worker(config: dict) -> None:
                      per_epoch, config["resolution"])
     tracker = _rank0_tracker(config) if rank == 0 else None
     T = denoiser.schedule.num_train_timesteps
+    window: dict[str, list[float]] = {}
 
     for step in range(start, pc.steps):
         gen = _step_generator(pc.seed, rank, step)
@@ -156,9 +161,14 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {"loss": stats.loss, "noise_mse": stats.noise_mse,
                    "plain_noise_mse": stats.plain_noise_mse, "delta_rms": stats.delta_rms,
                    "lr": lr_sched.get_last_lr()[0], "step": done, "restarts": restarts}
-        if tracker is not None and (done % pc.log_every == 0 or done == pc.steps):
-            tracker.log_metrics({f"pretrain/{k}": v for k, v in metrics.items() if k != "step"},
-                                step=done)
+        for k in MEANED:  # one batch is noisy: MLflow gets the mean since the last point
+            window.setdefault(k, []).append(metrics[k])
+        if done % pc.log_every == 0 or done == pc.steps:
+            if tracker is not None:
+                means = {k: sum(v) / len(v) for k, v in window.items()}
+                tracker.log_metrics({f"pretrain/{k}": means.get(k, v) for k, v in metrics.items()
+                                     if k != "step"}, step=done)
+            window.clear()
         if done % pc.checkpoint_every == 0 or done == pc.steps:
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
@@ -170,7 +180,7 @@ def train_loop_per_worker(config: dict) -> None:
                         "step": done, "optim": opt_meta, "lr_sched": lr_sched.state_dict(),
                         "restarts": restarts, "run_fingerprint": config["fingerprint"],
                         "metrics": metrics})
-                    save_rectifier(tmp, rectifier, {"step": done, "backbone": config["backbone"]})
+                    save_rectifier(tmp, rectifier, {"step": done, "backbone": config["backbone_ref"]})
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(metrics, checkpoint=ckpt)
         elif done % pc.log_every == 0:
@@ -263,6 +273,7 @@ def train(cfg: HfeditConfig, backbone: Path, data: Path, out: Path, checkpoints:
         train_loop_per_worker,
         train_loop_config={
             "cfg": _config_dict(cfg), "backbone": str(backbone.resolve()),
+            "backbone_ref": model_reference(backbone),
             "data": str(data.resolve()), "fingerprint": run_fp, "mlflow_run_id": mlflow_run_id,
             "mlflow_uri": mlflow_uri, "pid_dir": pid_dir, "storage": str(storage),
             "train_rows": prepared.count("train"), "resolution": prepared.resolution,
@@ -348,12 +359,15 @@ def main(argv: list[str] | None = None) -> dict:
                                                     "step", "restarts", "resumed_from_step")}
         atomic_write_json(args.metrics, report)
         for model in ("backbone", "rectifier"):
-            tracker.log_metrics({f"recon_{model}/{k}": v for k, v in report[model].items()},
+            tracker.log_metrics({f"pretrain/held_out/{model}/{k}": v
+                                 for k, v in report[model].items()},
                                 step=cfg.pretrain.steps)
-        tracker.log_artifacts(args.out, "rectifier")
         tracker.log_artifact(args.metrics)
-        tracker.register(cfg, "rectifier", "rectifier", tags={
-            f"held_out_{k}_improvement": f"{v:.6g}" for k, v in report["improvement"].items()})
+        log_rectifier_model(cfg, tracker.run_id, args.backbone, args.out, "rectifier", "rectifier",
+                            tags={"hfedit.kind": "reconstruction",
+                                  "hfedit.backbone": model_reference(args.backbone)["source"],
+                                  **{f"held_out_{k}_improvement": f"{v:.6g}"
+                                     for k, v in report["improvement"].items()}})
     imp = report["improvement"]
     print(f"pretrain_rectifier: held-out L1 {report['backbone']['l1']:.4f} -> "
           f"{report['rectifier']['l1']:.4f}, gap {report['backbone']['gap']:.4f} -> "

@@ -7,9 +7,10 @@ it runs under (host, pid, start time): the first stage of an invocation creates 
 later ones nest under it. ``$HFEDIT_PARENT_RUN_ID`` names the parent explicitly instead (a
 wrapper script, ``ray job submit``); a stage run by hand has none.
 
-The reconstruction rectifier and every edit rectifier are registered in the model registry
-(``runtime.mlflow.register``), as ``<prefix>-rectifier`` and ``<prefix>-edit-<attribute>``, each
-version pointing at the run's safetensors + JSON artifacts (no pickled code).
+The reconstruction rectifier and every edit rectifier are logged as servable pyfunc models and
+registered (``runtime.mlflow.register``) as ``<prefix>-rectifier`` and
+``<prefix>-edit-<attribute>``, the latest version aliased ``champion``: see
+:mod:`pipelines.serving`.
 
 The store defaults to a local SQLite file (``<project>/mlflow.db``, artifacts in
 ``<project>/mlartifacts``); ``MLFLOW_TRACKING_URI`` or ``runtime.mlflow.tracking_uri`` point
@@ -33,16 +34,66 @@ from hfedit.config import HfeditConfig, project_root, to_flat_dict
 
 # A run started by an outer process (the pipeline's parent run) is passed down in this variable.
 PARENT_ENV = "HFEDIT_PARENT_RUN_ID"
+# The config a stage's run logs as params: its own sections (the params.yaml sections its DVC
+# stage depends on) plus the profile and the device settings; the whole merged config is the
+# run's config.yaml artifact. A stage not listed logs everything.
+STAGE_SECTIONS = {
+    "prepare": ("data",),
+    "backbone": ("backbone", "data.resolution"),
+    "pretrain_rectifier": ("pretrain", "rectifier"),
+    "train_edits": ("edits.attributes", "edits.markovian", "edits.share_trunk", "edits.log_every",
+                    "clip"),
+    "edit_ablation": ("edits.ablation", "edits.markovian", "edits.share_trunk", "clip",
+                      "inversion"),
+    "edit_batch": ("edit_batch", "inversion"),
+    "evaluate": ("evaluate", "inversion"),
+}
+ALWAYS = ("profile", "runtime.device", "runtime.precision")
+
+
+def stage_params(cfg: HfeditConfig, stage: str) -> dict[str, Any]:
+    """The flattened config keys of ``stage``'s sections (:data:`STAGE_SECTIONS`) and
+    :data:`ALWAYS`."""
+    flat = to_flat_dict(cfg)
+    sections = STAGE_SECTIONS.get(stage)
+    if sections is None:
+        return flat
+    keep = (*ALWAYS, *sections)
+    return {k: v for k, v in flat.items() if any(k == s or k.startswith(s + ".") for s in keep)}
+
+
+def pipeline_run_name() -> str:
+    """The DVC experiment's name under ``dvc exp run`` (``$DVC_EXP_NAME``), else
+    ``pipeline-<UTC time>``."""
+    import time
+
+    return os.environ.get("DVC_EXP_NAME") or time.strftime("pipeline-%Y%m%d-%H%M%S", time.gmtime())
 log = logging.getLogger("hfedit.tracking")
 
 
-def tracking_uri(cfg: HfeditConfig) -> str:
+def uploaded_copy(folder: Path) -> bool:
+    """Whether ``folder`` is the copy of a working directory that ``ray job submit
+    --working-dir`` unpacked on a node (``.../runtime_resources/working_dir_files/_ray_pkg_*``):
+    anything written there is lost with the job's temporary files."""
+    return any(part.startswith("_ray_pkg_") for part in Path(folder).resolve().parts)
+
+
+def tracking_uri(cfg: HfeditConfig, beside: Path | None = None) -> str:
+    """``$MLFLOW_TRACKING_URI``, else ``runtime.mlflow.tracking_uri``, else the project's
+    ``mlflow.db``; under ``ray job submit`` (the project is an uploaded copy) ``beside/mlflow.db``
+    instead, ``beside`` being where the job writes its results (edit_batch: ``--out``)."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
     if cfg.runtime.mlflow.tracking_uri:
         return cfg.runtime.mlflow.tracking_uri
-    return f"sqlite:///{project_root() / 'mlflow.db'}"
+    root = project_root()
+    if beside is not None and uploaded_copy(root):
+        store = Path(beside).resolve() / "mlflow.db"
+        log.warning("the project is an uploaded copy (%s): MLflow store %s (set "
+                    "MLFLOW_TRACKING_URI to choose another)", root, store)
+        return f"sqlite:///{store}"
+    return f"sqlite:///{root / 'mlflow.db'}"
 
 
 def artifact_location(uri: str) -> str | None:
@@ -113,36 +164,6 @@ class StageRun:
         parent_id = self._client.get_run(self.run_id).data.tags.get("mlflow.parentRunId")
         return StageRun(self._client.get_run(parent_id), self._client) if parent_id else None
 
-    def register(self, cfg: HfeditConfig, artifact_path: str, name: str,
-                 tags: dict[str, Any] | None = None) -> str | None:
-        """Register this run's ``artifact_path`` folder as a new version of the model
-        ``<runtime.mlflow.registry_prefix>-<name>``; returns the version (None when
-        ``runtime.mlflow.register`` is off)."""
-        mc = cfg.runtime.mlflow
-        if not mc.register:
-            return None
-        return register_folder(self._client, self.run, f"{mc.registry_prefix}-{name}", artifact_path, tags)
-
-
-def register_folder(client, run, model: str, artifact_path: str,
-                    tags: dict[str, Any] | None = None) -> str:
-    """A new version of registered model ``model`` (created when missing) whose source is the
-    ``artifact_path`` folder of ``run``."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.create_registered_model(
-            model, description="hfedit rectifier: safetensors weights + JSON config "
-                               "(load with hfedit.checkpoint.load_rectifier)")
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    version = client.create_model_version(
-        model, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=run.info.run_id,
-        tags={k: str(v) for k, v in (tags or {}).items()})
-    log.info("registered %s version %s", model, version.version)
-    return str(version.version)
-
 
 def dvc_invocation() -> tuple[str, str] | None:
     """``(key, command line)`` of the nearest ``dvc`` ancestor process, or None when this process
@@ -186,27 +207,35 @@ def pipeline_run_id(mlflow, exp_id: str, cfg: HfeditConfig) -> str | None:
                               max_results=1)
     if runs:
         return runs[0].info.run_id
+    name = pipeline_run_name()
     tags = {"hfedit.kind": "pipeline", "hfedit.pipeline_key": key, "hfedit.command": command,
             "hfedit.profile": cfg.profile, "mlflow.source.git.commit": _git_commit(),
-            "mlflow.runName": "pipeline"}
-    run = client.create_run(exp_id, run_name="pipeline", tags=tags)
-    StageRun(run, client).log_params(to_flat_dict(cfg))
+            "mlflow.source.name": command, "mlflow.source.type": "PROJECT", "mlflow.runName": name}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["hfedit.dvc_experiment"] = os.environ["DVC_EXP_NAME"]
+    run = client.create_run(exp_id, run_name=name, tags=tags)
+    StageRun(run, client).log_params({k: v for k, v in to_flat_dict(cfg).items() if k in ALWAYS})
     log.info("MLflow pipeline run %s for `%s`", run.info.run_id, command)
     return run.info.run_id
 
 
 @contextlib.contextmanager
-def stage_run(cfg: HfeditConfig, stage: str, tags: dict[str, Any] | None = None) -> Iterator[StageRun]:
+def stage_run(cfg: HfeditConfig, stage: str, tags: dict[str, Any] | None = None,
+              store_beside: Path | None = None) -> Iterator[StageRun]:
     """Start the MLflow run of ``stage`` nested under the pipeline run (:func:`pipeline_run_id`),
     log the flattened config as params, yield a :class:`StageRun`, and end the run (FAILED on
-    error). The pipeline run is marked FINISHED (or FAILED) with it; a later stage of the same
+    error). ``store_beside``: where the default store goes when the project is an uploaded copy
+    (:func:`tracking_uri`). The pipeline run is marked FINISHED (or FAILED) with it; a later stage of the same
     invocation logs into it again."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    mlflow.set_tracking_uri(tracking_uri(cfg, store_beside))
     exp_id = _experiment_id(mlflow, cfg)
     parent = pipeline_run_id(mlflow, exp_id, cfg)
     run_tags = {"hfedit.stage": stage, "hfedit.profile": cfg.profile, **(tags or {})}
+    commit = _git_commit()
+    if commit:  # also when the script is not the git checkout's (an installed copy)
+        run_tags.setdefault("mlflow.source.git.commit", commit)
     owned = bool(parent) and not os.environ.get(PARENT_ENV)  # a pipeline run of ours
     if parent:
         run_tags["mlflow.parentRunId"] = parent
@@ -216,7 +245,7 @@ def stage_run(cfg: HfeditConfig, stage: str, tags: dict[str, Any] | None = None)
     try:
         with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=run_tags) as run:
             tracker = StageRun(run, mlflow.MlflowClient())
-            tracker.log_params(to_flat_dict(cfg))
+            tracker.log_params(stage_params(cfg, stage))
             with tempfile.TemporaryDirectory() as tmp:
                 from hfedit.config import to_yaml
 
@@ -250,7 +279,11 @@ def child_run(uri: str, experiment_id: str, parent_run_id: str, name: str,
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    run_tags = {"mlflow.parentRunId": parent_run_id, **{k: str(v) for k, v in (tags or {}).items()}}
+    # the stage's source and git commit, not the Ray worker's entry point (default_worker.py)
+    parent = mlflow.MlflowClient().get_run(parent_run_id).data.tags
+    source = {k: v for k, v in parent.items() if k.startswith("mlflow.source.")}
+    run_tags = {**source, "mlflow.parentRunId": parent_run_id,
+                **{k: str(v) for k, v in (tags or {}).items()}}
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=run_tags) as run:
         yield StageRun(run, mlflow.MlflowClient())
 

@@ -43,6 +43,7 @@ from hfedit.checkpoint import (
     module_digests,
     fingerprint,
     has_checkpoint,
+    model_reference,
     save_rectifier,
 )
 from hfedit.config import ConfigError, EditMethod, HfeditConfig, load_config, to_flat_dict
@@ -88,6 +89,7 @@ def attribute_fingerprint(cfg: HfeditConfig, name: str, inputs: dict[str, Any]) 
         "attribute": to_flat_dict(attr),
         "clip": to_flat_dict(cfg.clip),
         "markovian": to_flat_dict(cfg.edits.markovian) if method is EditMethod.markovian else None,
+        "share_trunk": cfg.edits.share_trunk,
         "inputs": inputs,
     })
 
@@ -102,10 +104,12 @@ def saved_meta(folder: Path) -> Optional[dict]:
         return None
 
 
-def publish(out_root: Path, name: str, rectifier, meta: dict) -> Path:
+def publish(out_root: Path, name: str, rectifier, meta: dict, base: Optional[Path] = None) -> Path:
     """Write ``out_root/name/`` atomically: save into a temporary sibling, then rename it into
-    place (the previous version is renamed away first and deleted after)."""
-    return replace_folder(out_root / name, lambda tmp: save_rectifier(tmp, rectifier, meta))
+    place (the previous version is renamed away first and deleted after). ``base``: the
+    reconstruction rectifier whose trunk this one shares (only the rest is written)."""
+    return replace_folder(out_root / name,
+                          lambda tmp: save_rectifier(tmp, rectifier, meta, base=base))
 
 
 # ------------------------------------------------------------------------------- the task
@@ -162,7 +166,7 @@ def clip_tags(clip) -> dict[str, str]:
 
 
 def train_logged(loaded: Loaded, name: str, tracker, method: Optional[EditMethod] = None,
-                 steps: Optional[int] = None, prefix: str = ""):
+                 steps: Optional[int] = None, prefix: str = "edit_training/"):
     """:func:`train_edit` for attribute ``name``, logging every ``edits.log_every`` steps."""
     from hfedit.edit_training import train_edit
 
@@ -182,7 +186,8 @@ def train_logged(loaded: Loaded, name: str, tracker, method: Optional[EditMethod
 
     return train_edit(cfg.edits.attributes[name], loaded.denoiser, loaded.reconstruction,
                       loaded.clip, loaded.images, cfg.edits.markovian, method=method, steps=steps,
-                      on_step=on_step, checkpoint=cfg.runtime.activation_checkpointing)
+                      on_step=on_step, checkpoint=cfg.runtime.activation_checkpointing,
+                      share_trunk=cfg.edits.share_trunk)
 
 
 def summarise(result, method: EditMethod) -> dict[str, Any]:
@@ -232,25 +237,43 @@ def run_attribute(spec: dict) -> dict:
             result = train_logged(loaded, name, run)
             summary = summarise(result, method)
             meta = {"attribute": name, "edit": to_flat_dict(attr), "fingerprint": spec["fingerprint"],
-                    "inputs": spec["inputs"], "backbone": str(spec["backbone"]),
-                    "reconstruction_rectifier": str(spec["rectifier"]),
+                    "inputs": spec["inputs"], "backbone": model_reference(spec["backbone"]),
+                    "reconstruction_rectifier": model_reference(spec["rectifier"]),
                     "clip": {"model": loaded.clip.name, "weights": cfg.clip.weights,
                              "semantic": loaded.clip.semantic, "note": loaded.clip.weights_note},
                     "training": summary}
             if method is EditMethod.markovian:
                 meta["markovian"] = to_flat_dict(cfg.edits.markovian)
-            folder = publish(Path(spec["out"]), name, result.rectifier.cpu(), meta)
+            folder = publish(Path(spec["out"]), name, result.rectifier.cpu(), meta,
+                             base=Path(spec["rectifier"]) if cfg.edits.share_trunk else None)
             if run is not None:
-                run.log_artifacts(folder, f"edits/{name}")
-                run.register(cfg, f"edits/{name}", f"edit-{name}",
-                             tags={"attribute": name, "method": method.value,
-                                   "fingerprint": spec["fingerprint"]})
+                from pipelines.serving import log_rectifier_model
+
+                log_rectifier_model(cfg, run.run_id, spec["backbone"], folder, f"edit-{name}", name,
+                                    tags={"hfedit.attribute": name, "hfedit.method": method.value,
+                                          "hfedit.semantic": str(loaded.clip.semantic).lower(),
+                                          "hfedit.clip_model": loaded.clip.name,
+                                          "hfedit.fingerprint": spec["fingerprint"],
+                                          "hfedit.backbone": meta["backbone"]["source"]})
         except BaseException as err:
             if run is not None:
                 run.set_tags({"hfedit.error": f"{type(err).__name__}: {err}"[:4000]})
             raise
     return {**summary, "status": "trained", "fingerprint": spec["fingerprint"],
             "clip_semantic": loaded.clip.semantic, "started_at": started, "finished_at": time.time()}
+
+
+def numeric(report: dict) -> dict:
+    """The numbers of a nested report (for ``dvc metrics show``/``exp show``): statuses,
+    fingerprints, errors and notes stay in ``status.json``, the log and the MLflow tags."""
+    out = {}
+    for k, v in report.items():
+        if isinstance(v, dict):
+            if sub := numeric(v):
+                out[k] = sub
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = v
+    return out
 
 
 # ------------------------------------------------------------------------------ the driver
@@ -313,7 +336,8 @@ def run_stage(cfg: HfeditConfig, backbone: Path, rectifier: Path, data: Path, ou
         meta = saved_meta(out / name)
         if meta is not None and meta.get("fingerprint") == fp:
             report["attributes"][name] = {**meta.get("training", {}), "status": "skipped",
-                                          "fingerprint": fp}
+                                          "fingerprint": fp,
+                                          "clip_semantic": meta.get("clip", {}).get("semantic")}
             log.info("train_edits: %s unchanged (fingerprint %s): skipped", name, fp)
         else:
             todo[name] = fp
@@ -344,18 +368,17 @@ def run_stage(cfg: HfeditConfig, backbone: Path, rectifier: Path, data: Path, ou
     report["attributes"] = {n: report["attributes"][n] for n in names}  # params order
     statuses = [a["status"] for a in report["attributes"].values()]
     report.update({k: statuses.count(k) for k in ("trained", "skipped", "failed")})
-    atomic_write_json(out / STATUS_FILE, {
-        n: {k: a[k] for k in ("status", "fingerprint", "error") if k in a}
-        for n, a in report["attributes"].items()})
+    atomic_write_json(out / STATUS_FILE, report["attributes"])  # everything, text included
     if tracker is not None:
         for name, a in report["attributes"].items():
             if "final_loss" in a:
-                tracker.log_metrics({f"{name}/final_loss": a["final_loss"],
-                                     f"{name}/final_direction": a["final_direction"],
-                                     f"{name}/final_l1": a["final_l1"],
-                                     f"{name}/seconds_per_step": a["seconds_per_step"]},
+                tracker.log_metrics({f"{STAGE}/{name}/final_loss": a["final_loss"],
+                                     f"{STAGE}/{name}/final_direction": a["final_direction"],
+                                     f"{STAGE}/{name}/final_l1": a["final_l1"],
+                                     f"{STAGE}/{name}/seconds_per_step": a["seconds_per_step"]},
                                     step=a["steps"])
-        tracker.log_metrics({k: report[k] for k in ("trained", "skipped", "failed")}, step=0)
+        tracker.log_metrics({f"{STAGE}/{k}": report[k] for k in ("trained", "skipped", "failed")},
+                            step=0)
     return report
 
 
@@ -389,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
         info = {"uri": tracking_uri(cfg), "experiment_id": tracker.run.info.experiment_id,
                 "parent_run_id": tracker.run_id}
         report = run_stage(cfg, args.backbone, args.rectifier, args.data, args.out, tracker, info)
-        atomic_write_json(args.metrics, report)
+        atomic_write_json(args.metrics, numeric(report))  # DVC metrics: numbers only
         tracker.log_artifact(args.metrics)
         tracker.log_artifact(args.out / STATUS_FILE)
         for name, a in report["attributes"].items():

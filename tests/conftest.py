@@ -64,6 +64,19 @@ def perturbed(rect, scale: float = 0.05, seed: int = 0):
     return rect
 
 
+def briefly_trained(backbone_cfg, images: torch.Tensor, steps: int) -> Denoiser:
+    """The configured backbone trained ``steps`` steps on ``images`` (no checkpoints), frozen:
+    a model whose eps means something, for benchmarks."""
+    import tempfile
+
+    from hfedit.backbone_train import train_backbone
+
+    backbone_cfg.train.steps, backbone_cfg.train.checkpoint_every = steps, 10**9
+    backbone_cfg.train.warmup_steps = min(backbone_cfg.train.warmup_steps, steps // 4)
+    return train_backbone(backbone_cfg, images, tempfile.mkdtemp(prefix="hfedit-bb"),
+                          show_progress=False).denoiser.freeze()
+
+
 @pytest.fixture(scope="session")
 def faces() -> torch.Tensor:
     return real_faces(4)

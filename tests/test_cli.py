@@ -89,3 +89,61 @@ def test_a_missing_image_is_named_as_missing(tmp_path, random_denoiser, capsys):
     args = _setup(tmp_path, random_denoiser)
     assert main(["reconstruct", str(tmp_path / "photo.png"), *args]) == 2
     assert "photo.png: no such file. Fix:" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ as a user runs it
+def test_nothing_is_written_when_the_command_fails_after_checks(tmp_path, random_denoiser, capsys):
+    """The attribute is checked before the backbone loads, and no ``_input.png`` is left."""
+    args = _setup(tmp_path, random_denoiser)
+    (tmp_path / "edits").mkdir()
+    assert main(["edit", str(tmp_path / "astro.jpg"), "--attribute", "smiling",
+                 "--edits", str(tmp_path / "edits"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "no edit rectifier for attribute 'smiling'" in err and "train_edits" in err
+    assert not (tmp_path / "out").exists()
+    # a missing image is refused before the (missing) backbone is even looked at
+    assert main(["reconstruct", str(tmp_path / "nope.png"), "--backbone", str(tmp_path / "nobb"),
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "nope.png: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_size_is_stated_when_it_differs_from_the_input(tmp_path, random_denoiser, capsys):
+    args = _setup(tmp_path, random_denoiser)
+    assert main(["reconstruct", str(tmp_path / "astro.jpg"), "--no-progress", *args]) == 0
+    assert "the output is 32x32, the backbone's resolution; the input was 512x512" in \
+        capsys.readouterr().err
+
+
+def test_console_script_runs_from_any_folder_with_fast_help(tmp_path, random_denoiser):
+    """``hfedit`` is installed as a console script; run from an unrelated folder (no params.yaml
+    above it) it finds the project's config; ``--help`` lists every subcommand without importing
+    torch."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    args = _setup(tmp_path, random_denoiser)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "HFEDIT_ROOT"}
+    env["PYTHONPATH"] = str(root)
+    script = Path(sys.executable).with_name("hfedit")
+    assert script.is_file(), "pyproject's [project.scripts] hfedit is not installed"
+    help_ = subprocess.run([str(script), "--help"], cwd=elsewhere, env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert help_.returncode == 0
+    for name in ("reconstruct", "invert", "shift", "colour", "edit", "translate"):
+        assert f"  {name}" in help_.stdout
+    probe = subprocess.run([sys.executable, "-c", "import sys, hfedit.cli as c\n"
+                            "try:\n c.main(['--help'])\nexcept SystemExit: pass\n"
+                            "print('torch' in sys.modules)"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip().endswith("False"), probe.stdout + probe.stderr
+    run = subprocess.run([str(script), "reconstruct", str(tmp_path / "astro.jpg"), *args,
+                          "--device", "cpu"], cwd=elsewhere, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "out" / "astro_reconstruction.png").is_file()

@@ -8,13 +8,11 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +74,13 @@ def ray_cluster():
     shutil.rmtree(temp, ignore_errors=True)
 
 
+def _scanned(folder) -> tuple[Path, dict[str, str]]:  # noqa: F811
+    """(root, id -> expected reason) of the folder as a job scans it: files that are not images
+    by their suffix (bad/notes.txt) are ignored, not inputs."""
+    root, expected = folder
+    return root, {i: r for i, r in expected.items() if eb.is_image_name(i) or r in LISTING_REASONS}
+
+
 def _run(cfg, source, out, backbone, **kw) -> eb.JobResult:
     return eb.run_job(cfg, source, out, str(backbone), progress=False, **kw)
 
@@ -113,8 +118,14 @@ def _assert_accounted(result: eb.JobResult, expected: dict[str, str], out: Path)
 def test_seeds_and_output_names_depend_on_the_id_alone():
     assert eb.image_seed(0, "faces/a.png") == eb.image_seed(0, "faces/a.png") == 7292052230631365485
     assert len({eb.image_seed(0, "a"), eb.image_seed(1, "a"), eb.image_seed(0, "b")}) == 3
-    assert eb.output_relpath("smiling", "faces/a.jpg") == "smiling/faces/a.jpg.png"
-    assert eb.output_relpath("smiling", "a.png") != eb.output_relpath("smiling", "a.jpg")
+    # no double extensions: the suffix becomes .png, unless two inputs would share a name
+    assert eb.output_names(["faces/a.jpg", "faces/b.png", "c"]) == {
+        "faces/a.jpg": "faces/a.png", "faces/b.png": "faces/b.png", "c": "c.png"}
+    assert eb.output_names(["a.png", "a.jpg", "b.jpg", "b.jpeg"]) == {
+        "a.png": "a.png", "a.jpg": "a.jpg.png", "b.jpg": "b.jpg.png", "b.jpeg": "b.jpeg.png"}
+    with pytest.raises(eb.UsageError, match="rename one"):
+        eb.output_names(["x.jpg", "x.jpg.png", "x.png"])
+    assert eb.output_relpath("smiling", "faces/a.png") == "smiling/faces/a.png"
     with pytest.raises(ValueError, match="relative path"):
         eb.output_relpath("smiling", "../escape.png")
 
@@ -142,6 +153,23 @@ def test_a_missing_edit_rectifier_fails_fast_naming_it(folder, models, tmp_path,
                     "--edits", str(edits), "--attributes", "reconstruction", "old", "--no-track"])
     assert code == eb.EXIT_USAGE and "'old'" in capsys.readouterr().err
     assert not (tmp_path / "o" / "manifest.parquet").exists()
+
+
+def test_relative_model_folders_in_an_uploaded_copy_are_refused_with_the_fix(folder, tmp_path,
+                                                                             monkeypatch, capsys):  # noqa: F811
+    """Under `ray job submit` the job runs in Ray's copy of the working directory, without
+    the git-ignored models/: a relative --backbone there is named with the fix."""
+    root, _ = folder
+    copy = tmp_path / "working_dir_files" / "_ray_pkg_0123abcd"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("HFEDIT_ROOT", str(ROOT))
+    code = eb.main(["--input", str(root), "--out", str(tmp_path / "o"), "--backbone",
+                    "models/backbone", "--attributes", "reconstruction", "--no-track"])
+    assert code == eb.EXIT_USAGE
+    assert "--backbone models/backbone: not in the uploaded working directory" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_prepared_split_in_a_plain_loop_reconstructs_exactly(folder, models, tmp_path):  # noqa: F811
@@ -175,7 +203,7 @@ def test_the_decode_stage_turns_each_input_into_its_image_or_its_reason(folder, 
                       split_input=False)
     ids = ["faces/astronaut.jpg", "bad/truncated.png", "bad/notes.txt", "odd/cmyk.jpg"]
     items = [{"id": i, "input": str(root / i), "signature": "", "index": -1, "seed": 7,
-              "pending": ",".join(ATTRS)} for i in ids]
+              "pending": ",".join(ATTRS), "name": i} for i in ids]
     out = decode_images(columns(items, list(items[0])), job, eb.backbone_resolution(str(backbone)))
     assert list(out["id"]) == ids and out["x0"].shape == (4, 3, 32, 32)
     for k, id_ in enumerate(ids):
@@ -214,13 +242,13 @@ def test_a_job_removes_its_own_temporaries_and_no_user_file(folder, models, tmp_
     shutil.copy(root / "faces/lfw_0.png", photos / "a.png")
     users = [out / ".notes.tmp", out / "reconstruction" / ".draft.png.tmp", out / "mine" / ".x.tmp"]
     leftovers = [files._sibling(out / "manifest.parquet"),  # writers killed before their rename
-                 files._sibling(out / "reconstruction" / "a.png.png")]
+                 files._sibling(out / "reconstruction" / "a.png")]
     for p in users + leftovers:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("kept" if p in users else "partial")
     cfg = _cfg(edits, "edit_batch.attributes=[reconstruction]")
     result = _run(cfg, photos, out, backbone, executor=eb.execute_plain)
-    assert result.exit_code == 0 and (out / "reconstruction/a.png.png").is_file()
+    assert result.exit_code == 0 and (out / "reconstruction/a.png").is_file()
     assert [p.read_text() for p in users] == ["kept"] * 3
     assert not any(p.exists() for p in leftovers)
 
@@ -238,8 +266,8 @@ def _assert_odd_name_edited(result: eb.JobResult, out: Path, odd: str) -> None:
     df = result.manifest.set_index("id")
     assert result.exit_code == 0 and sorted(df.index) == ["\\xff-photo.png", "a.png"]
     assert df.loc["\\xff-photo.png", "seed"] == eb.image_seed(0, odd)  # from the name's bytes
-    assert (out / "reconstruction" / f"{odd}.png").is_file()
-    assert df.loc["\\xff-photo.png", "output"] == "reconstruction/\\xff-photo.png.png"
+    assert (out / "reconstruction" / odd).is_file()
+    assert df.loc["\\xff-photo.png", "output"] == "reconstruction/\\xff-photo.png"
 
 
 def test_a_file_name_that_is_not_utf8_does_not_stop_the_job(folder, models, tmp_path):  # noqa: F811
@@ -320,9 +348,11 @@ def test_bad_arguments_fail_before_ray_with_the_fix(folder, models, tmp_path, ca
 # ------------------------------------------------------------------------------- on Ray
 @pytest.mark.timeout(900)  # the module fixtures run a Ray Data job in setup: minutes under load
 def test_every_input_is_edited_or_listed_with_its_reason(folder, first_run):  # noqa: F811
-    root, expected = folder
+    root, expected = _scanned(folder)
     out, result = first_run
     _assert_accounted(result, expected, out)
+    # a file that is not an image by its suffix is not an input: ignored and said so, not failed
+    assert result.ignored == ["bad/notes.txt"] and "1 other files ignored" in result.summary
     n_ok = sum(v == "ok" for v in expected.values())
     assert result.counts["edited"] == result.counts["edited_now"] == n_ok
     assert result.counts["failed"] == len(expected) - n_ok and result.exit_code == eb.EXIT_FAILED
@@ -353,7 +383,7 @@ def test_a_file_name_that_is_not_utf8_crosses_ray(folder, models, ray_cluster, t
 
 @pytest.mark.timeout(900)  # the module fixtures run a Ray Data job in setup: minutes under load
 def test_a_rerun_does_no_work(folder, models, first_run):  # noqa: F811
-    root, expected = folder
+    root, expected = _scanned(folder)
     out, first = first_run
     backbone, edits = models
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
@@ -403,7 +433,7 @@ def test_same_batches_give_identical_pngs_other_batch_sizes_agree(folder, models
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # the module fixtures run a Ray Data job in setup: minutes under load
 def test_a_killed_actor_is_restarted_and_every_image_accounted(folder, models, ray_cluster, tmp_path):  # noqa: F811
-    root, expected = folder
+    root, expected = _scanned(folder)
     backbone, edits = models
     out, pids = tmp_path / "out", tmp_path / "pids"
     cfg = _cfg(edits, "edit_batch.actors=1", "edit_batch.batch_size=4", "inversion.num_steps=12")
@@ -433,12 +463,6 @@ def test_a_killed_actor_is_restarted_and_every_image_accounted(folder, models, r
 
 
 # ------------------------------------------------------------------- as a user runs it
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(tmp_path: Path) -> dict:
     venv_bin = str(Path(sys.executable).parent)
     return {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "HFEDIT_ROOT": str(ROOT),
@@ -456,7 +480,7 @@ def _cli_args(root, out, backbone, edits, *extra) -> list[str]:
 @pytest.mark.timeout(900)  # the module fixtures run a Ray Data job in setup: minutes under load
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_job_is_finished_by_a_rerun(folder, models, tmp_path, sig):  # noqa: F811
-    root, expected = folder
+    root, expected = _scanned(folder)
     backbone, edits = models
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "pipelines/edit_batch.py"),
@@ -493,76 +517,65 @@ def test_interrupted_job_is_finished_by_a_rerun(folder, models, tmp_path, sig): 
     assert f"{n_ok} edited" in proc.stdout and "failed" in proc.stdout
 
 
-def _wait_http(url: str, seconds: float) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer in {seconds} s")
+README_FOLDERS = "MODELS=$PWD/models PHOTOS=$PWD/photos OUT=$PWD/outputs/photos"
 
 
-def _stop_cluster(head: subprocess.Popen, temp: str) -> None:
-    """Stop only this cluster: SIGTERM to its `ray start --block` (which kills what it started),
-    then SIGKILL any process still naming its temp dir. Never `ray stop`."""
-    head.send_signal(signal.SIGTERM)
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        head.kill()
-    for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if temp.encode() in cmdline and pid != os.getpid():
-            with __import__("contextlib").suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+def _readme_cluster_commands() -> str:
+    """Step 2 of the README's batch-editing block, as written."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("# 2. on a cluster"):text.index("# 3. as the DVC stage")]
+    assert README_FOLDERS in block, "the README's first line of step 2 changed: update this test"
+    return block
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # the module fixtures run a Ray Data job in setup: minutes under load
-def test_ray_job_submit_against_a_head_node(folder, models, tmp_path):  # noqa: F811
-    root, expected = folder
+@pytest.mark.timeout(900)
+def test_ray_job_submit_exactly_as_the_readme_writes_it(folder, models, tmp_path):  # noqa: F811
+    """The README's commands (its folders line pointed at the test's) on a fresh head node with
+    free ports: absolute model folders, a non-image file ignored, outputs without double
+    extensions, and the MLflow store beside the outputs, not in Ray's uploaded copy."""
+    root, _ = folder
     backbone, edits = models
-    out, env = tmp_path / "out", _env(tmp_path)
-    temp = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")
-    port, dash, agent, client = (_free_port() for _ in range(4))
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-         # not the defaults (52365, 10001): other clusters on this machine may hold them
-         f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
-         f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    photos, out = tmp_path / "photos", tmp_path / "results" / "photos"
+    (photos / "sub").mkdir(parents=True)
+    for name in ("astronaut.jpg", "astronaut.png", "lfw_0.png"):
+        shutil.copy(root / "faces" / name, photos / name)
+    shutil.copy(root / "faces/lfw_1.png", photos / "sub" / "lfw_1.png")
+    (photos / "readme.txt").write_text("faces from scikit-image\n")
+    script = _readme_cluster_commands().replace(
+        README_FOLDERS, f"MODELS={backbone.parent} PHOTOS={photos} OUT={out}")
+    temp = tempfile.mkdtemp(prefix="rayrd", dir="/tmp")  # this cluster's own Ray temp dir
+    env = {k: v for k, v in _env(tmp_path).items()
+           if k not in ("HFEDIT_ROOT", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE")}
+    env["RAY_TMPDIR"] = temp
     try:
-        _wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
-        address = f"http://127.0.0.1:{dash}"
-        for _ in range(30):  # the dashboard answers before the node's job agent is up
-            runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/job.db"}}
-            job = subprocess.run(
-                [ray_bin, "job", "submit", "--address", address, "--working-dir", str(ROOT),
-                 "--runtime-env-json", json.dumps(runtime_env), "--",
-                 "python", "pipelines/edit_batch.py", *_cli_args(root, out, backbone, edits),
-                 "--allow-failed"],
-                env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
-            log = job.stdout + job.stderr
-            if "No available agent" not in log:
-                break
-            time.sleep(2)
-        assert job.returncode == 0 and "edit_batch:" in log and f"{sum(v == 'ok' for v in expected.values())} edited" in log, log[-4000:]
-        with urllib.request.urlopen(f"{address}/api/jobs/") as resp:
-            jobs = json.load(resp)
-        assert [(j["status"], j["driver_exit_code"]) for j in jobs] == [("SUCCEEDED", 0)], jobs
-        result = eb.read_manifest(out)
-        assert sorted(zip(result.id, result.attribute)) == sorted((i, a) for i in expected for a in ATTRS)
-        ok = result[result.status == "ok"]
-        assert set(ok.id) == {i for i, v in expected.items() if v == "ok"}
-        assert all((out / o).is_file() for o in ok.output)
-        assert (tmp_path / "job.db").is_file()  # the run was tracked where the job was told
+        prelude = "trap 'kill $HEAD 2> /dev/null || true' EXIT\nset -e\n"  # stop it on failure too
+        proc = subprocess.run(["bash", "-c", prelude + script], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=800)
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, log[-5000:]
+        assert "succeeded" in log.lower() and "1 other files ignored" in log, log[-3000:]
     finally:
-        _stop_cluster(head, temp)
+        for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:  # only this cluster
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if temp.encode() in cmdline and pid != os.getpid():
+                with __import__("contextlib").suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
+    result = eb.read_manifest(out)
+    ids = ["astronaut.jpg", "astronaut.png", "lfw_0.png", "sub/lfw_1.png"]
+    assert sorted(set(result.id)) == ids and (result.status == "ok").all()
+    outputs = set(result.output)
+    for a in ATTRS:
+        assert {f"{a}/astronaut.png", f"{a}/astronaut.jpg.png", f"{a}/lfw_0.png",
+                f"{a}/sub/lfw_1.png"} <= outputs
+    assert all((out / o).is_file() for o in outputs)
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")  # beside the results
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.tags["hfedit.stage"] == "edit_batch"
+    assert (out / "mlartifacts").is_dir() and any((out / "mlartifacts").rglob("manifest.parquet"))

@@ -370,3 +370,51 @@ def test_edit_evaluation_scores_strength_and_fidelity(random_denoiser, recon, cl
     manual = direction.clip_directional_similarity(
         faces, editor.edit(faces, [0, 1, 2, 3], names=("edit",)).outputs["edit"].clamp(-1, 1))
     assert edited["clip_direction"] == pytest.approx(manual.mean().item(), abs=1e-4)
+
+
+# ------------------------------------------------------------------------ shared trunk
+def test_shared_trunk_edit_trains_only_branches_and_stores_only_them(random_denoiser, recon, clip,
+                                                                     tmp_path, faces):
+    """``share_trunk``: the trunk and time MLP stay the reconstruction rectifier's, bit for bit;
+    the edit's file holds the rest only and loads back (trunk from the base) to the same model."""
+    from hfedit.checkpoint import load_rectifier, save_rectifier
+    from hfedit.rectifier import SHARED_PREFIXES
+
+    x0 = real_faces(4)
+    cfg = AttributeConfig(source=ATTR.source, target=ATTR.target, steps=3, num_images=4,
+                          batch_size=2, seed=0)
+    rect = train_edit(cfg, random_denoiser, recon, clip, x0, share_trunk=True).rectifier
+    before, after = recon.state_dict(), rect.state_dict()
+    shared = [k for k in after if k.startswith(SHARED_PREFIXES)]
+    assert shared and all(torch.equal(after[k], before[k]) for k in shared)
+    assert any(not torch.equal(after[k], before[k]) for k in after if k not in shared)
+
+    save_rectifier(tmp_path / "models" / "rectifier", recon)
+    full, edit = tmp_path / "full", tmp_path / "models" / "edits" / "smiling"
+    save_rectifier(full, rect)
+    save_rectifier(edit, rect, {"attribute": "smiling"}, base=tmp_path / "models" / "rectifier")
+    size = (edit / "rectifier.safetensors").stat().st_size
+    assert size < 0.7 * (full / "rectifier.safetensors").stat().st_size
+    meta = json.loads((edit / "rectifier.json").read_text())
+    assert meta["base"]["path"] == "../../rectifier"  # relative: the folders move together
+    loaded = load_edit_rectifiers(tmp_path / "models" / "edits", random_denoiser.unet)["smiling"]
+    a = ModulatedDenoiser(random_denoiser, rect.eval())(faces, 300, faces)
+    assert torch.equal(a, ModulatedDenoiser(random_denoiser, loaded)(faces, 300, faces))
+
+    # a moved copy still loads when told where its base is; a different base is refused
+    moved = tmp_path / "elsewhere" / "smiling"
+    moved.parent.mkdir()
+    edit.rename(moved)
+    with pytest.raises(FileNotFoundError, match="shares its trunk.*missing"):
+        load_rectifier(moved, random_denoiser.unet)
+    loaded, _ = load_rectifier(moved, random_denoiser.unet, base=tmp_path / "models" / "rectifier")
+    assert torch.equal(a, ModulatedDenoiser(random_denoiser, loaded)(faces, 300, faces))
+    save_rectifier(tmp_path / "other", perturbed(recon, scale=0.01, seed=9))
+    with pytest.raises(FileNotFoundError, match="retrain the edits"):
+        load_rectifier(moved, random_denoiser.unet, base=tmp_path / "other")
+    # a rectifier whose trunk was trained is not saved as if it shared the base's
+    bad = copy.deepcopy(rect)
+    with torch.no_grad():
+        next(bad.trunk.parameters()).add_(1e-3)
+    with pytest.raises(ValueError, match="shared tensors"):
+        save_rectifier(tmp_path / "bad", bad, base=tmp_path / "models" / "rectifier")

@@ -116,8 +116,9 @@ def test_paper_setting_runs_every_stage(tmp_path):
     # train_edits: both attributes, with the ViT-B-32 weights file (CLIP is "semantic")
     status = json.loads((work / "models/edits/status.json").read_text())
     assert {a: s["status"] for a, s in status.items()} == {"smiling": "trained", "old": "trained"}
-    edits = json.loads((work / "metrics/train_edits.json").read_text())
-    assert edits["clip"]["model"] == "ViT-B-32" and edits["clip"]["semantic"] is True
+    clip = json.loads((work / "models/edits/smiling/rectifier.json").read_text())["clip"]
+    assert clip["model"] == "ViT-B-32" and clip["semantic"] is True
+    assert all(s["clip_semantic"] is True for s in status.values())
 
     # edit_ablation: both methods trained and scored on the held-out image
     ablation = json.loads((work / "metrics/edit_ablation.json").read_text())

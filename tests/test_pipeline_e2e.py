@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.servers import free_port, wait_until_up
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -47,12 +47,6 @@ SUBSET = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 1500) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
@@ -64,7 +58,7 @@ def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 1500) -> str:
 def mlflow_server(tmp_path_factory):
     """``mlflow server`` on 127.0.0.1 (SQLite store, proxied artifacts); stopped by its PID."""
     folder = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = open(folder / "server.log", "w")
     proc = subprocess.Popen(
@@ -73,18 +67,7 @@ def mlflow_server(tmp_path_factory):
          "--artifacts-destination", str(folder / "artifacts")],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail("mlflow server did not start:\n" + (folder / "server.log").read_text()[-3000:])
-        time.sleep(0.5)
+    wait_until_up(f"{url}/health", proc, folder / "server.log", timeout=120)
     yield url
     os.killpg(proc.pid, 15)
     proc.wait(timeout=30)
@@ -169,13 +152,17 @@ def test_default_pipeline_end_to_end(tmp_path, mlflow_server):
     assert len(pipelines) == 1
     pipe = pipelines[0]
     assert pipe.info.status == "FINISHED"
-    assert pipe.data.params["backbone.train.steps"] == "40"
+    assert pipe.data.params["profile"] == "tiny" and pipe.info.run_name.startswith("pipeline-")
     assert "eval_rectifier_ddim_l1" in pipe.data.metrics
     by_stage = {r.data.tags.get("hfedit.stage"): r for r in runs
                 if r.data.tags.get("mlflow.parentRunId") == pipe.info.run_id}
     assert sorted(by_stage) == sorted(STAGES)
     assert all(r.info.status == "FINISHED" for r in by_stage.values())
     backbone = by_stage["backbone"]
+    # each stage logs its own sections (+ profile and device), every run names its commit
+    assert backbone.data.params["backbone.train.steps"] == "40"
+    assert not any(k.startswith("backbone.") for k in by_stage["edit_batch"].data.params)
+    assert all(r.data.tags.get("mlflow.source.git.commit") for r in runs)
     history = client.get_metric_history(backbone.info.run_id, "backbone/loss")
     assert len({m.step for m in history}) >= 5 and max(m.step for m in history) == 40
     pretrain_hist = client.get_metric_history(by_stage["pretrain_rectifier"].info.run_id,
@@ -194,8 +181,13 @@ def test_default_pipeline_end_to_end(tmp_path, mlflow_server):
     assert {"hfedit-rectifier", "hfedit-edit-smiling", "hfedit-edit-old"} <= set(registered)
     (rect_version,) = client.search_model_versions("name='hfedit-rectifier'")
     assert rect_version.run_id == by_stage["pretrain_rectifier"].info.run_id
-    files = {f.path for f in client.list_artifacts(rect_version.run_id, "rectifier")}
-    assert files == {"rectifier/rectifier.safetensors", "rectifier/rectifier.json"}
+    # servable pyfunc models, the pipeline's latest as @champion, tagged "not semantic" offline
+    assert client.get_model_version_by_alias("hfedit-rectifier", "champion").version == \
+        rect_version.version
+    smiling = client.get_model_version_by_alias("hfedit-edit-smiling", "champion")
+    assert smiling.tags["hfedit.semantic"] == "false" and smiling.tags["hfedit.attribute"] == "smiling"
+    info = mlflow.models.get_model_info("models:/hfedit-edit-smiling@champion")
+    assert info.signature.inputs.input_names() == ["image", "seed"]
 
     # 3. Nothing changed: a second repro runs nothing.
     assert "up to date" in _run(dvc + ["status"], work, env)

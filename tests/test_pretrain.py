@@ -177,6 +177,14 @@ def test_torch_trainer_survives_a_killed_worker_and_resumes(tmp_path, random_den
     assert proc.returncode == 0, out[-4000:]
     report = json.loads((tmp_path / "m.json").read_text())
     assert report["training"]["resumed_from_step"] == 40
+    # the rectifier records its backbone portably and is a servable model, @champion
+    meta = json.loads((tmp_path / "rect" / "rectifier.json").read_text())
+    assert meta["backbone"]["source"] == "backbone" and str(tmp_path) not in json.dumps(meta)
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    champion = client.get_model_version_by_alias("hfedit-rectifier", "champion")
+    assert str(champion.version) == "2" and champion.tags["hfedit.kind"] == "reconstruction"
 
     # The streamed batches are a function of the seed: a run that was never interrupted sees,
     # on every rank and at every step, the images the killed-and-resumed run saw (the resumed
