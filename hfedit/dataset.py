@@ -275,6 +275,14 @@ def _finish(cfg: DataConfig, out: Path, rows: list[ManifestRow]) -> Manifest:
 
 
 # -------------------------------------------------------------------------------- reading
+def data_location(text: str | os.PathLike) -> str:
+    """A prepared folder as every process (Ray workers included) should name it: a URI
+    (``s3://bucket/prepared``, ``file:///nfs/prepared``) unchanged, a path made absolute.
+    The ``--data`` argument of every stage."""
+    text = str(text)
+    return text if "://" in text else str(Path(text).absolute())
+
+
 def _filesystem(location: str | os.PathLike):
     """``(pyarrow filesystem, path)`` of a local path or a URI (``s3://``, ``file://``, ...)."""
     from pyarrow import fs
@@ -475,5 +483,5 @@ def load_split(prepared: str | os.PathLike, split: str) -> Split:
     return PreparedData(prepared).split(split)
 
 
-__all__ = ["FORMAT", "PreparedData", "Split", "list_inputs", "load_split", "pixels_to_tensor",
+__all__ = ["FORMAT", "PreparedData", "Split", "data_location", "list_inputs", "load_split", "pixels_to_tensor",
            "pixels_to_u8", "prepare_dataset"]

@@ -27,6 +27,7 @@ import torch
 
 from hfedit.checkpoint import atomic_write_json
 from hfedit.config import ConfigError, EditMethod, HfeditConfig, load_config, to_flat_dict
+from hfedit.dataset import data_location
 from hfedit.device import DeviceUnavailable
 from pipelines.train_edits import (
     NOT_SEMANTIC,
@@ -110,7 +111,7 @@ def run_method(spec: dict) -> dict:
                                for k, v in to_flat_dict(cfg.edits.markovian).items()})
                 run.log_params(params)
             result = train_logged(loaded, ab.attribute, run, method=method, steps=spec["steps"])
-            ev = evaluate(cfg, loaded.denoiser, loaded.clip, result.rectifier, Path(spec["data"]))
+            ev = evaluate(cfg, loaded.denoiser, loaded.clip, result.rectifier, spec["data"])
             summary = {**summarise(result, method), **ev.summary()}
             if run is not None:
                 run.log_metrics({f"eval/{k}": v for k, v in summary.items()
@@ -169,7 +170,7 @@ def run_stage(cfg: HfeditConfig, backbone: Path, rectifier: Path, data: Path, pl
     for method in METHODS:
         spec = {"method": method.value, "steps": steps, "cfg": config_dict(cfg),
                 "backbone": str(backbone.resolve()), "rectifier": str(rectifier.resolve()),
-                "data": str(data.resolve()), "mlflow": mlflow_info, "device": device}
+                "data": data_location(data), "mlflow": mlflow_info, "device": device}
         refs[method] = task.options(num_cpus=rc.edit_task_cpus, num_gpus=gpus,
                                     max_retries=rc.max_failures,
                                     name=f"{STAGE}:{method.value}").remote(spec)
@@ -211,7 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Score matching vs Markovian edit training.")
     parser.add_argument("--backbone", type=Path, default=Path("models/backbone"))
     parser.add_argument("--rectifier", type=Path, default=Path("models/rectifier"))
-    parser.add_argument("--data", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--data", type=data_location, default=data_location("data/prepared"),
+                        help="prepared folder: a path, or a URI every node sees (s3://, file://)")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/edit_ablation.json"))
     parser.add_argument("--plots", type=Path, default=Path("plots/edit_ablation"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

@@ -42,7 +42,7 @@ from hfedit.checkpoint import (
     unflatten_optimizer,
 )
 from hfedit.config import ConfigError, HfeditConfig, load_config, project_root, to_flat_dict
-from hfedit.dataset import PreparedData, load_split, pixels_to_tensor
+from hfedit.dataset import PreparedData, data_location, load_split, pixels_to_tensor
 from hfedit.device import DeviceUnavailable, check_precision, placement, wants_gpu
 from hfedit.files import replace_folder
 from pipelines.ray_runtime import cluster_gpus, init_ray
@@ -274,7 +274,7 @@ def train(cfg: HfeditConfig, backbone: Path, data: Path, out: Path, checkpoints:
         train_loop_config={
             "cfg": _config_dict(cfg), "backbone": str(backbone.resolve()),
             "backbone_ref": model_reference(backbone),
-            "data": str(data.resolve()), "fingerprint": run_fp, "mlflow_run_id": mlflow_run_id,
+            "data": data_location(data), "fingerprint": run_fp, "mlflow_run_id": mlflow_run_id,
             "mlflow_uri": mlflow_uri, "pid_dir": pid_dir, "storage": str(storage),
             "train_rows": prepared.count("train"), "resolution": prepared.resolution,
             "batch_log": batch_log,
@@ -337,7 +337,8 @@ def evaluate(cfg: HfeditConfig, backbone: Path, data: Path, rectifier_dir: Path)
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Rectifier reconstruction pretraining (Ray Train).")
     parser.add_argument("--backbone", type=Path, default=Path("models/backbone"))
-    parser.add_argument("--data", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--data", type=data_location, default=data_location("data/prepared"),
+                        help="prepared folder: a path, or a URI every node sees (s3://, file://)")
     parser.add_argument("--out", type=Path, default=Path("models/rectifier"))
     parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints/rectifier"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics/pretrain_rectifier.json"))

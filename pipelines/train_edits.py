@@ -47,7 +47,7 @@ from hfedit.checkpoint import (
     save_rectifier,
 )
 from hfedit.config import ConfigError, EditMethod, HfeditConfig, load_config, to_flat_dict
-from hfedit.dataset import PreparedData, Split
+from hfedit.dataset import PreparedData, Split, data_location
 from hfedit.device import DeviceUnavailable, placement
 from hfedit.files import is_temporary, replace_folder
 
@@ -349,7 +349,7 @@ def run_stage(cfg: HfeditConfig, backbone: Path, rectifier: Path, data: Path, ou
     for name, fp in todo.items():
         spec = {"attribute": name, "cfg": config_dict(cfg), "fingerprint": fp, "inputs": inputs,
                 "backbone": str(Path(backbone).resolve()), "rectifier": str(Path(rectifier).resolve()),
-                "data": str(Path(data).resolve()), "out": str(Path(out).resolve()),
+                "data": data_location(data), "out": str(Path(out).resolve()),
                 "mlflow": mlflow_info, "device": device}
         ref = task.options(num_cpus=rc.edit_task_cpus, num_gpus=gpus,
                            max_retries=rc.max_failures, name=f"{STAGE}:{name}").remote(spec)
@@ -392,7 +392,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Edit rectifiers, one Ray task per attribute.")
     parser.add_argument("--backbone", type=Path, default=Path("models/backbone"))
     parser.add_argument("--rectifier", type=Path, default=Path("models/rectifier"))
-    parser.add_argument("--data", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--data", type=data_location, default=data_location("data/prepared"),
+                        help="prepared folder: a path, or a URI every node sees (s3://, file://)")
     parser.add_argument("--out", type=Path, default=Path("models/edits"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics/train_edits.json"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

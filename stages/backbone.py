@@ -22,7 +22,7 @@ from hfedit.backbone import BackboneUnavailable, describe, load_backbone, save_b
 from hfedit.backbone_train import sample_grid, train_backbone
 from hfedit.config import ConfigError, HfeditConfig, load_config
 from hfedit.data import make_grid_png
-from hfedit.dataset import load_split
+from hfedit.dataset import data_location, load_split
 from hfedit.device import DeviceUnavailable, placement
 from hfedit.files import atomic_write_csv
 from pipelines.tracking import stage_run
@@ -60,7 +60,8 @@ def run(cfg: HfeditConfig, data: Path, out: Path, checkpoints: Path, plots: Path
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Resolve or train the backbone (DVC stage).")
-    parser.add_argument("--data", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--data", type=data_location, default=data_location("data/prepared"),
+                        help="prepared folder: a path, or a URI every node sees (s3://, file://)")
     parser.add_argument("--out", type=Path, default=Path("models/backbone"))
     parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints/backbone"))
     parser.add_argument("--plots", type=Path, default=Path("plots/backbone"))

@@ -42,6 +42,7 @@ import torch
 
 from hfedit.checkpoint import atomic_write_json
 from hfedit.config import ConfigError, HfeditConfig, load_config
+from hfedit.dataset import data_location
 from hfedit.device import DeviceUnavailable, placement
 from hfedit.files import atomic_savefig, atomic_write_csv, atomic_write_text
 
@@ -389,7 +390,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--backbone", type=Path, default=Path("models/backbone"))
     parser.add_argument("--rectifier", type=Path, default=Path("models/rectifier"))
     parser.add_argument("--edits", type=Path, default=Path("models/edits"))
-    parser.add_argument("--data", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--data", type=data_location, default=data_location("data/prepared"),
+                        help="prepared folder: a path, or a URI every node sees (s3://, file://)")
     parser.add_argument("--batch", type=Path, default=Path("outputs/val"))
     parser.add_argument("--ablation", type=Path, default=Path("metrics/edit_ablation.json"))
     parser.add_argument("--out", type=Path, default=Path("eval"))
