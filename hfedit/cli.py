@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--eta", type=float, default=None)
         p.add_argument("--skip", type=int, default=None)
         p.add_argument("--seed", type=int, default=None)
+        if name == "edit":
+            p.add_argument("--mode", choices=["edit_friendly", "ddim"], default=None,
+                           help="edit-friendly replay or DDIM inversion + sampling "
+                                "(default: inversion.mode)")
         p.add_argument("--device", default=None,
                        help="auto | cpu | cuda | cuda:<i> (default: runtime.device, auto)")
         p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
@@ -77,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--rectifier", default="models/rectifier",
                            help="reconstruction rectifier folder, or 'none' for the backbone alone")
     args = parser.parse_args(argv)
-    flags = {"num_steps": args.steps, "eta": args.eta, "skip": args.skip, "seed": args.seed}
+    flags = {"num_steps": args.steps, "eta": args.eta, "skip": args.skip, "seed": args.seed,
+             "mode": getattr(args, "mode", None)}
     try:
         check_output_folder(args.out)
         runtime = [f"runtime.{k}={v}" for k, v in (("device", args.device),
@@ -163,7 +168,8 @@ def _edit_or_translate(args, denoiser: Denoiser, x0: torch.Tensor, inv_cfg: Inve
     path = save_png(edited[0], out / f"{stem}_{args.attribute}.png")
     make_grid_png(torch.cat([x0, edited]), out / f"{stem}_{args.attribute}_pair.png", nrow=2)
     change = (edited - x0).abs().mean().item() / 2
-    print(f"wrote {path} (attribute {args.attribute}, N={inv_cfg.num_steps}, eta={inv_cfg.eta}, "
+    print(f"wrote {path} (attribute {args.attribute}, {inv_cfg.mode.value}, N={inv_cfg.num_steps}, "
+          f"eta={0.0 if inv_cfg.mode.value == 'ddim' else inv_cfg.eta}, "
           f"skip={inv_cfg.skip}; mean |edit - input| = {change:.4f} on [0, 1])")
     if clip_info.get("semantic") is False:
         print(f"note: '{args.attribute}' was trained with random CLIP weights: the edit is not "

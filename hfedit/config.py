@@ -129,16 +129,33 @@ class Conditioning(str, Enum):
     live = "live"
 
 
+class EditMode(str, Enum):
+    """How an image is inverted and re-sampled for an edit (``hfedit/editing.py``).
+
+    ``edit_friendly``: edit-friendly DDPM inversion (ALGORITHMS.md section 1), then the DDPM
+    replay of its noise maps through the rectified model; with no rectifier the input comes back
+    exactly. ``ddim``: deterministic DDIM inversion with the backbone (section 2), then DDIM
+    sampling (eta = 0) from ``x_T`` through the rectified model conditioned on the source: the
+    protocol of DiffusionCLIP and Asyrp and, most likely, of the paper's own edits; with no
+    rectifier the result is the backbone's DDIM reconstruction (not exact).
+    """
+
+    edit_friendly = "edit_friendly"
+    ddim = "ddim"
+
+
 @dataclass
 class InversionConfig:
-    """Edit-friendly DDPM inversion (ALGORITHMS.md section 1) and the replay that edits:
-    ``skip`` steps skipped, the rectifier conditioned as ``condition`` says."""
+    """Inversion and re-sampling of every edit: ``mode`` (edit-friendly replay or DDIM),
+    ``num_steps`` N, ``eta`` of the edit-friendly maps (DDIM is eta = 0), ``skip`` steps
+    skipped, the rectifier conditioned as ``condition`` says."""
 
     num_steps: int = 50
     eta: float = 1.0
     skip: int = 0
     seed: int = 0
     condition: Conditioning = Conditioning.trajectory
+    mode: EditMode = EditMode.edit_friendly
 
 
 # ---------------------------------------------------------------------------------- rectifier
