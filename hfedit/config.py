@@ -253,6 +253,23 @@ class EditMethod(str, Enum):
     markovian = "markovian"
 
 
+class LargeT(str, Enum):
+    """What Algorithm 1 does about large t, where ``x0_edit = P_t[eps~]`` divides the
+    rectifier's noise error by ``sqrt(abar_t)`` (up to ~158x at t = 999), so CLIP sees images
+    far outside [-1, 1] and the largest t dominate the gradient (README "Algorithm 1 at large
+    t" has the measurement, ``benchmarks/edit_large_t.py``).
+
+    ``none``: the paper's objective as written. ``clamp``: CLIP sees ``x0_edit`` clamped to
+    [-1, 1] (the L1 term still sees it unclamped). ``weight``: each image's loss weighted by
+    ``sqrt(abar_t)``, which cancels the 1/sqrt(abar_t) of P_t. ``range``: ``t ~ U{0..t_max-1}``.
+    """
+
+    none = "none"
+    clamp = "clamp"
+    weight = "weight"
+    range = "range"
+
+
 @dataclass
 class AttributeConfig:
     """One attribute of stage ``train_edits``: texts, loss weights and optimisation (paper eq. 6,
@@ -271,6 +288,9 @@ class AttributeConfig:
     batch_size: int = 4
     method: EditMethod = EditMethod.score_matching
     seed: int = 0
+    # Algorithm 1 at large t (LargeT): none (the paper as written) | clamp | weight | range
+    large_t: LargeT = LargeT.weight
+    t_max: int = 1000  # large_t=range: t ~ U{0..t_max-1}
 
 
 @dataclass
