@@ -31,6 +31,18 @@ def _draws(faces):
     return t, eps
 
 
+@torch.no_grad()
+def _beside_the_paper(random_denoiser, recon, clip, faces, remedy):  # noqa: F811
+    """(the paper's output, the remedy's mean loss, the remedy's output, model, loss) on the
+    same draws."""
+    none, model, loss = _objective(random_denoiser, recon, clip, LargeT.none)
+    other, _, _ = _objective(random_denoiser, recon, clip, remedy)
+    t, eps = _draws(faces)
+    _, a = none(faces, t, eps)
+    total, b = other(faces, t, eps)
+    return a, total, b, model, loss
+
+
 def test_the_papers_objective_lets_clip_see_images_far_outside_the_data_range(
         random_denoiser, recon, clip, faces):  # noqa: F811
     obj, model, loss = _objective(random_denoiser, recon, clip, LargeT.none)
@@ -46,12 +58,8 @@ def test_the_papers_objective_lets_clip_see_images_far_outside_the_data_range(
 
 def test_clamp_gives_clip_the_clamped_image_and_l1_the_unclamped_one(random_denoiser, recon, clip,
                                                                      faces):  # noqa: F811
-    none, _, loss = _objective(random_denoiser, recon, clip, LargeT.none)
-    clamp, _, _ = _objective(random_denoiser, recon, clip, LargeT.clamp)
-    t, eps = _draws(faces)
+    a, _, b, _, loss = _beside_the_paper(random_denoiser, recon, clip, faces, LargeT.clamp)
     with torch.no_grad():
-        _, a = none(faces, t, eps)
-        _, b = clamp(faces, t, eps)
         src = loss.source_embedding(faces)
         want = directional_loss(src, loss.clip.encode_image(a.x0_edit.clamp(-1, 1)),
                                 loss.direction.text_direction)
@@ -61,13 +69,8 @@ def test_clamp_gives_clip_the_clamped_image_and_l1_the_unclamped_one(random_deno
 
 
 def test_weight_scales_each_images_loss_by_sqrt_abar_t(random_denoiser, recon, clip, faces):  # noqa: F811
-    none, model, _ = _objective(random_denoiser, recon, clip, LargeT.none)
-    weight, _, _ = _objective(random_denoiser, recon, clip, LargeT.weight)
-    t, eps = _draws(faces)
-    with torch.no_grad():
-        _, a = none(faces, t, eps)
-        total, b = weight(faces, t, eps)
-    w = model.schedule.alphas_cumprod[t].sqrt().float()
+    a, total, _, model, _ = _beside_the_paper(random_denoiser, recon, clip, faces, LargeT.weight)
+    w = model.schedule.alphas_cumprod[torch.tensor(T_BIG)].sqrt().float()
     assert torch.allclose(total, (a.terms.total * w).mean(), rtol=1e-5)
     assert w[0] < 0.01 < 0.99 < w[3]
 
