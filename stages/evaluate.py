@@ -49,6 +49,9 @@ log = logging.getLogger("hfedit.evaluate")
 STAGE = "evaluate"
 # The paper's Table 1 (CelebA-HQ 256, DDIM inversion + sampling): L1 without / with the rectifier.
 PAPER_L1 = {"backbone": 0.090, "rectifier": 0.085}
+# Images per before/after grid: evaluate.images may be the paper's ~100 (Table 2) or 10,000
+# (Table 1); a grid that wide is unreadable and large.
+GRID_IMAGES = 8
 # What the side-by-side tables (conditionings, modes) show of each edit's summary.
 TABLE_KEYS = ("clip_direction", "clip_direction_std", "l1", "l1_std", "ssim", "ssim_std",
               "psnr", "psnr_std", "identity", "identity_std", "images")
@@ -401,9 +404,10 @@ def run(cfg: HfeditConfig, backbone: Path, rectifier_dir: Path, edits_dir: Path,
     plot_reconstruction(rows, report["reconstruction"]["gap"], out / "plots" / "reconstruction.png")
     if report["editing"]:
         plot_editing(report["editing"], out / "plots" / "editing.png")
+    k = min(GRID_IMAGES, images.shape[0])  # the scores use every image; a grid shows the first k
     for name, per_n in edited.items():
-        grid = torch.cat([images] + [e for _, e in per_n])  # rows: source, edit at each N
-        make_grid_png(grid, out / "grids" / f"{name}.png", nrow=images.shape[0])
+        grid = torch.cat([images[:k]] + [e[:k] for _, e in per_n])  # rows: source, edit at each N
+        make_grid_png(grid, out / "grids" / f"{name}.png", nrow=k)
     report["seconds"] = round(time.perf_counter() - started, 1)
     atomic_write_text(out / "results.md", results_markdown(report))
     atomic_write_json(out / "metrics.json", report)
