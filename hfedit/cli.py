@@ -51,6 +51,14 @@ def build_parser(prog: str = "hfedit") -> argparse.ArgumentParser:
         p.add_argument("--eta", type=float, default=None)
         p.add_argument("--skip", type=int, default=None)
         p.add_argument("--seed", type=int, default=None)
+        if name == "edit":
+            p.add_argument("--mode", choices=["edit_friendly", "ddim"], default=None,
+                           help="edit-friendly replay or DDIM inversion + sampling "
+                                "(default: inversion.mode)")
+        if name == "edit":
+            p.add_argument("--mode", choices=["edit_friendly", "ddim"], default=None,
+                           help="edit-friendly replay or DDIM inversion + sampling "
+                                "(default: inversion.mode)")
         p.add_argument("--device", default=None,
                        help="auto | cpu | cuda | cuda:<i> (default: runtime.device, auto)")
         p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
@@ -112,7 +120,8 @@ class _Job:
 
         self.args = args
         check_output_folder(args.out)
-        flags = {"num_steps": args.steps, "eta": args.eta, "skip": args.skip, "seed": args.seed}
+        flags = {"num_steps": args.steps, "eta": args.eta, "skip": args.skip, "seed": args.seed,
+                 "mode": getattr(args, "mode", None)}
         runtime = [f"runtime.{k}={v}" for k, v in (("device", args.device),
                                                    ("precision", args.precision)) if v]
         cfg = load_config(overrides=[*args.overrides, *runtime, *(f"inversion.{k}={v}" for k, v in
@@ -179,7 +188,8 @@ class _Job:
                 writes += [("png", path, edited[0]),
                            ("grid", out / f"{stem}_{args.attribute}_pair.png", torch.cat([x0, edited]))]
                 change = (edited - x0).abs().mean().item() / 2
-                done = (f"attribute {args.attribute}, N={steps}, eta={eta}, skip={skip}; mean "
+                done = (f"attribute {args.attribute}, {inv_cfg.mode.value}, N={steps}, "
+                        f"eta={0.0 if inv_cfg.mode.value == 'ddim' else eta}, skip={skip}; mean "
                         f"|edit - input| = {change:.4f} on [0, 1]")
             elif args.command == "translate":
                 from hfedit.editing import Editor

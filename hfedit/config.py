@@ -133,16 +133,33 @@ class Conditioning(str, Enum):
     live = "live"
 
 
+class EditMode(str, Enum):
+    """How an image is inverted and re-sampled for an edit (``hfedit/editing.py``).
+
+    ``edit_friendly``: edit-friendly DDPM inversion (ALGORITHMS.md section 1), then the DDPM
+    replay of its noise maps through the rectified model; with no rectifier the input comes back
+    exactly. ``ddim``: deterministic DDIM inversion with the backbone (section 2), then DDIM
+    sampling (eta = 0) from ``x_T`` through the rectified model conditioned on the source: the
+    protocol of DiffusionCLIP and Asyrp and, most likely, of the paper's own edits; with no
+    rectifier the result is the backbone's DDIM reconstruction (not exact).
+    """
+
+    edit_friendly = "edit_friendly"
+    ddim = "ddim"
+
+
 @dataclass
 class InversionConfig:
-    """Edit-friendly DDPM inversion (ALGORITHMS.md section 1) and the replay that edits:
-    ``skip`` steps skipped, the rectifier conditioned as ``condition`` says."""
+    """Inversion and re-sampling of every edit: ``mode`` (edit-friendly replay or DDIM),
+    ``num_steps`` N, ``eta`` of the edit-friendly maps (DDIM is eta = 0), ``skip`` steps
+    skipped, the rectifier conditioned as ``condition`` says."""
 
     num_steps: int = 50
     eta: float = 1.0
     skip: int = 0
     seed: int = 0
     condition: Conditioning = Conditioning.trajectory
+    mode: EditMode = EditMode.edit_friendly
 
 
 # ---------------------------------------------------------------------------------- rectifier
@@ -240,6 +257,23 @@ class EditMethod(str, Enum):
     markovian = "markovian"
 
 
+class LargeT(str, Enum):
+    """What Algorithm 1 does about large t, where ``x0_edit = P_t[eps~]`` divides the
+    rectifier's noise error by ``sqrt(abar_t)`` (up to ~158x at t = 999), so CLIP sees images
+    far outside [-1, 1] and the largest t dominate the gradient (README "Algorithm 1 at large
+    t" has the measurement, ``benchmarks/edit_large_t.py``).
+
+    ``none``: the paper's objective as written. ``clamp``: CLIP sees ``x0_edit`` clamped to
+    [-1, 1] (the L1 term still sees it unclamped). ``weight``: each image's loss weighted by
+    ``sqrt(abar_t)``, which cancels the 1/sqrt(abar_t) of P_t. ``range``: ``t ~ U{0..t_max-1}``.
+    """
+
+    none = "none"
+    clamp = "clamp"
+    weight = "weight"
+    range = "range"
+
+
 @dataclass
 class AttributeConfig:
     """One attribute of stage ``train_edits``: texts, loss weights and optimisation (paper eq. 6,
@@ -258,6 +292,9 @@ class AttributeConfig:
     batch_size: int = 4
     method: EditMethod = EditMethod.score_matching
     seed: int = 0
+    # Algorithm 1 at large t (LargeT): none (the paper as written) | clamp | weight | range
+    large_t: LargeT = LargeT.weight
+    t_max: int = 1000  # large_t=range: t ~ U{0..t_max-1}
 
 
 @dataclass

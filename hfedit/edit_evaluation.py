@@ -40,12 +40,23 @@ class EditEvaluation:
     identity_note: str = ""
 
     def summary(self) -> dict[str, object]:
-        out: dict[str, object] = {k: float(v.mean()) for k, v in self.per_image.items()
-                                  if k != "identity"}
+        """Per metric the mean over the images and ``<metric>_std``, their sample standard
+        deviation (0 for one image); identity over the images where a face was scored (None
+        when none was); ``images``: how many."""
+        from hfedit.evaluation import mean_std
+
+        out: dict[str, object] = {}
+        for k, v in self.per_image.items():
+            if k == "identity":
+                continue
+            stats = mean_std(v.float())
+            out[k], out[f"{k}_std"] = float(v.float().mean()), stats["std"]
         ident = self.per_image.get("identity")
         if ident is not None:
             scored = int(torch.isfinite(ident).sum())
+            stats = mean_std(ident)
             out["identity"] = M.mean_finite(ident) if scored else None  # null in JSON
+            out["identity_std"] = stats["std"] if scored else None
             out["identity_scored"] = scored
         reasons = Counter(r for r in self.identity_reasons if r)
         if reasons:
@@ -94,3 +105,62 @@ def evaluate_edit(editor, attribute: str, x0: Tensor, seeds: Sequence[int],
 
 
 __all__ = ["EditEvaluation", "evaluate_edit"]
+
+
+# --------------------------------------------------------------- the ablation's intervals
+@dataclass(frozen=True)
+class EditInterval:
+    """Where an edit runs: ``mode`` (edit-friendly replay or DDIM), ``num_steps`` strided
+    timesteps of which the first ``skip`` are skipped, so sampling starts at ``start`` (a
+    timestep) and runs down to 0."""
+
+    mode: str
+    num_steps: int
+    skip: int
+    start: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.mode} {self.start}->0 ({self.num_steps - self.skip} of N={self.num_steps})"
+
+    def inversion(self, base):
+        """``base`` (an :class:`hfedit.config.InversionConfig`) set to this interval."""
+        from dataclasses import replace
+
+        from hfedit.config import EditMode
+
+        return replace(base, mode=EditMode(self.mode), num_steps=self.num_steps, skip=self.skip)
+
+
+def ablation_intervals(inversion, t0: int, schedule) -> dict[str, dict[str, EditInterval]]:
+    """The intervals of the paper's Fig. 6 for each method, ``{method: {"own", "full"}}``:
+
+    * ``score_matching`` (Algorithm 1) edits through the whole chain: its own interval is
+      ``inversion`` as configured (``mode``, ``skip``), its full one the same from ``skip`` 0;
+    * ``markovian`` (DiffusionCLIP-style, trained on a DDIM chain from ``t0``): its own interval
+      is DDIM inversion + sampling from the largest strided timestep <= ``t0`` (``t0`` itself
+      when it lies on the grid of ``inversion.num_steps``), its full one DDIM from ``x_T``;
+    * ``backbone`` (no rectifier) on every distinct interval of the two: ``score_matching``,
+      ``markovian`` (own), ``full`` (DDIM from x_T).
+    """
+    from hfedit.config import EditMode
+
+    n = inversion.num_steps
+    ts = schedule.timesteps(n)
+    if t0 < 0:
+        raise ValueError(f"edits.markovian.t0={t0} must be >= 0")
+    skip_t0 = next(i for i, t in enumerate(ts) if t <= t0)
+    mode = EditMode(inversion.mode).value
+
+    def at(m: str, skip: int) -> EditInterval:
+        return EditInterval(m, n, skip, ts[skip])
+
+    sm_own, sm_full = at(mode, inversion.skip), at(mode, 0)
+    mk_own, mk_full = at(EditMode.ddim.value, skip_t0), at(EditMode.ddim.value, 0)
+    backbone = {"score_matching": sm_own, "markovian": mk_own, "full": mk_full}
+    return {"score_matching": {"own": sm_own, "full": sm_full},
+            "markovian": {"own": mk_own, "full": mk_full},
+            "backbone": backbone}
+
+
+__all__ += ["EditInterval", "ablation_intervals"]

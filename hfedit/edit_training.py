@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from hfedit.backbone import Denoiser
 from hfedit.clip_loss import ClipModel, DirectionalClipLoss, directional_loss
-from hfedit.config import AttributeConfig, EditMethod, MarkovianConfig
+from hfedit.config import AttributeConfig, EditMethod, LargeT, MarkovianConfig
 from hfedit.modulation import ConvFactors
 from hfedit.rectifier import ModulatedDenoiser, Rectifier, rectified_step
 from hfedit.schedule import Schedule, posterior_mean, predict_x0, q_sample
@@ -86,11 +86,15 @@ class EditLoss(nn.Module):
                           for i in range(0, x0.shape[0], batch_size)])
 
     def terms(self, pred: Tensor, target: Tensor,
-              source_embedding: Optional[Tensor] = None) -> EditLossTerms:
+              source_embedding: Optional[Tensor] = None,
+              clip_input: Optional[Tensor] = None) -> EditLossTerms:
+        """``clip_input``: what CLIP sees instead of ``pred`` (e.g. ``pred`` clamped to
+        [-1, 1]); the L1 term always sees ``pred``."""
         if pred.shape != target.shape:
             raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
         src = source_embedding if source_embedding is not None else self.source_embedding(target)
-        direction = directional_loss(src.detach(), self.clip.encode_image(pred),
+        seen = pred if clip_input is None else clip_input
+        direction = directional_loss(src.detach(), self.clip.encode_image(seen),
                                      self.direction.text_direction)  # (B,)
         l1 = (pred - target).abs().flatten(1).mean(1)  # (B,)
         return EditLossTerms(self.lambda_clip * direction + self.lambda_recon * l1, direction, l1)
@@ -121,11 +125,15 @@ def delta_rms(factors: tuple[dict[str, ConvFactors], ...]) -> float:
 class ScoreMatchingObjective(nn.Module):
     """Algorithm 1 as one module: ``forward(x0, t, eps) -> (mean loss, EditOutput)``.
 
-    ``x_t`` comes from ``x0`` (the original trajectory), never from an edited result."""
+    ``x_t`` comes from ``x0`` (the original trajectory), never from an edited result.
+    ``large_t`` (:class:`hfedit.config.LargeT`): ``none`` = the paper as written; ``clamp`` =
+    CLIP sees ``x0_edit.clamp(-1, 1)``; ``weight`` = each image's loss times ``sqrt(abar_t)``;
+    ``range`` acts where ``t`` is drawn (:func:`train_edit`), not here."""
 
-    def __init__(self, model: ModulatedDenoiser, loss: EditLoss) -> None:
+    def __init__(self, model: ModulatedDenoiser, loss: EditLoss,
+                 large_t: LargeT | str = LargeT.none) -> None:
         super().__init__()
-        self.model, self.loss = model, loss
+        self.model, self.loss, self.large_t = model, loss, LargeT(large_t)
 
     def forward(self, x0: Tensor, t: Tensor, eps: Tensor,
                 source_embedding: Optional[Tensor] = None) -> tuple[Tensor, EditOutput]:
@@ -133,8 +141,13 @@ class ScoreMatchingObjective(nn.Module):
         x_t = q_sample(schedule, x0, t, eps)  # (B, C, H, W)
         step = self.model.step(x_t, t, x0)  # P_t from the unmodulated pass, then eps_theta~
         x0_edit = predict_x0(schedule, x_t, t, step.eps_hat)  # P_t[eps_theta~(x_t)]
-        terms = self.loss.terms(x0_edit, x0, source_embedding)
-        return terms.total.mean(), EditOutput(x0_edit, terms, (step.factors,))
+        seen = x0_edit.clamp(-1.0, 1.0) if self.large_t is LargeT.clamp else None
+        terms = self.loss.terms(x0_edit, x0, source_embedding, clip_input=seen)
+        total = terms.total  # (B,)
+        if self.large_t is LargeT.weight:
+            abar = schedule.alphas_cumprod.to(x0.device)[t].to(total.dtype)
+            total = total * abar.sqrt()
+        return total.mean(), EditOutput(x0_edit, terms, (step.factors,))
 
 
 def chain_timesteps(t0: int, num_steps: int) -> list[int]:
@@ -288,7 +301,8 @@ def train_edit(cfg: AttributeConfig, denoiser: Denoiser, reconstruction: Rectifi
     seeds every ``t`` and ``eps``. Training runs on the denoiser's device and precision;
     ``checkpoint``: activation checkpointing of the modulated passes (same gradients, less
     memory: :func:`hfedit.rectifier.modulated_eps`). ``share_trunk``: train the per-target
-    branches and heads only, the trunk stays the reconstruction rectifier's.
+    branches and heads only, the trunk stays the reconstruction rectifier's. ``cfg.large_t`` /
+    ``cfg.t_max``: what score matching does about large t (:class:`hfedit.config.LargeT`).
     """
     method = EditMethod(method or cfg.method)
     steps = cfg.steps if steps is None else steps
@@ -308,13 +322,17 @@ def train_edit(cfg: AttributeConfig, denoiser: Denoiser, reconstruction: Rectifi
         objective: nn.Module = MarkovianObjective(model, loss, markovian.t0, markovian.train_steps)
         latents = ddim_invert_to(denoiser, x0, markovian.t0, markovian.inversion_steps)  # once
     else:
-        objective = ScoreMatchingObjective(model, loss)
+        objective = ScoreMatchingObjective(model, loss, cfg.large_t)
     result = EditTrainResult(rectifier, setup_seconds=time.perf_counter() - setup,
                              num_images=int(x0.shape[0]))
 
     opt, sched = make_optimizer(rectifier, cfg.lr, 0.0, cfg.decay_every, cfg.decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     T = denoiser.schedule.num_train_timesteps
+    if LargeT(cfg.large_t) is LargeT.range:  # t ~ U{0..t_max-1}
+        if not 1 <= cfg.t_max <= T:
+            raise ValueError(f"t_max={cfg.t_max} must be in [1, {T}] (large_t=range)")
+        T = cfg.t_max
     model.train()
     for step in range(steps):
         start = time.perf_counter()

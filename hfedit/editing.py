@@ -1,9 +1,19 @@
 """Invert + edit one batch: the one place that composes inversion and rectifiers.
 
-An edit of an image (ALGORITHMS.md sections 1 and 4): invert it once with the backbone
-(edit-friendly maps, N evaluations), then replay its maps from ``skip`` through the backbone
-modulated by the attribute's rectifier conditioned on the source image (N - skip evaluations
-each). With no rectifier the replay is the exact reconstruction. Every front end (CLI, Ray Data
+An edit of an image (ALGORITHMS.md sections 1, 2 and 4): invert it once with the backbone
+(N evaluations), then sample from ``skip`` through the backbone modulated by the attribute's
+rectifier conditioned on the source image (N - skip evaluations each). ``inversion.mode``
+(:class:`hfedit.config.EditMode`) says how:
+
+* ``edit_friendly`` (default): edit-friendly maps, replayed by DDPM sampling. With no rectifier
+  the replay is the exact reconstruction.
+* ``ddim``: DDIM inversion to ``x_T`` (:func:`hfedit.inversion.ddim_inversion`), then DDIM
+  sampling (eta = 0): the protocol of DiffusionCLIP / Asyrp and, most likely, the paper's. With
+  no rectifier (or an untrained one) the result is the backbone's DDIM reconstruction, which is
+  not exact. ``skip`` starts from the DDIM state at ``timesteps[skip]``.
+
+Both modes share everything below: the DDIM inversion is an :class:`InversionResult` with
+zero maps and eta = 0, which :func:`hfedit.inversion.replay` samples deterministically. Every front end (CLI, Ray Data
 batch job, evaluation) calls :class:`Editor`; :func:`load_editor` builds one from the pipeline's
 folders (``models/backbone``, ``models/edits/<attribute>/``, ``models/rectifier``).
 
@@ -11,12 +21,13 @@ B images x K attributes are one replay: the B images are inverted once (one batc
 K*B (attribute, image) pairs are replayed as one batch of K*B samples (sample ``k * B + b`` is
 image b under attribute k), every sample with the kernels of its own attribute's rectifier
 (per-sample modulation); each rectifier runs on its own B images. A name without a rectifier
-(``reconstruction``) is the backbone's own replay of the B images: it retraces the inversion's
-chain bit for bit, so the reconstruction stays exact. How the rectifier is conditioned (``inversion.condition``,
+(``reconstruction``) is the backbone's own replay of the B images: in ``edit_friendly`` mode it
+retraces the inversion's chain bit for bit, so the reconstruction stays exact. How the rectifier is conditioned (``inversion.condition``,
 :class:`hfedit.config.Conditioning`):
 
 * ``trajectory``: on ``P_t`` of the inversion's own ``x_t`` (the backbone's estimates, kept by
-  :func:`hfedit.inversion.invert`: no extra evaluation). All offsets are known before the replay:
+  :func:`hfedit.inversion.invert`: no extra evaluation; the DDIM inversion evaluates the model
+  at other points, so in ``ddim`` mode one batched plain pass per step computes them). All offsets are known before the replay:
   one batched hypernetwork call per rectifier over its (N - skip) * B (step, image) pairs, then
   one modulated U-Net pass per step and no plain pass.
 * ``live``: on ``P_t`` of the edited trajectory's current ``x_t``: per step a plain pass over the
@@ -36,8 +47,8 @@ import torch
 from torch import Tensor
 
 from hfedit.backbone import Denoiser
-from hfedit.config import Conditioning, InversionConfig, ModulationMode
-from hfedit.inversion import InversionResult, invert, per_image_noise, replay
+from hfedit.config import Conditioning, EditMode, InversionConfig, ModulationMode
+from hfedit.inversion import InversionResult, ddim_inversion, invert, per_image_noise, replay
 from hfedit.modulation import ConvFactors, record_prefix
 from hfedit.schedule import Schedule, posterior_mean, predict_x0, q_sample
 
@@ -91,10 +102,17 @@ class Editor:
     def attributes(self) -> list[str]:
         return sorted(self.rectifiers)
 
+    @property
+    def mode(self) -> EditMode:
+        return EditMode(self.cfg.mode)
+
     def invert(self, x0: Tensor, seeds: Sequence[int]) -> InversionResult:
-        """Maps of ``x0`` (B, C, H, W); image b's noise comes from ``seeds[b]`` alone."""
+        """Maps of ``x0`` (B, C, H, W) by ``inversion.mode``: edit-friendly (image b's noise
+        comes from ``seeds[b]`` alone) or DDIM (deterministic; the seeds are not used)."""
         if len(seeds) != x0.shape[0]:
             raise ValueError(f"{len(seeds)} seeds for a batch of {x0.shape[0]} images")
+        if self.mode is EditMode.ddim:
+            return ddim_inversion(self.denoiser, self.denoiser.schedule, x0, self.cfg.num_steps)
         noise = per_image_noise(seeds, self.cfg.num_steps, x0.shape[1:])
         return invert(self.denoiser, self.denoiser.schedule, x0, self.cfg.num_steps,
                       eta=self.cfg.eta, noise=noise)
@@ -133,7 +151,8 @@ class Editor:
                           condition=cond)
         plain = [n for n, r in zip(names, rects) if r is None]
         rectified = {n: r for n, r in zip(names, rects) if r is not None}
-        if plain:  # the backbone with its own maps retraces the inversion: exact, bit for bit
+        if plain:  # edit-friendly: the backbone retraces the inversion bit for bit (exact);
+            # ddim: the backbone's DDIM reconstruction
             out = replay(self.denoiser, self.denoiser.schedule, inv, skip=skip)
             batch.passes.plain += steps
             batch.outputs.update((n, out) for n in plain)

@@ -7,7 +7,8 @@ Pure tensor functions over any ``denoiser(x_t, t) -> eps`` and a :class:`Schedul
   (ALGORITHMS.md section 1). Cost: N denoiser evaluations.
 * :func:`replay` runs DDPM sampling with given maps through *any* denoiser (the backbone, or the
   backbone modulated by a rectifier): with a changed model this is an edit. Cost: N - skip.
-* :func:`ddim_invert` / :func:`ddim_sample`: the deterministic baseline (section 2).
+* :func:`ddim_invert` / :func:`ddim_sample`: the deterministic baseline (section 2);
+  :func:`ddim_inversion` keeps every state, and :func:`replay` of it is DDIM sampling.
 * :func:`shift_maps`, :func:`colour_offset`: manipulations of the maps themselves.
 """
 
@@ -161,25 +162,44 @@ def replay(
 
 
 @torch.no_grad()
-def ddim_invert(
+def ddim_inversion(
     denoiser: DenoiserFn, schedule: Schedule, x0: Tensor, num_steps: int, progress: Progress = None
-) -> Tensor:
-    """Deterministic DDIM inversion x0 -> x_T (eta = 0, run backwards), N evaluations.
+) -> InversionResult:
+    """Deterministic DDIM inversion x0 -> x_T (eta = 0, run backwards), N evaluations, as an
+    :class:`InversionResult` that :func:`replay` turns into DDIM sampling.
 
     Each step evaluates the model at the *next* (noisier) timestep on the current sample:
     ``x_t = sqrt(abar_t) x0_hat(x_s) + sqrt(1 - abar_t) eps_theta(x_s, t)``.
+    ``xts[i]`` is the state at the descending ``timesteps[i]`` (``xts[0] = x_T``; ``skip=i``
+    starts the sampling there, DiffusionCLIP's partial inversion to ``t0``); ``zs`` are zeros and
+    ``eta = 0``, so ``replay`` adds nothing to each posterior mean: it *is* DDIM sampling.
+    ``eps`` is None: the inversion evaluated the model at ``(x_s, t)``, not at the stored
+    ``(x_t, t)``, so a trajectory-conditioned edit computes ``P_t`` of the states itself.
     """
-    timesteps = schedule.timesteps(num_steps)[::-1]  # ascending
+    ascending = schedule.timesteps(num_steps)[::-1]
     prevs = Schedule.prev_timesteps(schedule.timesteps(num_steps))[::-1]
+    states = []
     x = x0
-    for i, (t, s) in enumerate(zip(timesteps, prevs)):
+    for i, (t, s) in enumerate(zip(ascending, prevs)):
         eps = denoiser(x, t)
         a_s, a_t = schedule.abar(s), schedule.abar(t)
         x0_hat = (x - (1.0 - a_s) ** 0.5 * eps) / a_s**0.5
         x = a_t**0.5 * x0_hat + (1.0 - a_t) ** 0.5 * eps
+        states.append(x)
         if progress is not None:
             progress(i + 1, num_steps)
-    return x
+    xts = torch.stack(states[::-1])  # (N, B, C, H, W), descending t
+    zs = x0.new_zeros((1, *x0.shape)).expand(num_steps, *x0.shape)  # no memory per step
+    return InversionResult(xts=xts, zs=zs, timesteps=tuple(schedule.timesteps(num_steps)),
+                           eta=0.0, eps=None)
+
+
+@torch.no_grad()
+def ddim_invert(
+    denoiser: DenoiserFn, schedule: Schedule, x0: Tensor, num_steps: int, progress: Progress = None
+) -> Tensor:
+    """``x_T`` of :func:`ddim_inversion` (deterministic DDIM inversion, N evaluations)."""
+    return ddim_inversion(denoiser, schedule, x0, num_steps, progress).xts[0]
 
 
 @torch.no_grad()

@@ -62,6 +62,16 @@ def config_problems(cfg) -> list[str]:
         problems.append(f"inversion.skip={inv.skip} must be less than inversion.num_steps="
                         f"{inv.num_steps}: it skips that many of the N steps (set by "
                         f"{_where('inversion.skip')}, or raise {_where('inversion.num_steps')})")
+    T = cfg.backbone.scheduler.num_train_timesteps
+    for name, attr in cfg.edits.attributes.items():
+        key = f"edits.attributes.{name}.t_max"
+        if getattr(attr.large_t, "value", attr.large_t) == "range" and not 1 <= attr.t_max <= T:
+            problems.append(f"{key}={attr.t_max} must be in [1, {T}] (backbone.scheduler."
+                            f"num_train_timesteps) with large_t=range (set by --set {key}=... or "
+                            "params.yaml)")
+    if not 0 <= cfg.edits.markovian.t0 < T:
+        problems.append(f"edits.markovian.t0={cfg.edits.markovian.t0} must be in [0, {T}) "
+                        "(set by --set edits.markovian.t0=... or params.yaml)")
     try:
         check_device_spec(cfg.runtime.device)
     except ValueError as err:

@@ -6,12 +6,17 @@
 Trains ``edits.ablation.attribute`` twice from the same reconstruction rectifier, once per
 method, at an equal budget (``edits.ablation.steps`` optimisation steps of the attribute's batch
 size; 0 = the attribute's own ``steps``), as two Ray tasks in parallel, each an MLflow run nested
-under the stage's. Both are then evaluated on the first ``eval_images`` held-out (val) images,
-edited the same way (edit-friendly inversion with the ``inversion`` settings, the same seeds,
-replay through each rectifier): directional CLIP similarity (edit strength) and fidelity to the
-source (L1, SSIM, PSNR, dlib identity where faces reach ``min_face_px``). The replay through the
-reconstruction rectifier is reported beside them as the no-edit reference. Writes ``<metrics>``
-and ``<plots>/grid.png`` (rows: source, reconstruction rectifier, score matching, Markovian).
+under the stage's. Both are then evaluated on the first ``eval_images`` held-out (val) images
+(the same seeds) on their *own* interval and on the *full* one, as the paper's Fig. 6 does
+(:func:`hfedit.edit_evaluation.ablation_intervals`): score matching through the whole chain with
+the ``inversion`` settings; Markovian by DDIM inversion + sampling from ``edits.markovian.t0``
+(where it was trained) and from x_T. Scores: directional CLIP similarity (edit strength) and
+fidelity to the source (L1, SSIM, PSNR, dlib identity where faces reach ``min_face_px``), each
+mean ± std over the images. Beside them: the backbone alone ("no rectifier") on each interval,
+and the replay through the reconstruction rectifier (the no-edit reference). A method's
+top-level scores are those of its own interval. Writes ``<metrics>`` and ``<plots>/grid.png``
+(rows: source, reconstruction rectifier, score matching (own), Markovian (own), Markovian
+(full), backbone on the full DDIM interval).
 """
 
 from __future__ import annotations
@@ -76,20 +81,67 @@ def held_out(cfg: HfeditConfig, data: Path) -> tuple[torch.Tensor, list[int]]:
     return images, [cfg.inversion.seed + i for i in range(images.shape[0])]
 
 
-def evaluate(cfg: HfeditConfig, denoiser, clip, rectifier, data: Path):
-    """Edit the held-out images through ``rectifier`` and score them (see the module doc)."""
+def intervals(cfg: HfeditConfig, schedule) -> dict:
+    """``{method: {"own", "full"}}`` and the backbone's, for this config (the module doc)."""
+    from hfedit.edit_evaluation import ablation_intervals
+
+    return ablation_intervals(cfg.inversion, cfg.edits.markovian.t0, schedule)
+
+
+def evaluate(cfg: HfeditConfig, denoiser, clip, rectifier, data: Path, interval=None, held=None):
+    """Edit the held-out images through ``rectifier`` (None: the backbone alone) on
+    ``interval`` (an :class:`hfedit.edit_evaluation.EditInterval`; None: ``cfg.inversion`` as
+    it is) and score them (see the module doc). ``held``: ``(images, seeds)`` when already
+    loaded."""
     from hfedit.clip_loss import DirectionalClipLoss
     from hfedit.edit_evaluation import evaluate_edit
-    from hfedit.editing import Editor
+    from hfedit.editing import RECONSTRUCTION, Editor
 
     ab = cfg.edits.ablation
     attr = cfg.edits.attributes[ab.attribute]
-    images, seeds = held_out(cfg, data)  # on the CPU: evaluate_edit moves each batch
+    images, seeds = held if held is not None else held_out(cfg, data)  # on the CPU
     scorer, note = identity_scorer(ab.min_face_px, int(images.shape[-1]))
-    editor = Editor(denoiser, cfg.inversion, {ab.attribute: rectifier})
+    inversion = cfg.inversion if interval is None else interval.inversion(cfg.inversion)
+    name = RECONSTRUCTION if rectifier is None else ab.attribute
+    editor = Editor(denoiser, inversion, {} if rectifier is None else {name: rectifier})
     direction = DirectionalClipLoss(clip, attr.source, attr.target)
-    return evaluate_edit(editor, ab.attribute, images, seeds, direction, scorer,
+    return evaluate_edit(editor, name, images, seeds, direction, scorer,
                          batch_size=cfg.runtime.eval_batch_size, identity_note=note)
+
+
+def interval_summary(ev, interval) -> dict:
+    """An evaluation's summary with the interval it ran on."""
+    return {**ev.summary(), "interval": interval.label, "mode": interval.mode,
+            "start": interval.start, "skip": interval.skip, "num_steps": interval.num_steps}
+
+
+def ablation_markdown(ab: dict) -> list[str]:
+    """The ablation's table (evaluate's results.md): every method on its own and the full
+    interval, the backbone alone, the reconstruction rectifier; mean ± std over the images."""
+    def pm(r: dict, key: str, fmt: str = ".4f", sign: str = "") -> str:
+        v, sd = r.get(key), r.get(f"{key}_std")
+        if not isinstance(v, float) or v != v:
+            return "n/a"
+        return f"{v:{sign}{fmt}}" + ("" if not isinstance(sd, float) or sd != sd else f" ± {sd:{fmt}}")
+
+    lines = [f"Edit training, score matching vs Markovian ({ab['attribute']}, {ab['steps']} "
+             "steps each), each on its own interval and on the full one (Fig. 6), beside the "
+             "backbone alone; mean ± std over the images:", "",
+             "| method | interval | images | CLIP direction | L1 to source | SSIM |",
+             "|---|---|---|---|---|---|"]
+    rows = []
+    for m in ("score_matching", "markovian"):
+        for which, r in (ab.get(m, {}).get("intervals") or {"own": ab.get(m, {})}).items():
+            rows.append((m, f"{which}: {r.get('interval', '')}", r))
+    for which, r in (ab.get("backbone") or {}).items():
+        rows.append(("no rectifier (backbone)", f"{which}: {r.get('interval', '')}", r))
+    if isinstance(ab.get(REFERENCE), dict):
+        rows.append(("reconstruction rectifier", ab[REFERENCE].get("interval", ""), ab[REFERENCE]))
+    for m, where, r in rows:
+        if "clip_direction" in r:
+            lines.append(f"| {m} | {where} | {r.get('images', '')} | "
+                         f"{pm(r, 'clip_direction', '.4f', '+')} | {pm(r, 'l1')} | {pm(r, 'ssim')} |")
+    return lines
 
 
 def run_method(spec: dict) -> dict:
@@ -111,8 +163,16 @@ def run_method(spec: dict) -> dict:
                                for k, v in to_flat_dict(cfg.edits.markovian).items()})
                 run.log_params(params)
             result = train_logged(loaded, ab.attribute, run, method=method, steps=spec["steps"])
-            ev = evaluate(cfg, loaded.denoiser, loaded.clip, result.rectifier, spec["data"])
-            summary = {**summarise(result, method), **ev.summary()}
+            held = held_out(cfg, spec["data"])
+            spans = intervals(cfg, loaded.denoiser.schedule)[method.value]
+            evs = {"own": evaluate(cfg, loaded.denoiser, loaded.clip, result.rectifier, None,
+                                   spans["own"], held)}
+            evs["full"] = (evs["own"] if spans["full"] == spans["own"] else
+                           evaluate(cfg, loaded.denoiser, loaded.clip, result.rectifier, None,
+                                    spans["full"], held))
+            ev = evs["own"]
+            summary = {**summarise(result, method), **interval_summary(ev, spans["own"]),
+                       "intervals": {k: interval_summary(e, spans[k]) for k, e in evs.items()}}
             if run is not None:
                 run.log_metrics({f"eval/{k}": v for k, v in summary.items()
                                  if isinstance(v, (int, float))}, step=spec["steps"])
@@ -120,7 +180,7 @@ def run_method(spec: dict) -> dict:
             if run is not None:
                 run.set_tags({"hfedit.error": f"{type(err).__name__}: {err}"[:4000]})
             raise
-    return {"summary": summary, "edited": ev.edited.numpy(),
+    return {"summary": summary, "edited": ev.edited.numpy(), "edited_full": evs["full"].edited.numpy(),
             "per_image": {k: v.tolist() for k, v in ev.per_image.items()}}
 
 
@@ -187,21 +247,37 @@ def run_stage(cfg: HfeditConfig, backbone: Path, rectifier: Path, data: Path, pl
     spec = {"cfg": config_dict(cfg), "backbone": str(backbone), "rectifier": str(rectifier),
             "data": str(data)}
     loaded = load_inputs(spec, work="evaluation")
-    ref_ev = evaluate(cfg, loaded.denoiser, loaded.clip, loaded.reconstruction, data)
-    report[REFERENCE] = ref_ev.summary()
+    held = held_out(cfg, data)
+    spans = intervals(cfg, loaded.denoiser.schedule)
+    ref_ev = evaluate(cfg, loaded.denoiser, loaded.clip, loaded.reconstruction, data,
+                      spans["score_matching"]["own"], held)
+    report[REFERENCE] = interval_summary(ref_ev, spans["score_matching"]["own"])
+    backbone = {k: evaluate(cfg, loaded.denoiser, loaded.clip, None, data, iv, held)
+                for k, iv in spans["backbone"].items()}
+    report["backbone"] = {k: interval_summary(e, spans["backbone"][k]) for k, e in backbone.items()}
+    report["intervals"] = {m: {k: iv.label for k, iv in v.items()} for m, v in spans.items()}
     if len(results) == len(METHODS):
         report["comparison"] = compare(report["score_matching"], report["markovian"])
-    images, _ = held_out(cfg, data)
+    images, _ = held
     rows = [images, ref_ev.edited] + [torch.from_numpy(results[m]["edited"]) for m in METHODS
                                       if m in results]
+    if EditMethod.markovian in results:
+        rows.append(torch.from_numpy(results[EditMethod.markovian]["edited_full"]))
+    rows.append(backbone["full"].edited)
     plots.mkdir(parents=True, exist_ok=True)
     make_grid_png(torch.cat(rows), plots / "grid.png", nrow=images.shape[0])
     if tracker is not None:
         for name in [m.value for m in METHODS] + [REFERENCE]:
             values = {f"{name}/{k}": v for k, v in report[name].items()
                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for which, r in (report[name].get("intervals") or {}).items():
+                values.update({f"{name}/{which}/{k}": v for k, v in r.items()
+                               if isinstance(v, (int, float)) and not isinstance(v, bool)})
             if values:
                 tracker.log_metrics(values, step=steps)
+        tracker.log_metrics({f"backbone/{which}/{k}": v for which, r in report["backbone"].items()
+                             for k, v in r.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=steps)
         tracker.log_artifact(plots / "grid.png", "plots")
     if errors:
         report["failed"] = errors
@@ -250,7 +326,15 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"edit_ablation: {name:>24}: clip_direction {r['clip_direction']:+.4f}  "
                   f"L1 {r['l1']:.4f}  SSIM {r['ssim']:.4f}  PSNR {r['psnr']:.2f}"
                   + (f"  identity {r['identity']:.3f}" if r.get("identity") is not None else "")
-                  + (f"  ({r['seconds_per_step']:.2f} s/step)" if "seconds_per_step" in r else ""))
+                  + (f"  ({r['seconds_per_step']:.2f} s/step)" if "seconds_per_step" in r else "")
+                  + f"  [{r.get('interval', '')}]")
+            for which, v in (r.get("intervals") or {}).items():
+                if which != "own":
+                    print(f"edit_ablation: {name + ' ' + which:>24}: clip_direction "
+                          f"{v['clip_direction']:+.4f}  L1 {v['l1']:.4f}  [{v['interval']}]")
+        for which, v in report["backbone"].items():
+            print(f"edit_ablation: {'backbone ' + which:>24}: clip_direction "
+                  f"{v['clip_direction']:+.4f}  L1 {v['l1']:.4f}  [{v['interval']}]")
         if "failed" in report:
             raise AblationFailed("edit_ablation: failed: " + "; ".join(
                 f"{m} ({e})" for m, e in report["failed"].items()))

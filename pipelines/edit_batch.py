@@ -439,6 +439,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--num-cpus", type=float, help="CPUs per actor (edit_batch.num_cpus)")
     p.add_argument("--num-gpus", type=float, help="GPUs per actor (edit_batch.num_gpus)")
     p.add_argument("--steps", type=int, help="inversion steps N (inversion.num_steps)")
+    p.add_argument("--mode", choices=["edit_friendly", "ddim"],
+                   help="edit-friendly replay or DDIM inversion + sampling (inversion.mode)")
     p.add_argument("--metrics", type=Path, help="also write the counts and mean metrics here (JSON)")
     p.add_argument("--pid-dir", default="", help="actors write <pid>.pid here")
     p.add_argument("--allow-failed", action="store_true",
@@ -458,6 +460,8 @@ def config_from_args(args: argparse.Namespace) -> HfeditConfig:
         sets.append(f"edit_batch.attributes=[{','.join(args.attributes)}]")
     if args.steps is not None:
         sets.append(f"inversion.num_steps={args.steps}")
+    if args.mode is not None:
+        sets.append(f"inversion.mode={args.mode}")
     return load_config(overrides=sets)
 
 

@@ -50,6 +50,12 @@ log = logging.getLogger("hfedit.evaluate")
 STAGE = "evaluate"
 # The paper's Table 1 (CelebA-HQ 256, DDIM inversion + sampling): L1 without / with the rectifier.
 PAPER_L1 = {"backbone": 0.090, "rectifier": 0.085}
+# Images per before/after grid: evaluate.images may be the paper's ~100 (Table 2) or 10,000
+# (Table 1); a grid that wide is unreadable and large.
+GRID_IMAGES = 8
+# What the side-by-side tables (conditionings, modes) show of each edit's summary.
+TABLE_KEYS = ("clip_direction", "clip_direction_std", "l1", "l1_std", "ssim", "ssim_std",
+              "psnr", "psnr_std", "identity", "identity_std", "images")
 
 
 # ------------------------------------------------------------------------------- computing
@@ -65,7 +71,7 @@ def held_out(cfg: HfeditConfig, data: Path) -> torch.Tensor:
 
 def evaluate_reconstruction(cfg: HfeditConfig, denoiser, rectifier, images) -> dict[str, Any]:
     from hfedit import metrics as M
-    from hfedit.evaluation import posterior_gaps, reconstruction_table
+    from hfedit.evaluation import posterior_gaps, posterior_mean_gaps, reconstruction_table
 
     with_lpips, lpips_note = M.lpips_available()
     bs = cfg.runtime.eval_batch_size
@@ -74,18 +80,25 @@ def evaluate_reconstruction(cfg: HfeditConfig, denoiser, rectifier, images) -> d
                                 with_lpips=with_lpips)
     gaps = posterior_gaps(denoiser, images, rectifier, cfg.inversion.seed, bs,
                           cfg.evaluate.gap_timesteps)
-    return {"rows": rows, "gap": gaps,
+    mean_gaps = posterior_mean_gaps(denoiser, images, cfg.evaluate.steps, rectifier,
+                                    cfg.inversion.seed, bs)
+    return {"rows": rows, "gap": {m: g["mean"] for m, g in gaps.items()},
+            "gap_std": {m: g["std"] for m, g in gaps.items()},
+            "posterior_mean_gap": mean_gaps,
             "lpips": with_lpips, "lpips_note": lpips_note}
 
 
 def evaluate_edits(cfg: HfeditConfig, denoiser, edits: dict, clip, images
-                   ) -> tuple[dict, dict, dict]:
+                   ) -> tuple[dict, dict, dict, dict]:
     """``({attribute: [summary per N]}, {attribute: [(N, edited)]}, {attribute: [conditioning
-    comparison per N]})``: the summaries and edits are those of ``inversion.condition``; the
-    comparison scores both conditionings (:class:`hfedit.config.Conditioning`) side by side
-    with the mean and max absolute difference between their edits."""
+    comparison per N]}, {attribute: [mode comparison per N]})``: the summaries and edits are
+    those of ``inversion.mode`` and ``inversion.condition``; the conditioning comparison scores
+    both conditionings (:class:`hfedit.config.Conditioning`) in that mode, the mode comparison
+    both modes (:class:`hfedit.config.EditMode`: edit-friendly replay, DDIM inversion +
+    sampling) under that conditioning, side by side with the mean and max absolute difference
+    between their edits."""
     from hfedit.clip_loss import DirectionalClipLoss
-    from hfedit.config import Conditioning
+    from hfedit.config import Conditioning, EditMode
     from hfedit.edit_evaluation import evaluate_edit
     from hfedit.editing import Editor
     from pipelines.edit_ablation import identity_scorer
@@ -93,31 +106,44 @@ def evaluate_edits(cfg: HfeditConfig, denoiser, edits: dict, clip, images
     seeds = [cfg.inversion.seed + i for i in range(images.shape[0])]
     scorer, note = identity_scorer(cfg.edits.ablation.min_face_px, int(images.shape[-1]))
     default = Conditioning(cfg.inversion.condition)
+    mode = EditMode(cfg.inversion.mode)
+    other = EditMode.ddim if mode is EditMode.edit_friendly else EditMode.edit_friendly
     results: dict[str, list] = {}
     edited: dict[str, list] = {}
     compared: dict[str, list] = {}
+    modes: dict[str, list] = {}
+
+    def side_by_side(n: int, evs: dict, default_key: str, first, second) -> dict:
+        diff = (evs[first].edited - evs[second].edited).abs()
+        return {"steps": n, "default": default_key,
+                **{k.value: {m: v for m, v in e.summary().items() if m in TABLE_KEYS}
+                   for k, e in evs.items()},
+                "difference": {"mean": float(diff.mean()), "max": float(diff.max())}}
+
     for name, rect in edits.items():
         attr = cfg.edits.attributes.get(name)
         if attr is None:
             log.warning("models/edits/%s has no entry in edits.attributes: not evaluated", name)
             continue
         direction = DirectionalClipLoss(clip, attr.source, attr.target)
-        for n in cfg.evaluate.steps:
-            editor = Editor(denoiser, replace(cfg.inversion, num_steps=int(n)), {name: rect})
-            evs = {c: evaluate_edit(editor, name, images, seeds, direction, scorer,
-                                    batch_size=cfg.runtime.eval_batch_size, identity_note=note,
-                                    condition=c) for c in Conditioning}
+
+        def run(n: int, m: EditMode, c: Conditioning):
+            editor = Editor(denoiser, replace(cfg.inversion, num_steps=n, mode=m), {name: rect})
+            return evaluate_edit(editor, name, images, seeds, direction, scorer,
+                                 batch_size=cfg.runtime.eval_batch_size, identity_note=note,
+                                 condition=c)
+
+        for n in (int(n) for n in cfg.evaluate.steps):
+            evs = {c: run(n, mode, c) for c in Conditioning}
             ev = evs[default]
-            results.setdefault(name, []).append({"steps": int(n), **ev.summary()})
-            edited.setdefault(name, []).append((int(n), ev.edited))
-            diff = (evs[Conditioning.trajectory].edited - evs[Conditioning.live].edited).abs()
-            compared.setdefault(name, []).append({
-                "steps": int(n), "default": default.value,
-                **{c.value: {k: v for k, v in e.summary().items()
-                             if k in ("clip_direction", "l1", "ssim", "psnr")}
-                   for c, e in evs.items()},
-                "difference": {"mean": float(diff.mean()), "max": float(diff.max())}})
-    return results, edited, compared
+            results.setdefault(name, []).append({"steps": n, "mode": mode.value, **ev.summary()})
+            edited.setdefault(name, []).append((n, ev.edited))
+            compared.setdefault(name, []).append(side_by_side(
+                n, evs, default.value, Conditioning.trajectory, Conditioning.live))
+            by_mode = {mode: ev, other: run(n, other, default)}
+            modes.setdefault(name, []).append(side_by_side(
+                n, by_mode, mode.value, EditMode.edit_friendly, EditMode.ddim))
+    return results, edited, compared, modes
 
 
 def batch_summary(batch: Path) -> dict[str, Any]:
@@ -208,60 +234,83 @@ def plot_editing(results: dict[str, list], path: Path) -> None:
     plt.close(fig)
 
 
+def pm(r: dict, key: str, fmt: str = ".4f", sign: str = "") -> str:
+    """``mean ± std`` of ``r[key]`` (std from ``r[key + '_std']``; "n/a" when missing)."""
+    v = r.get(key)
+    if v is None or v != v:
+        return "n/a"
+    sd = r.get(f"{key}_std")
+    return f"{v:{sign}{fmt}}" + ("" if sd is None or sd != sd else f" ± {sd:{fmt}}")
+
+
 def results_markdown(report: dict[str, Any]) -> str:
-    """The README's results table: this run beside the paper's numbers."""
+    """The README's results table: this run beside the paper's numbers; every value is the
+    mean ± standard deviation over the images, whose count every table names."""
     rec = report["reconstruction"]
     n = report["headline_steps"]
+    count = report["images"]
     row = {(r["model"], r["inversion"]): r for r in rec["rows"] if r["steps"] == n}
+    pmg = {r["model"]: r for r in rec.get("posterior_mean_gap", []) if r["steps"] == n}
     lines = [
-        f"Held-out reconstruction, {report['images']} val images, N = {n} (DDIM inversion + "
-        "sampling, as the paper's Table 1; edit-friendly inversion beside it):",
+        f"Held-out reconstruction, {count} val images, N = {n} (DDIM inversion + "
+        "sampling, as the paper's Table 1; edit-friendly inversion beside it); mean ± std over "
+        "the images. Noise gap: ||eps - eps_model||^2 at evenly spaced t; posterior-mean gap: "
+        "PDAE's ||mu~ - mu_theta||^2 along the N-step chain:",
         "",
-        "| model | L1 (DDIM) | PSNR (DDIM) | SSIM (DDIM) | posterior gap | max error (edit-friendly) "
-        "| paper L1 (DDIM) |",
-        "|---|---|---|---|---|---|---|",
+        "| model | images | L1 (DDIM) | PSNR (DDIM) | SSIM (DDIM) | noise gap | posterior-mean gap "
+        "| max error (edit-friendly) | paper L1 (DDIM) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for model in ("backbone", "rectifier"):
         d, e = row.get((model, "ddim")), row.get((model, "edit_friendly"))
         if d is None:
             continue
-        lines.append(f"| {model} | {d['l1']:.4f} | {d['psnr']:.2f} | {d['ssim']:.4f} | "
-                     f"{rec['gap'].get(model, float('nan')):.5f} | {e['max_error']:.1e} | "
-                     f"{PAPER_L1[model]:.3f} |")
+        gap = {"gap": rec["gap"].get(model), "gap_std": rec.get("gap_std", {}).get(model)}
+        g = pmg.get(model, {})
+        mean_gap = {"v": g.get("mean"), "v_std": g.get("std")}
+        lines.append(f"| {model} | {d.get('images', count)} | {pm(d, 'l1')} | {pm(d, 'psnr', '.2f')} | "
+                     f"{pm(d, 'ssim')} | {pm(gap, 'gap', '.5f')} | {pm(mean_gap, 'v', '.2e')} | "
+                     f"{e['max_error']:.1e} | {PAPER_L1[model]:.3f} |")
     if report.get("editing"):
-        lines += ["", f"Editing, same images, N = {n} (CLIP: {report['clip']['model']}, "
-                  f"{'semantic' if report['clip']['semantic'] else 'random weights: not semantic'}):",
-                  "", "| attribute | CLIP direction | L1 to source | SSIM | identity |",
-                  "|---|---|---|---|---|"]
+        lines += ["", f"Editing, same images, N = {n}, mode {report.get('mode', 'edit_friendly')} "
+                  f"(CLIP: {report['clip']['model']}, "
+                  f"{'semantic' if report['clip']['semantic'] else 'random weights: not semantic'}); "
+                  "mean ± std, identity over the images with a face found:",
+                  "", "| attribute | images | CLIP direction | L1 to source | SSIM | identity (scored) |",
+                  "|---|---|---|---|---|---|"]
         for name, per_n in report["editing"].items():
             r = next((x for x in per_n if x["steps"] == n), per_n[-1])
-            ident = "n/a" if r.get("identity") is None else f"{r['identity']:.3f}"
-            lines.append(f"| {name} | {r['clip_direction']:+.4f} | {r['l1']:.4f} | "
-                         f"{r['ssim']:.4f} | {ident} |")
-    if report.get("conditioning"):
-        lines += ["", f"Conditioning of the rectifier during the replay (`inversion.condition`), "
-                  f"same images and edits, N = {n}; difference = |trajectory - live| of the "
-                  "edited images:", "",
-                  "| attribute | conditioning | CLIP direction | L1 to source | SSIM | PSNR | "
-                  "difference mean / max |", "|---|---|---|---|---|---|---|"]
-        for name, per_n in report["conditioning"].items():
+            ident = ("n/a" if r.get("identity") is None else
+                     f"{pm(r, 'identity', '.3f')} ({r.get('identity_scored', 0)})")
+            lines.append(f"| {name} | {r.get('images', count)} | {pm(r, 'clip_direction', '.4f', '+')} | "
+                         f"{pm(r, 'l1')} | {pm(r, 'ssim')} | {ident} |")
+    for key, title, first, second in (
+            ("modes", "Edit protocol (`inversion.mode`): edit-friendly replay vs DDIM inversion + "
+             "sampling", "edit_friendly", "ddim"),
+            ("conditioning", "Conditioning of the rectifier during the replay "
+             "(`inversion.condition`)", "trajectory", "live")):
+        if not report.get(key):
+            continue
+        lines += ["", f"{title}, same images and attributes, N = {n}; mean ± std over the images; "
+                  f"difference = |{first} - {second}| of the edited images:", "",
+                  f"| attribute | {key.rstrip('s') if key == 'modes' else key} | images | "
+                  "CLIP direction | L1 to source | SSIM | PSNR | difference mean / max |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, per_n in report[key].items():
             r = next((x for x in per_n if x["steps"] == n), per_n[-1])
-            for c in ("trajectory", "live"):
+            for c in (first, second):
                 m = r[c]
                 mark = " (default)" if c == r["default"] else ""
                 diff = (f"{r['difference']['mean']:.1e} / {r['difference']['max']:.1e}"
-                        if c == "trajectory" else "")
-                lines.append(f"| {name} | {c}{mark} | {m['clip_direction']:+.4f} | {m['l1']:.4f} | "
-                             f"{m['ssim']:.4f} | {m['psnr']:.2f} | {diff} |")
+                        if c == first else "")
+                lines.append(f"| {name} | {c}{mark} | {m.get('images', count)} | "
+                             f"{pm(m, 'clip_direction', '.4f', '+')} | {pm(m, 'l1')} | "
+                             f"{pm(m, 'ssim')} | {pm(m, 'psnr', '.2f')} | {diff} |")
     ab = report.get("ablation") or {}
     if ab.get("enabled") and "score_matching" in ab and "markovian" in ab:
-        lines += ["", f"Edit training, score matching vs Markovian ({ab['attribute']}, "
-                  f"{ab['steps']} steps each):", "",
-                  "| method | CLIP direction | L1 to source | SSIM |", "|---|---|---|---|"]
-        for m in ("score_matching", "markovian"):
-            r = ab[m]
-            if "clip_direction" in r:
-                lines.append(f"| {m} | {r['clip_direction']:+.4f} | {r['l1']:.4f} | {r['ssim']:.4f} |")
+        from pipelines.edit_ablation import ablation_markdown
+
+        lines += ["", *ablation_markdown(ab)]
     lines += ["", f"Machine: {report['machine']}."]
     return "\n".join(lines) + "\n"
 
@@ -324,6 +373,7 @@ def run(cfg: HfeditConfig, backbone: Path, rectifier_dir: Path, edits_dir: Path,
     report: dict[str, Any] = {
         "images": int(images.shape[0]), "resolution": int(images.shape[-1]), "steps": steps,
         "headline_steps": head, "inversion": {"eta": cfg.inversion.eta, "seed": cfg.inversion.seed},
+        "mode": cfg.inversion.mode.value,
         "machine": machine(), "device": str(device), "precision": precision.value,
     }
     log.info("evaluate: reconstruction at N=%s on %d images", steps, images.shape[0])
@@ -340,8 +390,8 @@ def run(cfg: HfeditConfig, backbone: Path, rectifier_dir: Path, edits_dir: Path,
 
         report["clip"]["note"] = NOT_SEMANTIC
     log.info("evaluate: editing %s", sorted(edits))
-    report["editing"], edited, report["conditioning"] = evaluate_edits(cfg, denoiser, edits,
-                                                                       clip, images)
+    (report["editing"], edited, report["conditioning"],
+     report["modes"]) = evaluate_edits(cfg, denoiser, edits, clip, images)
     report["ablation"] = (json.loads(ablation.read_text()) if ablation.is_file()
                           else {"note": f"{ablation} not found: run the edit_ablation stage"})
     report["batch"] = batch_summary(batch)
@@ -355,9 +405,10 @@ def run(cfg: HfeditConfig, backbone: Path, rectifier_dir: Path, edits_dir: Path,
     plot_reconstruction(rows, report["reconstruction"]["gap"], out / "plots" / "reconstruction.png")
     if report["editing"]:
         plot_editing(report["editing"], out / "plots" / "editing.png")
+    k = min(GRID_IMAGES, images.shape[0])  # the scores use every image; a grid shows the first k
     for name, per_n in edited.items():
-        grid = torch.cat([images] + [e for _, e in per_n])  # rows: source, edit at each N
-        make_grid_png(grid, out / "grids" / f"{name}.png", nrow=images.shape[0])
+        grid = torch.cat([images[:k]] + [e[:k] for _, e in per_n])  # rows: source, edit at each N
+        make_grid_png(grid, out / "grids" / f"{name}.png", nrow=k)
     report["seconds"] = round(time.perf_counter() - started, 1)
     atomic_write_text(out / "results.md", results_markdown(report))
     atomic_write_json(out / "metrics.json", report)
@@ -368,15 +419,21 @@ def run(cfg: HfeditConfig, backbone: Path, rectifier_dir: Path, edits_dir: Path,
                                  for k, v in r.items() if isinstance(v, float)}, step=r["steps"])
         tracker.log_metrics({f"recon/{m}/gap": g for m, g in report["reconstruction"]["gap"].items()},
                             step=head)
+        for r in report["reconstruction"]["posterior_mean_gap"]:
+            tracker.log_metrics({f"recon/{r['model']}/posterior_mean_gap": r["mean"]},
+                                step=r["steps"])
         for name, per_n in report["editing"].items():
             for r in per_n:
                 tracker.log_metrics({f"edit/{name}/{k}": v for k, v in r.items()
                                      if isinstance(v, float) and math.isfinite(v)}, step=r["steps"])
-        for name, per_n in report["conditioning"].items():
-            for r in per_n:
-                tracker.log_metrics({f"conditioning/{name}/{c}/{k}": v
-                                     for c in ("trajectory", "live", "difference")
-                                     for k, v in r[c].items() if math.isfinite(v)}, step=r["steps"])
+        for key, sides in (("conditioning", ("trajectory", "live")),
+                           ("modes", ("edit_friendly", "ddim"))):
+            for name, per_n in report[key].items():
+                for r in per_n:
+                    tracker.log_metrics({f"{key}/{name}/{c}/{k}": v
+                                         for c in (*sides, "difference") for k, v in r[c].items()
+                                         if isinstance(v, (int, float)) and math.isfinite(v)},
+                                        step=r["steps"])
         tracker.log_artifacts(out, "eval")
         parent = tracker.parent()
         if parent is not None:

@@ -230,9 +230,11 @@ def test_hypernetwork_chunks_do_not_change_the_edit(float64):
         JointRectifier(d, [rects["old"]], faces[:1]).trajectory(inv, 0)
 
 
-def test_evaluate_reports_both_conditionings_side_by_side(random_denoiser, rects, faces):
+def test_evaluate_reports_both_conditionings_and_both_modes_side_by_side(random_denoiser, rects,
+                                                                          faces):
     """stages/evaluate: per attribute and N, each conditioning's scores, the default's being
-    the editing table's, and the mean/max |trajectory - live| of exactly those edits."""
+    the editing table's, and the mean/max |trajectory - live| of exactly those edits; the same
+    for the two edit modes (edit-friendly replay, DDIM inversion + sampling)."""
     import warnings
 
     from hfedit.clip_loss import load_clip
@@ -244,8 +246,8 @@ def test_evaluate_reports_both_conditionings_side_by_side(random_denoiser, rects
         warnings.simplefilter("ignore")
         clip = load_clip(cfg.clip)
     x0 = faces[:2]
-    results, edited, compared = evaluate_edits(cfg, random_denoiser, {"smiling": rects["smiling"]},
-                                               clip, x0)
+    results, edited, compared, modes = evaluate_edits(cfg, random_denoiser,
+                                                      {"smiling": rects["smiling"]}, clip, x0)
     assert [r["steps"] for r in compared["smiling"]] == [3, 4]
     for r, summary, (n, default_edit) in zip(compared["smiling"], results["smiling"], edited["smiling"]):
         assert r["default"] == "trajectory" and r["trajectory"]["l1"] == summary["l1"]
@@ -255,3 +257,11 @@ def test_evaluate_reports_both_conditionings_side_by_side(random_denoiser, rects
         diff = (default_edit - live).abs()
         assert r["difference"] == {"mean": float(diff.mean()), "max": float(diff.max())}
         assert r["difference"]["max"] > 0 and r["live"]["l1"] != r["trajectory"]["l1"]
+    for r, summary, (n, default_edit) in zip(modes["smiling"], results["smiling"], edited["smiling"]):
+        assert r["default"] == summary["mode"] == "edit_friendly"
+        assert r["edit_friendly"]["l1"] == summary["l1"] and r["edit_friendly"]["images"] == 2
+        ddim = Editor(random_denoiser, InversionConfig(num_steps=n, mode="ddim"), rects).edit(
+            x0, [0, 1], ("smiling",)).outputs["smiling"].clamp(-1, 1)
+        diff = (default_edit - ddim).abs()
+        assert r["difference"]["mean"] == pytest.approx(float(diff.mean()), rel=1e-6)
+        assert r["difference"]["max"] > 1e-3

@@ -84,3 +84,39 @@ def test_values_out_of_range_fail_naming_the_key_the_rule_and_the_flag():
     assert "edit_batch.num_cpus=0.0 must be positive" in text and "--num-cpus" in text
     assert "data.val_fraction=1.0 must be in [0, 1)" in text
     assert load_config(overrides=["inversion.num_steps=1", "inversion.skip=0"]).inversion.num_steps == 1
+
+
+def test_the_paper_profile_carries_the_papers_setting():
+    """celebahq256: man and pixar beside smiling/old with their texts and the paper's lambdas
+    and lr schedule, the paper's pretraining lr decay, N = 50, ~100 evaluated images; the
+    budgets come from the profile (params.yaml does not override them)."""
+    paper = load_config(ROOT / "params.yaml", conf_dir=ROOT / "conf", profile="celebahq256")
+    attrs = paper.edits.attributes
+    assert set(attrs) == {"smiling", "old", "man", "pixar"}
+    assert (attrs["man"].source, attrs["man"].target) == ("a person", "a man")
+    assert attrs["pixar"].target == "3D render in the style of Pixar"
+    for a in attrs.values():
+        assert (a.lambda_clip, a.lambda_recon, a.lr, a.decay) == (1.0, 1.0, 1e-3, 0.9)
+        assert a.num_images == 100
+    assert attrs["pixar"].decay_every > attrs["man"].decay_every == 10  # slower for drastic edits
+    assert (paper.pretrain.lr, paper.pretrain.weight_decay, paper.pretrain.lr_decay_every,
+            paper.pretrain.lr_decay) == (1e-3, 1e-5, 5000, 0.9)
+    assert paper.inversion.num_steps == 50 and paper.evaluate.images == 100
+    assert paper.pretrain.steps > 5000 and list(paper.evaluate.steps) == [50]
+    tiny = load_config(ROOT / "params.yaml", conf_dir=ROOT / "conf")
+    assert set(tiny.edits.attributes) == {"smiling", "old"}
+    assert (tiny.pretrain.steps, tiny.evaluate.images, list(tiny.evaluate.steps)) == (
+        200, 8, [10, 50, 100])
+    assert tiny.edits.attributes["smiling"].steps == 40
+
+
+@pytest.mark.parametrize("override, says", [
+    (["edits.attributes.smiling.large_t=range", "edits.attributes.smiling.t_max=0"],
+     "edits.attributes.smiling.t_max=0 must be in [1, 1000]"),
+    (["edits.markovian.t0=1000"], "edits.markovian.t0=1000 must be in [0, 1000)"),
+    (["edits.attributes.smiling.large_t=clip"], "edits.attributes.smiling.large_t"),
+])
+def test_bad_large_t_settings_name_the_key_and_the_fix(override, says):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "params.yaml", conf_dir=ROOT / "conf", overrides=override)
+    assert says in str(err.value)

@@ -29,7 +29,7 @@ SMALL_COUNTS = {
     "pretrain.steps": 2, "pretrain.batch_size": 1, "pretrain.checkpoint_every": 1,
     "pretrain.log_every": 1, "pretrain.eval_steps": 2, "pretrain.eval_images": 2,
     "pretrain.eval_gap_timesteps": 2,
-    **{f"edits.attributes.{a}.{k}": v for a in ("smiling", "old")
+    **{f"edits.attributes.{a}.{k}": v for a in ("smiling", "old", "man", "pixar")
        for k, v in (("steps", 1), ("num_images", 2), ("batch_size", 1))},
     "edits.markovian.inversion_steps": 2, "edits.markovian.train_steps": 2,
     "edits.ablation.eval_images": 1, "edits.log_every": 1,
