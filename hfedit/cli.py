@@ -55,10 +55,6 @@ def build_parser(prog: str = "hfedit") -> argparse.ArgumentParser:
             p.add_argument("--mode", choices=["edit_friendly", "ddim"], default=None,
                            help="edit-friendly replay or DDIM inversion + sampling "
                                 "(default: inversion.mode)")
-        if name == "edit":
-            p.add_argument("--mode", choices=["edit_friendly", "ddim"], default=None,
-                           help="edit-friendly replay or DDIM inversion + sampling "
-                                "(default: inversion.mode)")
         p.add_argument("--device", default=None,
                        help="auto | cpu | cuda | cuda:<i> (default: runtime.device, auto)")
         p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,

@@ -11,7 +11,7 @@ import torch
 from hfedit.backbone import save_backbone
 from hfedit.checkpoint import save_rectifier
 from hfedit.config import DataConfig, RectifierConfig, RectifierTrunk, load_config
-from hfedit.data import prepare_dataset
+from hfedit.dataset import prepare_dataset
 from hfedit.rectifier import build_rectifier
 from tests.conftest import perturbed
 

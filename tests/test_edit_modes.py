@@ -96,7 +96,8 @@ def test_cli_edit_mode_ddim_writes_the_ddim_edit(random_denoiser, untrained, tmp
 
     from hfedit.backbone import save_backbone
     from hfedit.checkpoint import save_rectifier
-    from hfedit.cli import _prepare, main
+    from hfedit.cli import main
+    from hfedit.data import load_image, to_tensor
 
     save_backbone(random_denoiser, tmp_path / "bb")
     Image.fromarray(data.astronaut()).save(tmp_path / "astro.png")
@@ -106,7 +107,7 @@ def test_cli_edit_mode_ddim_writes_the_ddim_edit(random_denoiser, untrained, tmp
                  "--steps", str(N), "--edits", str(tmp_path / "edits")]) == 0
     assert "ddim" in capsys.readouterr().out
     d = random_denoiser
-    x0 = _prepare(tmp_path / "astro.png", d, 10**8)
+    x0 = to_tensor(load_image(tmp_path / "astro.png", 10**8).image, d.sample_size)[None]
     ref = ddim_sample(d, d.schedule, ddim_invert(d, d.schedule, x0, N), N).clamp(-1, 1)
     ref8 = ((ref[0] + 1) * 127.5).round().permute(1, 2, 0).numpy()
     png = np.asarray(Image.open(tmp_path / "out" / "astro_zero.png"), dtype=np.int16)

@@ -13,7 +13,7 @@ import torch
 from hfedit.backbone import save_backbone
 from hfedit.checkpoint import save_rectifier
 from hfedit.config import DataConfig, RectifierConfig, RectifierTrunk, load_config
-from hfedit.data import load_split, prepare_dataset
+from hfedit.dataset import load_split, prepare_dataset
 from hfedit.rectifier import build_rectifier
 from tests.conftest import perturbed
 
