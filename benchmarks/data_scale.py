@@ -138,6 +138,7 @@ import ray
 from ray.train import DataConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from hfedit.dataset import PreparedData
+from pipelines.ray_runtime import split_dataset
 
 def loop(config):
     import ray.train
@@ -153,7 +154,7 @@ def loop(config):
 
 data = PreparedData(sys.argv[1])
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-ds = data.ray_dataset("train")
+ds = split_dataset(data, "train")
 TorchTrainer(loop, train_loop_config={"rows": data.count("train"), "res": data.resolution,
                                       "batches": sys.argv[2]},
              datasets={"train": ds},

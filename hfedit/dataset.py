@@ -12,10 +12,10 @@ A prepared folder (``data/prepared``) holds::
     shards/00000.json       the shard's record: its inputs, the decode settings and their
                             manifest rows; written after the shard, so it marks it complete
 
-Why Parquet: Ray Data reads it natively (:meth:`PreparedData.ray_dataset`, the split chosen by
-a filter on ``key`` that Parquet pushes down), pyarrow reads single row groups of it for random
-batches (:meth:`PreparedData.read`), and any pyarrow filesystem serves it (a local or NFS path,
-``s3://...``). uint8 is 4x smaller than the float32 tensors; the ``[-1, 1]`` conversion happens
+Why Parquet: pyarrow reads single row groups of it, for random batches (:meth:`PreparedData.read`)
+and for Ray Data's tasks (``pipelines.ray_runtime.split_dataset``); any pyarrow filesystem
+serves it (a local or NFS path, ``s3://...``); and any Parquet reader (``ray.data.read_parquet``,
+pandas, DuckDB) opens it, the split chosen by a filter on ``key`` (:meth:`PreparedData.split_filter`). uint8 is 4x smaller than the float32 tensors; the ``[-1, 1]`` conversion happens
 per batch in the reader (:func:`pixels_to_tensor`), bit-identical to :func:`hfedit.data.to_tensor`.
 
 Shard k holds the good images among inputs ``k*S .. (k+1)*S - 1`` (``S = data.shard_images``,
@@ -56,7 +56,6 @@ from hfedit.data import (
     write_manifest,
 )
 from hfedit.files import atomic_write, atomic_write_text
-from hfedit.parquet import read_groups
 
 FORMAT = "hfedit-shards/1"
 # Images per Parquet row group: the unit a random read decodes (8 x 192 KiB at 256 px).
@@ -403,37 +402,20 @@ class PreparedData:
         self._check_split(split)
         return Split(self, split)
 
-    def ray_dataset(self, split: str, num_cpus: float = 0.0, groups_per_task: int = 4,
-                    read_tasks: int = 2):
-        """``split`` as a Ray Data dataset of ``pixels`` rows (R*R*3 uint8 bytes each, in the
-        split's order; convert per batch with :func:`pixels_to_tensor`).
-
-        One row per Parquet row group holding rows of the split goes in (from the index, no
-        listing), and at most ``read_tasks`` tasks of ``num_cpus`` each at a time read
-        ``groups_per_task`` groups each (they import pyarrow and :mod:`hfedit.parquet`, not
-        torch). Not
-        ``ray.data.read_parquet``: its first step (listing the files, or sampling them in its
-        older path) is a task that asks for a whole CPU, whatever the read asks, and while Ray
-        Train's workers hold every CPU (2 workers x 1 CPU on a 2-CPU node) it never starts:
-        measured here, pretraining waited until Ray's health check killed the workers. Reading
-        only moves Parquet pages, so by default it asks for no CPU.
-        """
-        import ray.data
-
+    def row_groups(self, split: str) -> list[dict]:
+        """The split as row-group reads, in its order: ``{"shard", "group", "rows"}`` per Parquet
+        row group holding rows of it (what :func:`hfedit.parquet.read_groups` reads, and the
+        input of the Ray Data source ``pipelines.ray_runtime.split_dataset``)."""
         entry = self._check_split(split)
         G = int(self.meta["row_group"])
         groups: dict[tuple[int, int], list[int]] = {}
         for shard, row in zip(entry["shard"], entry["row"]):
             groups.setdefault((shard, row // G), []).append(row % G)
-        items = [{"shard": k, "group": g, "rows": rows} for (k, g), rows in sorted(groups.items())]
-        files = [self.uri(s["file"]) for s in self.meta["shards"]]
-        fs = self.fs if "://" in self.location else None
-        ds = ray.data.from_items(items).map_batches(
-            read_groups, batch_size=groups_per_task, batch_format="numpy", num_cpus=num_cpus,
-            compute=ray.data.TaskPoolStrategy(size=read_tasks),
-            fn_kwargs={"files": files, "filesystem": fs})
-        ds.context.execution_options.preserve_order = True  # the split's order, every run
-        return ds
+        return [{"shard": k, "group": g, "rows": rows} for (k, g), rows in sorted(groups.items())]
+
+    def shard_uris(self) -> list[str]:
+        """Every shard file, as a path or a URI of :attr:`fs`."""
+        return [self.uri(s["file"]) for s in self.meta["shards"]]
 
     def split_filter(self, split: str):
         """The pyarrow expression that selects ``split``'s rows of the shards (by ``key``)."""

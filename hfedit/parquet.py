@@ -1,5 +1,5 @@
 """Row-group reads of the prepared dataset's Parquet shards, importable without torch: Ray Data
-read tasks run this and nothing else of hfedit (see :meth:`hfedit.dataset.PreparedData.ray_dataset`)."""
+read tasks run this and nothing else of hfedit (see ``pipelines.ray_runtime.split_dataset``)."""
 
 from __future__ import annotations
 

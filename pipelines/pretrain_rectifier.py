@@ -45,7 +45,7 @@ from hfedit.config import ConfigError, HfeditConfig, load_config, project_root, 
 from hfedit.dataset import PreparedData, data_location, load_split, pixels_to_tensor
 from hfedit.device import DeviceUnavailable, check_precision, placement, wants_gpu
 from hfedit.files import replace_folder
-from pipelines.ray_runtime import cluster_gpus, init_ray
+from pipelines.ray_runtime import cluster_gpus, init_ray, split_dataset
 from pipelines.tracking import stage_run
 from pipelines.serving import log_rectifier_model
 
@@ -263,9 +263,9 @@ def train(cfg: HfeditConfig, backbone: Path, data: Path, out: Path, checkpoints:
             meta = load_checkpoint(folder, STATE).meta
         return {**meta.get("metrics", {}), "resumed_from_step": resume_step,
                 "restarts": meta.get("restarts", 0)}
-    # Read tasks ask for no CPU (hfedit.dataset.PreparedData.ray_dataset): they only move
-    # Parquet pages, the float conversion happens in the workers, per batch.
-    train_ds = prepared.ray_dataset("train")
+    # Read tasks ask for no CPU (ray_runtime.split_dataset): they only move Parquet pages, the
+    # float conversion happens in the workers, per batch.
+    train_ds = split_dataset(prepared, "train")
     # preserve_order and no locality hints: the same rows reach the same rank in every run
     # (Ray Train's reproducibility recipe), so a seed fixes every batch.
     ingest = ray.data.ExecutionOptions(preserve_order=True)

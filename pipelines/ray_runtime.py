@@ -98,3 +98,31 @@ def actor_gpus(cfg: HfeditConfig) -> float:
         return 0.0
     eb = cfg.edit_batch
     return eb.num_gpus if eb.num_gpus > 0 else min(1.0, gpus / max(1, eb.actors))
+
+
+def split_dataset(data, split: str, num_cpus: float = 0.0, groups_per_task: int = 4,
+                  read_tasks: int = 2):
+    """A split of a prepared dataset (:class:`hfedit.dataset.PreparedData`) as a Ray Data
+    dataset of ``pixels`` rows (R*R*3 uint8 bytes each), in the split's order; convert per batch
+    with :func:`hfedit.dataset.pixels_to_tensor`.
+
+    The input is one row per Parquet row group holding rows of the split (from the index: no
+    listing); at most ``read_tasks`` tasks of ``num_cpus`` each read ``groups_per_task`` groups
+    at a time (:func:`hfedit.parquet.read_groups`: they import pyarrow, not torch). Not
+    ``ray.data.read_parquet``: its first step (listing the files, or sampling them in its older
+    path) is a task that asks for a whole CPU whatever the read asks, and while Ray Train's
+    workers hold every CPU (2 workers x 1 CPU on a 2-CPU node) it never starts: measured here,
+    pretraining waited until Ray's health check killed the workers. Reading only moves Parquet
+    pages, so by default it asks for no CPU.
+    """
+    import ray.data
+
+    from hfedit.parquet import read_groups
+
+    fs = data.fs if "://" in data.location else None
+    ds = ray.data.from_items(data.row_groups(split)).map_batches(
+        read_groups, batch_size=groups_per_task, batch_format="numpy", num_cpus=num_cpus,
+        compute=ray.data.TaskPoolStrategy(size=read_tasks),
+        fn_kwargs={"files": data.shard_uris(), "filesystem": fs})
+    ds.context.execution_options.preserve_order = True  # the split's order, every run
+    return ds

@@ -97,7 +97,7 @@ def test_ray_data_streams_the_split_while_training_workers_hold_every_cpu(sharde
     import ray
 
     from hfedit.dataset import pixels_to_tensor
-    from pipelines.ray_runtime import start_local_ray
+    from pipelines.ray_runtime import split_dataset, start_local_ray
 
     out, _ = sharded
     data = PreparedData(out)
@@ -113,7 +113,7 @@ def test_ray_data_streams_the_split_while_training_workers_hold_every_cpu(sharde
         holders = [Holder.remote() for _ in range(2)]
         assert ray.get([h.ping.remote() for h in holders]) == [1, 1]
         for split in ("train", "val"):
-            rows = data.ray_dataset(split, groups_per_task=1).take_all()
+            rows = split_dataset(data, split, groups_per_task=1).take_all()
             got = pixels_to_tensor([r["pixels"] for r in rows], RES)
             assert torch.equal(got, data.read(split, range(data.count(split)))), split
     finally:
