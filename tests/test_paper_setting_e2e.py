@@ -73,6 +73,7 @@ def test_paper_setting_runs_every_stage(tmp_path):
     from safetensors import safe_open
 
     from hfedit.backbone import write_celebahq256_standin
+    from hfedit.dataset import load_split
 
     standin = write_celebahq256_standin(tmp_path / "ddpm-ema-celebahq-256")
     assert sorted(p.name for p in standin.iterdir()) == [
@@ -92,8 +93,7 @@ def test_paper_setting_runs_every_stage(tmp_path):
     manifest = json.loads((work / "data/prepared/manifest.json").read_text())
     assert manifest["counts"]["ok"] == len(photos) == 6 and manifest["counts"]["error"] == 0
     for split, n in (("train", 4), ("val", 2)):
-        with safe_open(str(work / f"data/prepared/{split}.safetensors"), "pt") as f:
-            assert list(f.get_slice("images").get_shape()) == [n, 3, 256, 256]
+        assert load_split(work / "data/prepared", split).shape == (n, 3, 256, 256)
 
     # backbone: the stand-in resolved and re-saved unchanged (113.7M parameters at 256 px)
     meta = json.loads((work / "models/backbone/hfedit.json").read_text())
@@ -113,9 +113,11 @@ def test_paper_setting_runs_every_stage(tmp_path):
     rect_meta = json.loads((work / "models/rectifier/rectifier.json").read_text())
     assert rect_meta["rectifier_config"]["trunk"] == "resnet34"
 
-    # train_edits: both attributes, with the ViT-B-32 weights file (CLIP is "semantic")
+    # train_edits: the profile's four attributes, with the ViT-B-32 weights file (CLIP is
+    # "semantic")
     status = json.loads((work / "models/edits/status.json").read_text())
-    assert {a: s["status"] for a, s in status.items()} == {"smiling": "trained", "old": "trained"}
+    assert {a: s["status"] for a, s in status.items()} == {
+        a: "trained" for a in ("smiling", "old", "man", "pixar")}
     clip = json.loads((work / "models/edits/smiling/rectifier.json").read_text())["clip"]
     assert clip["model"] == "ViT-B-32" and clip["semantic"] is True
     assert all(s["clip_semantic"] is True for s in status.values())
@@ -141,6 +143,6 @@ def test_paper_setting_runs_every_stage(tmp_path):
     assert {(r["model"], r["inversion"]) for r in rows} == {
         (m, i) for m in ("backbone", "rectifier") for i in ("ddim", "edit_friendly")}
     assert max(r["max_error"] for r in rows if r["inversion"] == "edit_friendly") < 1e-4
-    assert sorted(report["editing"]) == ["old", "smiling"]
+    assert sorted(report["editing"]) == ["man", "old", "pixar", "smiling"]
     for name in ("smiling", "old"):
         assert Image.open(work / "eval/grids" / f"{name}.png").size[0] > 2 * 256
