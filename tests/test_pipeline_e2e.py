@@ -186,7 +186,12 @@ def test_default_pipeline_end_to_end(tmp_path, mlflow_server):
         rect_version.version
     smiling = client.get_model_version_by_alias("hfedit-edit-smiling", "champion")
     assert smiling.tags["hfedit.semantic"] == "false" and smiling.tags["hfedit.attribute"] == "smiling"
-    info = mlflow.models.get_model_info("models:/hfedit-edit-smiling@champion")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(mlflow_server)  # models:/ URIs resolve against the global registry
+    try:
+        info = mlflow.models.get_model_info("models:/hfedit-edit-smiling@champion")
+    finally:
+        mlflow.set_tracking_uri(previous)
     assert info.signature.inputs.input_names() == ["image", "seed"]
 
     # 3. Nothing changed: a second repro runs nothing.
