@@ -231,8 +231,14 @@ def save_png(tensor: torch.Tensor, path: str | os.PathLike) -> Path:
 
 
 def make_grid_png(tensors: torch.Tensor | Iterable[torch.Tensor], path: str | os.PathLike,
-                  nrow: int = 8) -> Path:
-    """Save (N, 3, H, W) [-1, 1] images as one PNG grid, ``nrow`` per row, white padding."""
+                  nrow: int = 8, row_labels: Optional[list[str]] = None,
+                  column_labels: Optional[list[str]] = None, min_cell: int = 64) -> Path:
+    """Save (N, 3, H, W) [-1, 1] images as one PNG grid, ``nrow`` per row, white padding.
+
+    With ``row_labels`` (one per row) and/or ``column_labels`` (one per column) the grid is
+    drawn with a label beside each row and above each column, and enlarged by an integer factor
+    (nearest neighbour: every pixel stays a block of the source's colour) until a cell is at
+    least ``min_cell`` pixels, so that 32 px images and their labels are readable."""
     import torch
     from torchvision.utils import make_grid
 
@@ -241,7 +247,50 @@ def make_grid_png(tensors: torch.Tensor | Iterable[torch.Tensor], path: str | os
         raise ValueError(f"make_grid_png expects (N>0, 3, H, W), got {tuple(batch.shape)}")
     grid = make_grid(batch.detach().float().cpu().clamp(-1, 1), nrow=nrow, padding=2,
                      pad_value=1.0)  # (3, H', W')
-    return save_png(grid, path)
+    if row_labels is None and column_labels is None:
+        return save_png(grid, path)
+    rows, cols = -(-batch.shape[0] // nrow), min(nrow, batch.shape[0])
+    for name, labels, want in (("row_labels", row_labels, rows), ("column_labels", column_labels, cols)):
+        if labels is not None and len(labels) != want:
+            raise ValueError(f"make_grid_png: {len(labels)} {name} for a grid of {rows} rows x "
+                             f"{cols} columns")
+    img = labelled_grid(to_pil(grid), batch.shape[-2:], rows, cols, row_labels, column_labels,
+                        min_cell)
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def labelled_grid(grid: Image.Image, cell: tuple[int, int], rows: int, cols: int,
+                  row_labels: Optional[list[str]], column_labels: Optional[list[str]],
+                  min_cell: int) -> Image.Image:
+    """``grid`` (torchvision's layout: 2 px padding) enlarged and framed by its labels."""
+    from PIL import ImageDraw, ImageFont
+
+    h, w = int(cell[0]), int(cell[1])
+    scale = max(1, -(-min_cell // min(h, w)))
+    big = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def size(text: str) -> tuple[int, int]:
+        left, top, right, bottom = measure.textbbox((0, 0), text, font=font)
+        return right - left, bottom - top
+
+    margin = 6
+    left = (max(size(t)[0] for t in row_labels) + 2 * margin) if row_labels else 0
+    top = (max(size(t)[1] for t in column_labels) + 2 * margin) if column_labels else 0
+    out = Image.new("RGB", (big.width + left, big.height + top), "white")
+    out.paste(big, (left, top))
+    draw = ImageDraw.Draw(out)
+    pitch_y, pitch_x = (h + 2) * scale, (w + 2) * scale  # one cell plus its padding
+    for r, text in enumerate(row_labels or []):
+        tw, th = size(text)
+        y = top + 2 * scale + r * pitch_y + (h * scale - th) // 2
+        draw.text((left - margin - tw, y), text, fill="black", font=font)
+    for c, text in enumerate(column_labels or []):
+        tw, th = size(text)
+        x = left + 2 * scale + c * pitch_x + (w * scale - tw) // 2
+        draw.text((x, margin), text, fill="black", font=font)
+    return out
 
 
 # ---------------------------------------------------------------------------------- decode

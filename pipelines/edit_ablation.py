@@ -14,9 +14,11 @@ the ``inversion`` settings; Markovian by DDIM inversion + sampling from ``edits.
 fidelity to the source (L1, SSIM, PSNR, dlib identity where faces reach ``min_face_px``), each
 mean ± std over the images. Beside them: the backbone alone ("no rectifier") on each interval,
 and the replay through the reconstruction rectifier (the no-edit reference). A method's
-top-level scores are those of its own interval. Writes ``<metrics>`` and ``<plots>/grid.png``
-(rows: source, reconstruction rectifier, score matching (own), Markovian (own), Markovian
-(full), backbone on the full DDIM interval).
+top-level scores are those of its own interval. Writes ``<metrics>`` (DVC metrics: the means,
+named as in MLflow, ``edit_ablation/<method>/<interval>/<metric>``), ``<plots>/report.json``
+(everything: standard deviations, intervals, settings, notes; ``evaluate`` reads it) and
+``<plots>/grid.png`` (labelled rows: source, reconstruction rectifier, score matching (own),
+Markovian (own), Markovian (full), backbone on the full DDIM interval).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from hfedit.checkpoint import atomic_write_json
 from hfedit.config import ConfigError, EditMethod, HfeditConfig, load_config, to_flat_dict
 from hfedit.dataset import data_location
 from hfedit.device import DeviceUnavailable
+from pipelines.tracking import finite, nest_metrics
 from pipelines.train_edits import (
     NOT_SEMANTIC,
     announce_random_clip,
@@ -174,8 +177,8 @@ def run_method(spec: dict) -> dict:
             summary = {**summarise(result, method), **interval_summary(ev, spans["own"]),
                        "intervals": {k: interval_summary(e, spans[k]) for k, e in evs.items()}}
             if run is not None:
-                run.log_metrics({f"eval/{k}": v for k, v in summary.items()
-                                 if isinstance(v, (int, float))}, step=spec["steps"])
+                run.log_metrics({f"{STAGE}/{which}/{k}": v for which, r in summary["intervals"].items()
+                                 for k, v in r.items() if finite(v)}, step=spec["steps"])
         except BaseException as err:
             if run is not None:
                 run.set_tags({"hfedit.error": f"{type(err).__name__}: {err}"[:4000]})
@@ -197,6 +200,28 @@ def compare(sm: dict, mk: dict) -> dict[str, Any]:
         out[f"{key}_better"] = "score_matching" if (a > b) == high and a != b else (
             "equal" if a == b else "markovian")
     return out
+
+
+def ablation_metrics(report: dict) -> dict[str, float]:
+    """The ablation's numbers, named ``edit_ablation/<method>/<interval>/<metric>`` (method:
+    score_matching, markovian, backbone, reconstruction_rectifier; interval: own or full): the
+    stage's MLflow metrics (at the step budget) and, nested, its DVC metrics file. Means only;
+    the standard deviations, interval labels, settings and notes are in the report."""
+    keys = ("clip_direction", "l1", "ssim", "psnr", "identity")
+    out: dict[str, Any] = {}
+    for m in METHODS:
+        r = report.get(m.value) or {}
+        for which, v in (r.get("intervals") or {}).items():
+            out.update({f"{STAGE}/{m.value}/{which}/{k}": v.get(k) for k in keys})
+        for k in ("final_loss", "seconds_per_step"):
+            out[f"{STAGE}/{m.value}/training/{k}"] = r.get(k)
+    for which, v in (report.get("backbone") or {}).items():
+        out.update({f"{STAGE}/backbone/{which}/{k}": v.get(k) for k in keys})
+    if isinstance(report.get(REFERENCE), dict):
+        out.update({f"{STAGE}/{REFERENCE}/own/{k}": report[REFERENCE].get(k) for k in keys})
+    for k, v in (report.get("comparison") or {}).items():
+        out[f"{STAGE}/score_matching_minus_markovian/{k.removesuffix('_difference')}"] = v
+    return {k: float(v) for k, v in out.items() if finite(v)}
 
 
 def run_stage(cfg: HfeditConfig, backbone: Path, rectifier: Path, data: Path, plots: Path,
@@ -259,25 +284,20 @@ def run_stage(cfg: HfeditConfig, backbone: Path, rectifier: Path, data: Path, pl
     if len(results) == len(METHODS):
         report["comparison"] = compare(report["score_matching"], report["markovian"])
     images, _ = held
-    rows = [images, ref_ev.edited] + [torch.from_numpy(results[m]["edited"]) for m in METHODS
-                                      if m in results]
+    rows, labels = [images, ref_ev.edited], ["source", "reconstruction rectifier"]
+    for m in METHODS:
+        if m in results:
+            rows.append(torch.from_numpy(results[m]["edited"]))
+            labels.append(f"{m.value.replace('_', ' ')} (own)")
     if EditMethod.markovian in results:
         rows.append(torch.from_numpy(results[EditMethod.markovian]["edited_full"]))
+        labels.append("markovian (full)")
     rows.append(backbone["full"].edited)
+    labels.append("backbone (full)")
     plots.mkdir(parents=True, exist_ok=True)
-    make_grid_png(torch.cat(rows), plots / "grid.png", nrow=images.shape[0])
+    make_grid_png(torch.cat(rows), plots / "grid.png", nrow=images.shape[0], row_labels=labels)
     if tracker is not None:
-        for name in [m.value for m in METHODS] + [REFERENCE]:
-            values = {f"{name}/{k}": v for k, v in report[name].items()
-                      if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            for which, r in (report[name].get("intervals") or {}).items():
-                values.update({f"{name}/{which}/{k}": v for k, v in r.items()
-                               if isinstance(v, (int, float)) and not isinstance(v, bool)})
-            if values:
-                tracker.log_metrics(values, step=steps)
-        tracker.log_metrics({f"backbone/{which}/{k}": v for which, r in report["backbone"].items()
-                             for k, v in r.items()
-                             if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=steps)
+        tracker.log_metrics(ablation_metrics(report), step=steps)
         tracker.log_artifact(plots / "grid.png", "plots")
     if errors:
         report["failed"] = errors
@@ -312,10 +332,15 @@ def main(argv: list[str] | None = None) -> dict:
                 "parent_run_id": tracker.run_id}
         report = run_stage(cfg, args.backbone, args.rectifier, args.data, args.plots, tracker, info)
         report["seconds"] = round(time.perf_counter() - start, 1)
-        atomic_write_json(args.metrics, report)
+        # DVC metrics: numbers only; the whole report (stds, intervals, settings, notes) beside
+        # the grid, where evaluate reads it for its results table.
+        args.plots.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(args.plots / "report.json", report)
+        atomic_write_json(args.metrics, nest_metrics(ablation_metrics(report), STAGE)
+                          if report["enabled"] else {})
         tracker.log_artifact(args.metrics)
+        tracker.log_artifact(args.plots / "report.json")
         if not report["enabled"]:
-            args.plots.mkdir(parents=True, exist_ok=True)
             print("edit_ablation: disabled (edits.ablation.enabled=false)")
             return report
         for name in [m.value for m in METHODS] + [REFERENCE]:

@@ -51,6 +51,27 @@ STAGE_SECTIONS = {
 ALWAYS = ("profile", "runtime.device", "runtime.precision")
 
 
+def finite(v: Any) -> bool:
+    """A number MLflow and DVC can show (not a bool, None, NaN or inf)."""
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def nest_metrics(flat: dict[str, float], stage: str) -> dict[str, Any]:
+    """Metric names of one stage (``<stage>/<group>/<metric>``, the scheme MLflow gets) as the
+    nested dict of its DVC metrics file: ``{"evaluate/a/b": 1}`` -> ``{"a": {"b": 1}}``, which
+    ``dvc metrics show`` prints as ``a.b``; so both tools show one name per number."""
+    out: dict[str, Any] = {}
+    for name, v in flat.items():
+        *parents, leaf = name.removeprefix(f"{stage}/").split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
 def stage_params(cfg: HfeditConfig, stage: str) -> dict[str, Any]:
     """The flattened config keys of ``stage``'s sections (:data:`STAGE_SECTIONS`) and
     :data:`ALWAYS`."""

@@ -2,7 +2,7 @@
 
     python stages/evaluate.py --backbone models/backbone --rectifier models/rectifier \
         --edits models/edits --data data/prepared --batch outputs/val \
-        --ablation metrics/edit_ablation.json --out eval
+        --ablation plots/edit_ablation/report.json --out eval
 
 On the first ``evaluate.images`` val images, at every ``N`` in ``evaluate.steps``:
 
@@ -16,11 +16,13 @@ On the first ``evaluate.images`` val images, at every ``N`` in ``evaluate.steps`
 - score matching vs Markovian edit training: read from the ``edit_ablation`` stage's metrics;
 - the batch run (``edit_batch``): images done and failed per attribute, mean fidelity.
 
-Writes ``<out>/metrics.json`` (DVC metrics), ``<out>/reconstruction.csv`` and
-``<out>/editing/<attribute>.csv`` (DVC plots), ``<out>/plots/*.png``, a before/after grid per
-attribute in ``<out>/grids/`` (rows: source, then the edit at each N) and ``<out>/results.md``
-(the README's results table). Everything goes to the stage's MLflow run, the headline numbers
-also to the pipeline run.
+Writes ``<out>/metrics.json`` (DVC metrics: the results table's means at the headline N, numbers
+only), ``<out>/report.json`` (everything: every N, standard deviations, image counts, notes, the
+machine), ``<out>/reconstruction.csv`` and ``<out>/editing/<attribute>.csv`` (DVC plots),
+``<out>/plots/*.png``, a labelled before/after grid per attribute in ``<out>/grids/`` (rows:
+source, then the edit at each N) and ``<out>/results.md`` (the README's results table).
+Everything goes to the stage's MLflow run (``evaluate/<group>/n<N>/<metric>`` for every N, at
+step 0), the headline numbers (``evaluate/<group>/<metric>``) also to the pipeline run.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from hfedit.config import ConfigError, HfeditConfig, load_config
 from hfedit.dataset import data_location
 from hfedit.device import DeviceUnavailable, placement
 from hfedit.files import atomic_savefig, atomic_write_csv, atomic_write_text
+from pipelines.tracking import finite, nest_metrics
 
 log = logging.getLogger("hfedit.evaluate")
 STAGE = "evaluate"
@@ -315,20 +318,61 @@ def results_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def headline(report: dict[str, Any]) -> dict[str, float]:
-    """A few numbers for the pipeline run's overview (metric names MLflow accepts)."""
-    out: dict[str, float] = {}
+def summary_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The results table's numbers at the headline N, named ``evaluate/<group>/<metric>``: the
+    pipeline run's overview in MLflow and, nested at the slashes, ``<out>/metrics.json`` (what
+    ``dvc metrics show`` / ``dvc exp show`` tabulate: numbers only, means only; the standard
+    deviations, every N, notes and the machine are in ``<out>/report.json``)."""
     n = report["headline_steps"]
+    out: dict[str, float] = {"evaluate/images": report["images"], "evaluate/steps": n}
     for r in report["reconstruction"]["rows"]:
         if r["steps"] == n:
-            out[f"eval_{r['model']}_{r['inversion']}_l1"] = r["l1"]
+            for k in ("l1", "ssim", "psnr"):
+                out[f"evaluate/reconstruction/{r['model']}_{r['inversion']}/{k}"] = r[k]
     for model, gap in report["reconstruction"]["gap"].items():
-        out[f"eval_{model}_gap"] = gap
+        out[f"evaluate/reconstruction/{model}/gap"] = gap
+    for r in report["reconstruction"]["posterior_mean_gap"]:
+        if r["steps"] == n:
+            out[f"evaluate/reconstruction/{r['model']}/posterior_mean_gap"] = r["mean"]
     for name, per_n in (report.get("editing") or {}).items():
         r = next((x for x in per_n if x["steps"] == n), per_n[-1])
-        out[f"eval_edit_{name}_clip_direction"] = r["clip_direction"]
-        out[f"eval_edit_{name}_l1"] = r["l1"]
-    return out
+        for k in ("clip_direction", "l1", "ssim", "identity"):
+            out[f"evaluate/editing/{name}/{k}"] = r.get(k)
+    for key, sides in (("conditioning", ("trajectory", "live")),
+                       ("modes", ("edit_friendly", "ddim"))):
+        for name, per_n in (report.get(key) or {}).items():
+            r = next((x for x in per_n if x["steps"] == n), per_n[-1])
+            for side in sides:
+                for k in ("clip_direction", "l1"):
+                    out[f"evaluate/{key}/{name}/{side}/{k}"] = r[side].get(k)
+            out[f"evaluate/{key}/{name}/difference_max"] = r["difference"]["max"]
+    for name, b in (report.get("batch") or {}).items():
+        if isinstance(b, dict):
+            out[f"evaluate/batch/{name}/ok"] = b["ok"]
+            out[f"evaluate/batch/{name}/failed"] = b["failed"]
+    return {k: float(v) for k, v in out.items() if finite(v)}
+
+
+def per_n_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """Every N's numbers for the stage's MLflow run, N in the name (``.../n50/l1``), not on the
+    step axis (which is the training step everywhere in hfedit)."""
+    out: dict[str, Any] = {}
+    for r in report["reconstruction"]["rows"]:
+        for k, v in r.items():
+            out[f"evaluate/reconstruction/{r['model']}_{r['inversion']}/n{r['steps']}/{k}"] = v
+    for r in report["reconstruction"]["posterior_mean_gap"]:
+        out[f"evaluate/reconstruction/{r['model']}/n{r['steps']}/posterior_mean_gap"] = r["mean"]
+    for name, per_n in (report.get("editing") or {}).items():
+        for r in per_n:
+            out.update({f"evaluate/editing/{name}/n{r['steps']}/{k}": v for k, v in r.items()
+                        if k != "steps"})
+    for key, sides in (("conditioning", ("trajectory", "live")),
+                       ("modes", ("edit_friendly", "ddim"))):
+        for name, per_n in (report.get(key) or {}).items():
+            for r in per_n:
+                out.update({f"evaluate/{key}/{name}/n{r['steps']}/{c}/{k}": v
+                            for c in (*sides, "difference") for k, v in r[c].items()})
+    return {k: float(v) for k, v in out.items() if finite(v)}
 
 
 def machine() -> str:
@@ -408,36 +452,20 @@ def run(cfg: HfeditConfig, backbone: Path, rectifier_dir: Path, edits_dir: Path,
     k = min(GRID_IMAGES, images.shape[0])  # the scores use every image; a grid shows the first k
     for name, per_n in edited.items():
         grid = torch.cat([images[:k]] + [e[:k] for _, e in per_n])  # rows: source, edit at each N
-        make_grid_png(grid, out / "grids" / f"{name}.png", nrow=k)
+        make_grid_png(grid, out / "grids" / f"{name}.png", nrow=k,
+                      row_labels=["source"] + [f"{name}, N={n}" for n, _ in per_n])
     report["seconds"] = round(time.perf_counter() - started, 1)
     atomic_write_text(out / "results.md", results_markdown(report))
-    atomic_write_json(out / "metrics.json", report)
+    atomic_write_json(out / "report.json", report)
+    headline = summary_metrics(report)
+    atomic_write_json(out / "metrics.json", nest_metrics(headline, STAGE))
 
     if tracker is not None:
-        for r in rows:
-            tracker.log_metrics({f"recon/{r['model']}_{r['inversion']}/{k}": v
-                                 for k, v in r.items() if isinstance(v, float)}, step=r["steps"])
-        tracker.log_metrics({f"recon/{m}/gap": g for m, g in report["reconstruction"]["gap"].items()},
-                            step=head)
-        for r in report["reconstruction"]["posterior_mean_gap"]:
-            tracker.log_metrics({f"recon/{r['model']}/posterior_mean_gap": r["mean"]},
-                                step=r["steps"])
-        for name, per_n in report["editing"].items():
-            for r in per_n:
-                tracker.log_metrics({f"edit/{name}/{k}": v for k, v in r.items()
-                                     if isinstance(v, float) and math.isfinite(v)}, step=r["steps"])
-        for key, sides in (("conditioning", ("trajectory", "live")),
-                           ("modes", ("edit_friendly", "ddim"))):
-            for name, per_n in report[key].items():
-                for r in per_n:
-                    tracker.log_metrics({f"{key}/{name}/{c}/{k}": v
-                                         for c in (*sides, "difference") for k, v in r[c].items()
-                                         if isinstance(v, (int, float)) and math.isfinite(v)},
-                                        step=r["steps"])
+        tracker.log_metrics({**per_n_metrics(report), **headline}, step=0)
         tracker.log_artifacts(out, "eval")
         parent = tracker.parent()
         if parent is not None:
-            parent.log_metrics(headline(report), step=head)
+            parent.log_metrics(headline, step=0)
             parent.log_artifact(out / "results.md", "eval")
     return report
 
@@ -450,7 +478,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", type=data_location, default=data_location("data/prepared"),
                         help="prepared folder: a path, or a URI every node sees (s3://, file://)")
     parser.add_argument("--batch", type=Path, default=Path("outputs/val"))
-    parser.add_argument("--ablation", type=Path, default=Path("metrics/edit_ablation.json"))
+    parser.add_argument("--ablation", type=Path, default=Path("plots/edit_ablation/report.json"),
+                        help="the edit_ablation stage's report")
     parser.add_argument("--out", type=Path, default=Path("eval"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)

@@ -385,3 +385,23 @@ def test_prepare_refuses_an_output_that_is_a_file_before_any_work(tmp_path):
     (tmp_path / "prepared").write_text("a file")
     with pytest.raises(UsageError, match="prepared is a file, not a folder: give a folder"):
         main(["--out", str(tmp_path / "prepared")])
+
+
+def test_a_labelled_grid_keeps_every_pixel_and_draws_each_label_beside_its_row(tmp_path):
+    from hfedit.data import make_grid_png
+
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 32, 32) * 2 - 1  # 2 rows of 3
+    plain = np.asarray(Image.open(make_grid_png(images, tmp_path / "plain.png", nrow=3)))
+    labelled = np.asarray(Image.open(make_grid_png(images, tmp_path / "labelled.png", nrow=3,
+                                                   row_labels=["source", ""], min_cell=64)))
+    left = labelled.shape[1] - plain.shape[1] * 2
+    assert labelled.shape[0] == plain.shape[0] * 2 and left > 0
+    # enlarged x2 by nearest neighbour: every other pixel is the plain grid, exactly
+    assert np.array_equal(labelled[::2, left::2], plain)
+    margin = labelled[:, :left].min(axis=2)  # dark where text is drawn
+    row = (32 + 2) * 2
+    assert (margin[:row] < 128).any()  # "source" beside the first row
+    assert not (margin[row:] < 128).any()  # no label beside the second
+    with pytest.raises(ValueError, match="3 row_labels for a grid of 2 rows"):
+        make_grid_png(images, tmp_path / "bad.png", nrow=3, row_labels=["a", "b", "c"])

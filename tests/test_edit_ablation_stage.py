@@ -36,7 +36,7 @@ def test_each_method_on_its_own_and_the_full_interval_beside_the_backbone(random
     import ray
 
     import pipelines.ray_runtime as rr
-    from pipelines.edit_ablation import ablation_markdown, run_stage
+    from pipelines.edit_ablation import ablation_metrics, ablation_markdown, run_stage
 
     monkeypatch.setattr(ray, "remote", _Inline)
     monkeypatch.setattr(ray, "get", lambda ref: ref)
@@ -69,4 +69,15 @@ def test_each_method_on_its_own_and_the_full_interval_beside_the_backbone(random
         assert r["images"] == 2 and "l1_std" in r
     table = "\n".join(ablation_markdown(report))
     assert "| markovian | full: ddim 800->0" in table and "no rectifier (backbone)" in table
-    assert (tmp_path / "plots" / "grid.png").is_file()
+    # one name per number, MLflow's and DVC's: edit_ablation/<method>/<interval>/<metric>
+    named = ablation_metrics(report)
+    assert named["edit_ablation/markovian/own/l1"] == mk["l1"]
+    assert named["edit_ablation/markovian/full/l1"] == mk["intervals"]["full"]["l1"]
+    assert named["edit_ablation/backbone/full/l1"] == report["backbone"]["full"]["l1"]
+    assert all(isinstance(v, float) for v in named.values())
+    # the grid: six labelled rows of the two held-out images, enlarged to be readable
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "plots" / "grid.png")
+    scale = 2  # 32 px cells enlarged to 64
+    assert grid.height == 6 * (32 + 2) * scale + 2 * scale and grid.width > 2 * 34 * scale

@@ -37,7 +37,7 @@ def test_evaluate_reports_mean_std_counts_modes_and_the_posterior_mean_gap(rando
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = run(cfg, tmp_path / "bb", tmp_path / "rect", tmp_path / "edits", tmp_path / "data",
-                     tmp_path / "batch", tmp_path / "ablation.json", tmp_path / "eval")
+                     tmp_path / "batch", tmp_path / "report.json", tmp_path / "eval")
     images = load_split(tmp_path / "data", "val")[:3]
     assert report["images"] == images.shape[0] == 3
     rec = report["reconstruction"]
@@ -57,5 +57,22 @@ def test_evaluate_reports_mean_std_counts_modes_and_the_posterior_mean_gap(rando
     text = (tmp_path / "eval" / "results.md").read_text()
     assert "posterior-mean gap" in text and "| smiling | ddim |" in text
     assert text.count(" ± ") >= 10
-    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    saved = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert saved["modes"]["smiling"][0]["ddim"]["l1"] == modes["ddim"]["l1"]
+    # DVC's metrics file: the table's means at the headline N, numbers only, named as in MLflow
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    leaves = list(_leaves(metrics))
+    assert leaves and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                          for _, v in leaves)
+    assert metrics["modes"]["smiling"]["ddim"]["l1"] == modes["ddim"]["l1"]
+    assert metrics["reconstruction"]["rectifier"]["posterior_mean_gap"] == \
+        rec["posterior_mean_gap"][1]["mean"]
+    assert len(leaves) < 40
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v

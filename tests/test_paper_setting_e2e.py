@@ -123,7 +123,7 @@ def test_paper_setting_runs_every_stage(tmp_path):
     assert all(s["clip_semantic"] is True for s in status.values())
 
     # edit_ablation: both methods trained and scored on the held-out image
-    ablation = json.loads((work / "metrics/edit_ablation.json").read_text())
+    ablation = json.loads((work / "plots/edit_ablation/report.json").read_text())
     for method in ("score_matching", "markovian"):
         assert ablation[method]["images"] == 1 and ablation[method]["l1"] > 0
 
@@ -136,7 +136,7 @@ def test_paper_setting_runs_every_stage(tmp_path):
         assert len(pngs) == 2 and all(Image.open(p).size == (256, 256) for p in pngs)
 
     # evaluate: both models x both inversions at N = 2, the edits, the grids
-    report = json.loads((work / "eval/metrics.json").read_text())
+    report = json.loads((work / "eval/report.json").read_text())
     assert report["resolution"] == 256 and report["images"] == 2 and report["steps"] == [2]
     assert report["device"] == "cpu" and report["precision"] == "fp32"
     rows = report["reconstruction"]["rows"]

@@ -109,6 +109,11 @@ def _stages_run(log: str) -> list[str]:
     return [s for s in STAGES if f"Running stage '{s}'" in log]
 
 
+def _leaves(tree: dict):
+    for v in tree.values():
+        yield from (_leaves(v) if isinstance(v, dict) else [v])
+
+
 def stage_env(**extra: str) -> dict:
     """The environment ``./dev`` gives DVC's stages, without this session's hfedit settings."""
     env = {k: v for k, v in os.environ.items() if k not in ("HFEDIT_ROOT", "HFEDIT_PARENT_RUN_ID")}
@@ -127,7 +132,7 @@ def test_default_pipeline_end_to_end(tmp_path, mlflow_server):
     # 1. dvc repro from the fresh copy: every stage runs, every output is there.
     log = _run(dvc + ["repro"], work, env)
     assert _stages_run(log) == STAGES, log[-4000:]
-    report = json.loads((work / "eval" / "metrics.json").read_text())
+    report = json.loads((work / "eval" / "report.json").read_text())
     assert report["images"] == 2 and report["steps"] == [5, 10]
     ef = [r for r in report["reconstruction"]["rows"] if r["inversion"] == "edit_friendly"]
     assert len(ef) == 4 and max(r["max_error"] for r in ef) < 1e-6  # exact for both models
@@ -143,6 +148,10 @@ def test_default_pipeline_end_to_end(tmp_path, mlflow_server):
     for name in ("smiling", "old"):
         assert (work / "eval" / "grids" / f"{name}.png").stat().st_size > 0
     assert "| rectifier |" in (work / "eval" / "results.md").read_text()
+    # DVC's metrics files hold numbers only (text, notes and settings are in the reports)
+    for path in ("eval/metrics.json", "metrics/edit_ablation.json", "metrics/train_edits.json",
+                 "metrics/edit_batch.json", "metrics/pretrain_rectifier.json"):
+        assert all(isinstance(v, (int, float)) for v in _leaves(json.loads((work / path).read_text())))
 
     # 2. The run, read back from the MLflow server.
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
@@ -153,7 +162,7 @@ def test_default_pipeline_end_to_end(tmp_path, mlflow_server):
     pipe = pipelines[0]
     assert pipe.info.status == "FINISHED"
     assert pipe.data.params["profile"] == "tiny" and pipe.info.run_name.startswith("pipeline-")
-    assert "eval_rectifier_ddim_l1" in pipe.data.metrics
+    assert "evaluate/reconstruction/rectifier_ddim/l1" in pipe.data.metrics
     by_stage = {r.data.tags.get("hfedit.stage"): r for r in runs
                 if r.data.tags.get("mlflow.parentRunId") == pipe.info.run_id}
     assert sorted(by_stage) == sorted(STAGES)
@@ -173,8 +182,12 @@ def test_default_pipeline_end_to_end(tmp_path, mlflow_server):
     assert sorted(r.data.tags["hfedit.attribute"] for r in attr_runs) == ["old", "smiling"]
     assert all(r.data.params["edit.steps"] == "3" for r in attr_runs)
     evaluate = by_stage["evaluate"].info.run_id
-    recon = client.get_metric_history(evaluate, "recon/rectifier_ddim/l1")
-    assert sorted(m.step for m in recon) == [5, 10]
+    for n in (5, 10):  # every N named, at step 0 (the step axis is the training step)
+        recon = client.get_metric_history(evaluate, f"evaluate/reconstruction/rectifier_ddim/n{n}/l1")
+        assert [m.step for m in recon] == [0]
+        assert recon[0].value == next(r["l1"] for r in report["reconstruction"]["rows"]
+                                      if (r["model"], r["inversion"], r["steps"]) ==
+                                      ("rectifier", "ddim", n))
     grids = {f.path for f in client.list_artifacts(evaluate, "eval/grids")}
     assert grids == {"eval/grids/old.png", "eval/grids/smiling.png"}
     registered = {m.name: m for m in client.search_registered_models()}
