@@ -211,17 +211,25 @@ def to_tensor(img: Image.Image, resolution: int, center_crop: bool = True) -> to
     return _u8_to_tensor(_square_u8(img, resolution, center_crop))
 
 
-def to_pil(tensor: torch.Tensor) -> Image.Image:
-    """(3, H, W) tensor in [-1, 1] -> RGB PIL image; exact inverse of :func:`to_tensor`'s scaling."""
+def tensor_to_u8(tensor: torch.Tensor) -> np.ndarray:
+    """(..., 3, H, W) tensor in [-1, 1] -> (..., H, W, 3) uint8: the exact inverse of
+    :func:`to_tensor`'s scaling."""
     import torch
 
-    if tensor.ndim != 3 or tensor.shape[0] != 3:
-        raise ValueError(f"to_pil expects a (3, H, W) tensor, got shape {tuple(tensor.shape)}")
     x = tensor.detach().float().cpu()
     if not torch.isfinite(x).all():
-        raise ValueError("to_pil: tensor holds NaN or inf values")
-    u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (3, H, W)
-    return Image.fromarray(u8.permute(1, 2, 0).numpy())
+        raise ValueError("tensor holds NaN or inf values")
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(-3, -1).numpy()
+
+
+def to_pil(tensor: torch.Tensor) -> Image.Image:
+    """(3, H, W) tensor in [-1, 1] -> RGB PIL image; exact inverse of :func:`to_tensor`'s scaling."""
+    if tensor.ndim != 3 or tensor.shape[0] != 3:
+        raise ValueError(f"to_pil expects a (3, H, W) tensor, got shape {tuple(tensor.shape)}")
+    try:
+        return Image.fromarray(tensor_to_u8(tensor))
+    except ValueError as err:
+        raise ValueError(f"to_pil: {err}") from None
 
 
 def save_png(tensor: torch.Tensor, path: str | os.PathLike) -> Path:
@@ -233,30 +241,50 @@ def save_png(tensor: torch.Tensor, path: str | os.PathLike) -> Path:
 def make_grid_png(tensors: torch.Tensor | Iterable[torch.Tensor], path: str | os.PathLike,
                   nrow: int = 8, row_labels: Optional[list[str]] = None,
                   column_labels: Optional[list[str]] = None, min_cell: int = 64) -> Path:
-    """Save (N, 3, H, W) [-1, 1] images as one PNG grid, ``nrow`` per row, white padding.
+    """Save (N, 3, H, W) [-1, 1] images as one PNG grid (:func:`write_grid_png`)."""
+    import torch
+
+    batch = tensors if isinstance(tensors, torch.Tensor) else torch.stack(list(tensors))
+    if batch.ndim != 4 or batch.shape[0] == 0 or batch.shape[1] != 3:
+        raise ValueError(f"make_grid_png expects (N>0, 3, H, W), got {tuple(batch.shape)}")
+    return write_grid_png(tensor_to_u8(batch), path, nrow, row_labels, column_labels, min_cell)
+
+
+def grid_u8(images: np.ndarray, nrow: int = 8, padding: int = 2) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one (H', W', 3) uint8 grid, ``nrow`` images per row, white
+    padding: torchvision's ``make_grid`` layout, in numpy (prepare's processes import no torch)."""
+    n, h, w, _ = images.shape
+    cols, rows = min(nrow, n), -(-n // nrow)
+    grid = np.full((rows * (h + padding) + padding, cols * (w + padding) + padding, 3), 255,
+                   np.uint8)
+    for i, img in enumerate(images):
+        y, x = padding + (i // cols) * (h + padding), padding + (i % cols) * (w + padding)
+        grid[y: y + h, x: x + w] = img
+    return grid
+
+
+def write_grid_png(images: np.ndarray, path: str | os.PathLike, nrow: int = 8,
+                   row_labels: Optional[list[str]] = None,
+                   column_labels: Optional[list[str]] = None, min_cell: int = 64) -> Path:
+    """Save (N, H, W, 3) uint8 images as one PNG grid, ``nrow`` per row, white padding.
 
     With ``row_labels`` (one per row) and/or ``column_labels`` (one per column) the grid is
     drawn with a label beside each row and above each column, and enlarged by an integer factor
     (nearest neighbour: every pixel stays a block of the source's colour) until a cell is at
     least ``min_cell`` pixels, so that 32 px images and their labels are readable."""
-    import torch
-    from torchvision.utils import make_grid
-
-    batch = tensors if isinstance(tensors, torch.Tensor) else torch.stack(list(tensors))
-    if batch.ndim != 4 or batch.shape[0] == 0 or batch.shape[1] != 3:
-        raise ValueError(f"make_grid_png expects (N>0, 3, H, W), got {tuple(batch.shape)}")
-    grid = make_grid(batch.detach().float().cpu().clamp(-1, 1), nrow=nrow, padding=2,
-                     pad_value=1.0)  # (3, H', W')
-    if row_labels is None and column_labels is None:
-        return save_png(grid, path)
-    rows, cols = -(-batch.shape[0] // nrow), min(nrow, batch.shape[0])
-    for name, labels, want in (("row_labels", row_labels, rows), ("column_labels", column_labels, cols)):
-        if labels is not None and len(labels) != want:
-            raise ValueError(f"make_grid_png: {len(labels)} {name} for a grid of {rows} rows x "
-                             f"{cols} columns")
-    img = labelled_grid(to_pil(grid), batch.shape[-2:], rows, cols, row_labels, column_labels,
-                        min_cell)
-    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    if images.ndim != 4 or images.shape[0] == 0 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"write_grid_png expects (N>0, H, W, 3) uint8, got {images.shape} {images.dtype}")
+    grid = Image.fromarray(grid_u8(images, nrow))
+    if row_labels is not None or column_labels is not None:
+        rows, cols = -(-images.shape[0] // nrow), min(nrow, images.shape[0])
+        for name, labels, want in (("row_labels", row_labels, rows),
+                                   ("column_labels", column_labels, cols)):
+            if labels is not None and len(labels) != want:
+                raise ValueError(f"make_grid_png: {len(labels)} {name} for a grid of {rows} rows "
+                                 f"x {cols} columns")
+        grid = labelled_grid(grid, images.shape[1:3], rows, cols, row_labels, column_labels,
+                             min_cell)
+    return atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 def labelled_grid(grid: Image.Image, cell: tuple[int, int], rows: int, cols: int,

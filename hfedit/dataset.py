@@ -33,10 +33,9 @@ import os
 from collections import Counter, OrderedDict
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from hfedit.config import DataConfig
@@ -51,11 +50,14 @@ from hfedit.data import (
     decode_inputs,
     id_digest,
     iter_folder,
-    make_grid_png,
     split_ids,
+    write_grid_png,
     write_manifest,
 )
 from hfedit.files import atomic_write, atomic_write_text
+
+if TYPE_CHECKING:  # prepare imports no torch: readers convert to tensors per batch
+    import torch
 
 FORMAT = "hfedit-shards/1"
 # Images per Parquet row group: the unit a random read decodes (8 x 192 KiB at 256 px).
@@ -268,7 +270,7 @@ def _finish(cfg: DataConfig, out: Path, rows: list[ManifestRow]) -> Manifest:
     for old in ("train.safetensors", "val.safetensors"):  # an older format's files
         (out / old).unlink(missing_ok=True)
     data = PreparedData(out)
-    make_grid_png(data.read("train", range(min(PREVIEW_MAX, len(train)))), out / "preview.png", nrow=8)
+    write_grid_png(data.read_u8("train", range(min(PREVIEW_MAX, len(train)))), out / "preview.png")
     write_manifest(manifest, out)
     return manifest
 
@@ -365,6 +367,10 @@ class PreparedData:
     def read(self, split: str, indices: Iterable[int]) -> torch.Tensor:
         """Images ``indices`` of ``split`` (positions in :meth:`ids`, any order, repeats allowed)
         -> (n, 3, R, R) float32 in [-1, 1]. Reads only the row groups holding them."""
+        return _u8_to_tensor(self.read_u8(split, indices))
+
+    def read_u8(self, split: str, indices: Iterable[int]) -> np.ndarray:
+        """:meth:`read` as stored: (n, R, R, 3) uint8."""
         entry = self._check_split(split)
         idx = [int(i) for i in indices]
         n = len(entry["ids"])
@@ -379,7 +385,7 @@ class PreparedData:
         u8 = np.empty((len(idx), self.resolution, self.resolution, 3), np.uint8)
         for where, places in sorted(groups.items()):
             u8[[p for p, _ in places]] = self._group(*where)[[r for _, r in places]]
-        return _u8_to_tensor(u8)
+        return u8
 
     def _group(self, shard: int, group: int) -> np.ndarray:
         """Row group ``group`` of ``shard`` as (n, R, R, 3) uint8, through a bounded LRU cache
@@ -447,6 +453,8 @@ class Split:
         return self.data.ids(self.name)
 
     def __getitem__(self, key) -> torch.Tensor:
+        import torch
+
         if isinstance(key, slice):
             return self.data.read(self.name, range(*key.indices(len(self))))
         if isinstance(key, (int, np.integer)) or (isinstance(key, torch.Tensor) and key.ndim == 0):

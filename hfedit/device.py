@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import re
 from enum import Enum
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a device is resolved: the config (and prepare's
+    import torch   # processes, which read it) need no torch
 
 
 class Precision(str, Enum):
@@ -31,6 +33,8 @@ class Precision(str, Enum):
 
     @property
     def dtype(self) -> torch.dtype:
+        import torch
+
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.value]
 
 
@@ -65,6 +69,8 @@ def resolve_device(spec: str = "auto") -> torch.device:
     one), else the CPU. ``cuda``/``cuda:<i>`` raise :class:`DeviceUnavailable` when there is no
     such device, rather than quietly running on the CPU.
     """
+    import torch
+
     spec = check_device_spec(spec)
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -118,6 +124,8 @@ def placement(spec: str, precision: Precision | str, work: str) -> tuple[torch.d
 
 def autocast(device: torch.device | str, precision: Precision | str):
     """:func:`torch.autocast` for ``precision`` on ``device``'s type; a no-op for fp32."""
+    import torch
+
     precision = Precision(precision)
     if precision is Precision.fp32:
         return contextlib.nullcontext()

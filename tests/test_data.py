@@ -405,3 +405,27 @@ def test_a_labelled_grid_keeps_every_pixel_and_draws_each_label_beside_its_row(t
     assert not (margin[row:] < 128).any()  # no label beside the second
     with pytest.raises(ValueError, match="3 row_labels for a grid of 2 rows"):
         make_grid_png(images, tmp_path / "bad.png", nrow=3, row_labels=["a", "b", "c"])
+
+
+@pytest.mark.parametrize("n,nrow", [(5, 3), (2, 8), (8, 4)])
+def test_the_numpy_grid_is_torchvisions_make_grid(tmp_path, n, nrow):
+    from torchvision.utils import make_grid
+
+    from hfedit.data import make_grid_png, to_pil
+
+    torch.manual_seed(n)
+    images = torch.rand(n, 3, 16, 24) * 2 - 1
+    ours = np.asarray(Image.open(make_grid_png(images, tmp_path / "g.png", nrow=nrow)))
+    theirs = np.asarray(to_pil(make_grid(images, nrow=nrow, padding=2, pad_value=1.0)))
+    assert np.array_equal(ours, theirs)
+
+
+def test_prepare_and_the_config_import_no_torch():
+    """prepare's processes (and anything that only reads the config) start without torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, hfedit.config, hfedit.dataset, hfedit.data; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   cwd=Path(__file__).resolve().parents[1])
