@@ -30,8 +30,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from concurrent.futures import Future, ProcessPoolExecutor
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
 
@@ -198,36 +199,38 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | os.PathLike, progress: bool 
 
 def _decode_shards(out: Path, chunks: list[list[Input]], todo: list[int], settings: dict,
                    workers: int, bar) -> Iterator[tuple[int, list[dict]]]:
-    """Decode the shards ``todo`` (in order) with ``workers`` processes, at most ``2*workers``
-    items in flight; yields ``(k, rows)`` as each shard is written."""
+    """Decode the shards ``todo`` (in order); yields ``(k, rows)`` as each shard is written."""
     items = [(k, chunks[k][i: i + DECODE_ITEMS]) for k in todo
              for i in range(0, len(chunks[k]), DECODE_ITEMS)]
+    pending: dict[int, list] = {}
+    for k, n, results in _decoded(items, settings, workers):
+        pending.setdefault(k, []).extend(results)
+        bar.update(n)
+        if len(pending[k]) == len(chunks[k]):
+            yield k, _write_shard(out, k, [i.id for i in chunks[k]], settings, pending.pop(k))
+
+
+def _decoded(items: list[tuple[int, list[Input]]], settings: dict, workers: int
+             ) -> Iterator[tuple[int, int, list]]:
+    """``(k, len(batch), decode_inputs(batch))`` per item, in submission order (so shards fill,
+    and are written, in order): inline for one worker, else in ``workers`` processes with at
+    most ``2 * workers`` items in flight (the next item is submitted before waiting on the
+    oldest, so the workers never wait on the writer)."""
     if workers <= 1:
-        pending: dict[int, list] = {}
         for k, batch in items:
-            pending.setdefault(k, []).extend(decode_inputs(batch, settings))
-            bar.update(len(batch))
-            if len(pending[k]) == len(chunks[k]):
-                yield k, _write_shard(out, k, [i.id for i in chunks[k]], settings, pending.pop(k))
+            yield k, len(batch), decode_inputs(batch, settings)
         return
-    # Results are consumed in submission order, so shards fill (and are written) in order.
     with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context()) as pool:
-        queue: list[tuple[int, int, Future]] = []
         it = iter(items)
-        pending = {}
-        for k, batch in it:
-            queue.append((k, len(batch), pool.submit(decode_inputs, batch, settings)))
-            if len(queue) >= 2 * workers:
-                break
+        queue: deque[tuple[int, int, Future]] = deque(
+            (k, len(batch), pool.submit(decode_inputs, batch, settings))
+            for k, batch in islice(it, 2 * workers))
         while queue:
-            k, n, fut = queue.pop(0)
-            pending.setdefault(k, []).extend(fut.result())
-            bar.update(n)
+            k, n, fut = queue.popleft()
             nxt = next(it, None)
             if nxt is not None:
                 queue.append((nxt[0], len(nxt[1]), pool.submit(decode_inputs, nxt[1], settings)))
-            if len(pending[k]) == len(chunks[k]):
-                yield k, _write_shard(out, k, [i.id for i in chunks[k]], settings, pending.pop(k))
+            yield k, n, fut.result()
 
 
 def _mp_context():
