@@ -4,7 +4,8 @@
         --out models/rectifier --checkpoints checkpoints/rectifier --metrics metrics/pretrain_rectifier.json
 
 Each worker runs :func:`hfedit.training.reconstruction_step` on its part of the training split,
-streamed by Ray Data (``get_dataset_shard``; a local shuffle seeded per epoch, see :func:`stream`);
+streamed by Ray Data (``get_dataset_shard``; a local shuffle seeded per epoch, see :func:`stream`;
+a part small enough is kept after the first epoch, :class:`EpochRows`);
 DDP (gloo on CPU, nccl on GPU) averages the rectifier's gradients. Every
 ``pretrain.checkpoint_every`` steps rank 0 reports a checkpoint (safetensors + JSON); when a
 worker dies Ray restarts the group from it (``runtime.ray.max_failures``), and a rerun of the
@@ -57,33 +58,90 @@ CODE_MODULES = ("hfedit.rectifier", "hfedit.modulation", "hfedit.training", "hfe
                 "hfedit.backbone", "pipelines.pretrain_rectifier")
 
 
-# Rows each worker shuffles among (Ray Data's local shuffle buffer; 48 MiB at 256 px).
+# Rows each worker shuffles among (its local shuffle buffer; 48 MiB at 256 px).
 SHUFFLE_BUFFER = 256
+# A worker keeps its part of the split after the first epoch when it is at most this large
+# (64 MiB: ~340 images at 256 px, all 82 bundled faces at 32 px), and reads it from the shards
+# again every epoch when it is larger. Each epoch's pass through Ray Data starts a streaming
+# execution; a small split has a few batches per epoch (5 on the offline default), so that
+# start-up cost as much as the steps (measured on the 2-core machine, offline default, idle:
+# 47 s per 50 steps reading every epoch, 28 s keeping the rows), while past ~40 batches an
+# epoch it is amortised.
+EPOCH_CACHE_BYTES = 64 << 20
 
 
-def epoch_batches(shard, batch_size: int, seed: int, rank: int, epoch: int, resolution: int,
-                  skip: int = 0):
-    """This worker's batches of ``epoch`` from its Ray Data shard (``get_dataset_shard``): the
-    shard's rows in a local shuffle seeded by (seed, rank, epoch), whole batches only, as
-    (B, 3, R, R) float32 on the CPU (converted per batch); the first ``skip`` batches are read
-    but not converted (a resumed run continues mid-epoch)."""
-    batches = shard.iter_batches(
-        batch_size=batch_size, batch_format="numpy", drop_last=True,
-        local_shuffle_buffer_size=SHUFFLE_BUFFER,
-        local_shuffle_seed=seed * 1_000_003 + rank * 10_007 + epoch)
-    for k, batch in enumerate(batches):
-        if k >= skip:
-            yield pixels_to_tensor(list(batch["pixels"]), resolution)
+class EpochRows:
+    """This worker's rows of the split (the ``pixels`` column, bytes), in the order its Ray
+    Data shard (``get_dataset_shard``, ``preserve_order``) yields them: read from the shard
+    every epoch, or kept from the first complete pass when they fit in ``cache_bytes``. Both
+    give the same rows in the same order, so the batches do not depend on the cache."""
+
+    def __init__(self, shard, cache_bytes: int = EPOCH_CACHE_BYTES):
+        self.shard, self.cache_bytes = shard, cache_bytes
+        self.kept: list[bytes] | None = None
+
+    def __iter__(self):
+        if self.kept is not None:
+            yield from self.kept
+            return
+        kept: list[bytes] | None = []
+        size = 0
+        for batch in self.shard.iter_batches(batch_size=SHUFFLE_BUFFER, batch_format="numpy"):
+            for px in batch["pixels"]:
+                if kept is not None:
+                    size += len(px)
+                    if size <= self.cache_bytes:
+                        kept.append(px)
+                    else:
+                        kept = None  # too large: read from the shards every epoch
+                yield px
+        if kept is not None:  # a complete pass that fits
+            self.kept = kept
+
+
+def local_shuffle(rows, buffer: int, rng):
+    """``rows`` in a local shuffle: a buffer of ``buffer`` rows, each output drawn from it
+    uniformly by ``rng`` (a numpy Generator) and replaced by the next input."""
+    buf: list = []
+    for row in rows:
+        buf.append(row)
+        if len(buf) >= buffer:
+            i = int(rng.integers(len(buf)))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
+    while buf:
+        i = int(rng.integers(len(buf)))
+        buf[i], buf[-1] = buf[-1], buf[i]
+        yield buf.pop()
+
+
+def epoch_batches(rows: EpochRows, batch_size: int, seed: int, rank: int, epoch: int,
+                  resolution: int, skip: int = 0):
+    """This worker's batches of ``epoch``: its rows in a local shuffle seeded by (seed, rank,
+    epoch), whole batches only, as (B, 3, R, R) float32 on the CPU (converted per batch); the
+    first ``skip`` batches are drawn but not converted (a resumed run continues mid-epoch)."""
+    import numpy as np
+
+    rng = np.random.default_rng([seed, rank, epoch])
+    batch: list[bytes] = []
+    k = 0
+    for px in local_shuffle(iter(rows), SHUFFLE_BUFFER, rng):
+        batch.append(px)
+        if len(batch) == batch_size:
+            if k >= skip:
+                yield pixels_to_tensor(batch, resolution)
+            batch, k = [], k + 1
 
 
 def stream(shard, batch_size: int, seed: int, rank: int, start: int, per_epoch: int,
-           resolution: int):
+           resolution: int, cache_bytes: int = EPOCH_CACHE_BYTES):
     """Endless batches from step ``start`` on: epoch ``start // per_epoch``, batch
     ``start % per_epoch`` of it, then the next epochs. ``per_epoch``: whole batches of this
     worker's rows (Ray Train splits a dataset into equal row counts)."""
+    rows = EpochRows(shard, cache_bytes)
     epoch, skip = divmod(start, per_epoch)
     while True:
-        yield from epoch_batches(shard, batch_size, seed, rank, epoch, resolution, skip)
+        yield from epoch_batches(rows, batch_size, seed, rank, epoch, resolution, skip)
         epoch, skip = epoch + 1, 0
 
 

@@ -236,3 +236,37 @@ def test_every_run_starts_from_the_same_rectifier(random_denoiser):
                               random_denoiser.unet).state_dict()
     assert not torch.equal(a["head_b.0.weight"], other["head_b.0.weight"])
     torch.random.set_rng_state(state)
+
+
+class _Shard:
+    """The one method of a Ray Data shard that EpochRows uses, over fixed rows (the real shard
+    is exercised by the Ray Train tests above); counts the passes."""
+
+    def __init__(self, rows: list[bytes]):
+        self.rows, self.passes = rows, 0
+
+    def iter_batches(self, batch_size, batch_format):
+        import numpy as np
+
+        self.passes += 1
+        for i in range(0, len(self.rows), batch_size):
+            yield {"pixels": np.array(self.rows[i: i + batch_size], dtype=object)}
+
+
+def test_small_splits_are_read_once_and_give_the_same_batches_as_streaming():
+    from itertools import islice
+
+    from pipelines.pretrain_rectifier import stream
+
+    rows = [bytes([i]) * 12 for i in range(37)]  # 37 images of 2x2 RGB
+    cached, streamed = _Shard(rows), _Shard(rows)
+    a = list(islice(stream(cached, 4, 0, 1, 0, 37 // 4, 2, cache_bytes=1 << 20), 30))
+    b = list(islice(stream(streamed, 4, 0, 1, 0, 37 // 4, 2, cache_bytes=100), 30))
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == 30
+    assert cached.passes == 1 and streamed.passes == 4  # 30 batches = 3 epochs of 9 and a part
+    epochs = [torch.cat(a[i: i + 9]) for i in (0, 9)]
+    assert not torch.equal(epochs[0], epochs[1])  # each epoch its own shuffle
+    seen = [int(img[0, 0, 0].add(1).mul(127.5).round()) for batch in a[:9] for img in batch]
+    assert len(set(seen)) == 36  # one epoch: 36 distinct images (the 37th dropped)
+    resumed = list(islice(stream(_Shard(rows), 4, 0, 1, 11, 37 // 4, 2), 19))
+    assert all(torch.equal(x, y) for x, y in zip(resumed, a[11:]))  # mid-epoch resume
