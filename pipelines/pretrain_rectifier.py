@@ -79,12 +79,13 @@ class EpochRows:
     def __init__(self, shard, cache_bytes: int = EPOCH_CACHE_BYTES):
         self.shard, self.cache_bytes = shard, cache_bytes
         self.kept: list[bytes] | None = None
+        self.fits = True  # until a pass finds more than cache_bytes
 
     def __iter__(self):
         if self.kept is not None:
             yield from self.kept
             return
-        kept: list[bytes] | None = []
+        kept: list[bytes] | None = [] if self.fits else None
         size = 0
         for batch in self.shard.iter_batches(batch_size=SHUFFLE_BUFFER, batch_format="numpy"):
             for px in batch["pixels"]:
@@ -93,7 +94,7 @@ class EpochRows:
                     if size <= self.cache_bytes:
                         kept.append(px)
                     else:
-                        kept = None  # too large: read from the shards every epoch
+                        kept, self.fits = None, False  # too large: read the shards every epoch
                 yield px
         if kept is not None:  # a complete pass that fits
             self.kept = kept

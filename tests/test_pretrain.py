@@ -256,7 +256,7 @@ class _Shard:
 def test_small_splits_are_read_once_and_give_the_same_batches_as_streaming():
     from itertools import islice
 
-    from pipelines.pretrain_rectifier import stream
+    from pipelines.pretrain_rectifier import EpochRows, stream
 
     rows = [bytes([i]) * 12 for i in range(37)]  # 37 images of 2x2 RGB
     cached, streamed = _Shard(rows), _Shard(rows)
@@ -264,6 +264,9 @@ def test_small_splits_are_read_once_and_give_the_same_batches_as_streaming():
     b = list(islice(stream(streamed, 4, 0, 1, 0, 37 // 4, 2, cache_bytes=100), 30))
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == 30
     assert cached.passes == 1 and streamed.passes == 4  # 30 batches = 3 epochs of 9 and a part
+    big = EpochRows(_Shard(rows), cache_bytes=100)
+    assert list(big) == rows and list(big) == rows
+    assert big.kept is None and not big.fits and big.shard.passes == 2
     epochs = [torch.cat(a[i: i + 9]) for i in (0, 9)]
     assert not torch.equal(epochs[0], epochs[1])  # each epoch its own shuffle
     seen = [int(img[0, 0, 0].add(1).mul(127.5).round()) for batch in a[:9] for img in batch]
