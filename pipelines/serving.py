@@ -1,22 +1,28 @@
-"""Rectifiers as servable MLflow models (the pyfunc flavour), registered with aliases and tags.
+"""Rectifiers and the backbone as servable MLflow models (the pyfunc flavour), registered with
+aliases and tags.
 
 Every rectifier a stage trains is logged as an MLflow *pyfunc model* (``pipelines/serving_model.py``
-is the model, as code: nothing is pickled) holding its own copy of what it needs:
+is the model, as code: nothing is pickled) with:
 
-- artifacts ``rectifier`` (safetensors + JSON), ``base`` (the reconstruction rectifier whose
-  trunk an edit rectifier shares, ``edits.share_trunk``) and ``backbone`` (the diffusers folder;
-  a hub id is kept as ``backbone_source`` in the model config instead of a copy);
+- artifacts ``rectifier`` (safetensors + JSON) and ``base`` (the reconstruction rectifier whose
+  trunk an edit rectifier shares, ``edits.share_trunk``);
+- the backbone *linked*: the backbone stage registers its model as ``<prefix>-backbone`` (a
+  pyfunc that reconstructs: invert + exact replay), and a rectifier model trained on those
+  weights (same sha256) records ``backbone_model: models:/<prefix>-backbone/<version>`` in its
+  config and tags, and fetches it from the registry when loaded; without a registered
+  backbone (``runtime.mlflow.register: false``, another store) the diffusers folder is copied
+  in as the artifact ``backbone``, and a hub id is kept as ``backbone_source``;
 - the ``hfedit`` package as model code, so ``mlflow models serve --env-manager local`` needs only
   torch, diffusers and Pillow in the serving environment;
 - a signature: input ``image`` (base64 of an image file) and optional ``seed``; output ``image``
   (base64 PNG), ``width``, ``height``, ``error``; params ``num_steps``, ``skip``, ``eta``.
 
-Registered as ``<prefix>-edit-<attribute>`` (edit rectifiers) and ``<prefix>-rectifier`` (the
-reconstruction rectifier). The version just trained by the pipeline gets the alias
-``champion`` (``models:/hfedit-edit-smiling@champion`` is always the pipeline's latest), and
-tags on the version and on the registered model say what it is: ``hfedit.attribute``,
-``hfedit.semantic`` (``false`` when CLIP had random weights: the offline default), the edit
-method, the fingerprint and the backbone.
+Registered as ``<prefix>-edit-<attribute>`` (edit rectifiers), ``<prefix>-rectifier`` (the
+reconstruction rectifier) and ``<prefix>-backbone``. The version just trained by the pipeline
+gets the alias ``champion`` (``models:/hfedit-edit-smiling@champion`` is always the pipeline's
+latest), and tags on the version and on the registered model say what it is:
+``hfedit.attribute``, ``hfedit.semantic`` (``false`` when CLIP had random weights: the offline
+default), the edit method, the fingerprint and the backbone.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from hfedit.config import HfeditConfig, InversionConfig, to_flat_dict
 log = logging.getLogger("hfedit.serving")
 MODEL_FILE = Path(__file__).with_name("serving_model.py")
 CHAMPION = "champion"
+BACKBONE = "backbone"
+RECONSTRUCTION = "reconstruction"  # hfedit.editing.RECONSTRUCTION (not imported: no torch here)
 # The distributions the model's code imports; pinned to this environment's versions.
 REQUIREMENTS = ("torch", "diffusers", "safetensors", "pillow", "numpy", "pandas", "omegaconf",
                 "tqdm", "mlflow")
@@ -63,11 +71,47 @@ def requirements() -> list[str]:
     return out
 
 
-def log_rectifier_model(cfg: HfeditConfig, run_id: str, backbone: str | Path, rectifier_dir: str | Path,
-                        name: str, attribute: str, tags: dict[str, Any] | None = None) -> str | None:
+def registered_backbone(cfg: HfeditConfig, folder: Path) -> str | None:
+    """``models:/<prefix>-backbone/<version>`` when the registry's champion backbone holds the
+    weights of ``folder`` (same digest), else None (registration off, none registered, or
+    another backbone: the model then carries its own copy)."""
+    import mlflow
+
+    if not cfg.runtime.mlflow.register:
+        return None
+    name = f"{cfg.runtime.mlflow.registry_prefix}-{BACKBONE}"
+    try:
+        mv = mlflow.MlflowClient().get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return None
+    from hfedit.checkpoint import model_reference
+
+    digest = model_reference(folder).get("sha256")
+    if not digest or mv.tags.get("hfedit.backbone_sha256") != digest:
+        return None
+    return f"models:/{name}/{mv.version}"
+
+
+def log_backbone_model(cfg: HfeditConfig, run_id: str, folder: str | Path) -> str | None:
+    """Register the backbone ``folder`` as ``<prefix>-backbone`` (@champion): a pyfunc model that
+    reconstructs (inverts and replays exactly, the ``reconstruction`` attribute of edit_batch),
+    which every rectifier model trained on it links to instead of carrying a copy."""
+    from hfedit.checkpoint import model_reference
+
+    digest = model_reference(folder).get("sha256", "")
+    return log_rectifier_model(cfg, run_id, folder, None, BACKBONE, RECONSTRUCTION,
+                               tags={"hfedit.kind": "backbone", "hfedit.backbone_sha256": digest})
+
+
+def log_rectifier_model(cfg: HfeditConfig, run_id: str, backbone: str | Path,
+                        rectifier_dir: str | Path | None, name: str, attribute: str,
+                        tags: dict[str, Any] | None = None) -> str | None:
     """Log ``rectifier_dir`` (with the backbone it modulates) as a pyfunc model of the run
     ``run_id`` under ``models/<name>``, register it as ``<prefix>-<name>``, point the alias
-    ``champion`` at the new version and tag it. Returns the version (None when
+    ``champion`` at the new version and tag it. The backbone is linked (``backbone_model`` in
+    the model config: the registered backbone with the same weights, see
+    :func:`log_backbone_model`) or, when none is registered, copied into the model.
+    ``rectifier_dir=None``: the backbone's own model. Returns the version (None when
     ``runtime.mlflow.register`` is off: the model is still logged to the run)."""
     import hfedit
     import mlflow
@@ -75,15 +119,22 @@ def log_rectifier_model(cfg: HfeditConfig, run_id: str, backbone: str | Path, re
     mc = cfg.runtime.mlflow
     model_name = f"{mc.registry_prefix}-{name}"
     backbone_path = Path(str(backbone))
-    artifacts = {"rectifier": str(Path(rectifier_dir).resolve())}
-    meta = json.loads((Path(rectifier_dir) / "rectifier.json").read_text())
-    if "base" in meta:  # an edit rectifier sharing the reconstruction rectifier's trunk
-        artifacts["base"] = str((Path(rectifier_dir) / meta["base"]["path"]).resolve())
+    artifacts = {}
+    if rectifier_dir is not None:
+        artifacts["rectifier"] = str(Path(rectifier_dir).resolve())
+        meta = json.loads((Path(rectifier_dir) / "rectifier.json").read_text())
+        if "base" in meta:  # an edit rectifier sharing the reconstruction rectifier's trunk
+            artifacts["base"] = str((Path(rectifier_dir) / meta["base"]["path"]).resolve())
     model_config: dict[str, Any] = {
         "attribute": attribute, "max_pixels": cfg.data.max_pixels,
         "inversion": {k: (v.value if hasattr(v, "value") else v)
                       for k, v in to_flat_dict(cfg.inversion).items()}}
-    if backbone_path.is_dir():
+    linked = (registered_backbone(cfg, backbone_path)
+              if backbone_path.is_dir() and rectifier_dir is not None else None)
+    if linked:  # the registered backbone model holding these very weights: linked, not copied
+        model_config["backbone_model"] = linked
+        tags = {**(tags or {}), "hfedit.backbone_model": linked}
+    elif backbone_path.is_dir():
         artifacts["backbone"] = str(backbone_path.resolve())
     else:  # a hub id: the serving machine downloads it (HF_HUB_OFFLINE=0) or has it cached
         model_config["backbone_source"] = str(backbone)
@@ -111,11 +162,23 @@ def log_rectifier_model(cfg: HfeditConfig, run_id: str, backbone: str | Path, re
     client.set_registered_model_alias(model_name, CHAMPION, version)
     client.update_registered_model(
         model_name, description=(
-            f"hfedit rectifier ({attribute}) as a pyfunc model: base64 image in, base64 PNG "
+            f"hfedit {'rectifier' if rectifier_dir else 'backbone'} ({attribute}) as a pyfunc "
+            "model: base64 image in, base64 PNG "
             f"out. Serve: mlflow models serve -m models:/{model_name}@{CHAMPION} "
             "--env-manager local"))
     log.info("registered %s version %s (@%s)", model_name, version, CHAMPION)
     return version
+
+
+def backbone_folder(uri: str, dest: str | Path) -> Path:
+    """The diffusers folder of the registered backbone model ``uri``
+    (``models:/<prefix>-backbone/<version>``), downloaded under ``dest``."""
+    import mlflow
+    from mlflow.models import Model
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+    flavor = Model.load(str(local)).flavors["python_function"]
+    return local / flavor["artifacts"]["backbone"]["path"]
 
 
 def fetch_model(uri: str, dest: str | Path) -> tuple[Path, str]:
@@ -146,6 +209,12 @@ def fetch_model(uri: str, dest: str | Path) -> tuple[Path, str]:
             shutil.rmtree(places[key])
         places[key].parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(local / rel, places[key])
+    if "backbone" not in paths and conf.get("backbone_model"):  # linked: fetch it too
+        if places["backbone"].exists():
+            shutil.rmtree(places["backbone"])
+        shutil.copytree(backbone_folder(conf["backbone_model"], dest / ".download" / BACKBONE),
+                        places["backbone"])
+        paths["backbone"] = BACKBONE
     shutil.rmtree(dest / ".download", ignore_errors=True)
     backbone = places["backbone"] if "backbone" in paths else conf["backbone_source"]
     return backbone, attribute

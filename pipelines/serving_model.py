@@ -3,11 +3,13 @@ is pickled). Logged by :func:`pipelines.serving.log_rectifier_model`; served wit
 
     mlflow models serve -m models:/hfedit-edit-smiling@champion --env-manager local
 
-Artifacts: ``backbone`` (the diffusers folder of the backbone stage), ``rectifier`` (its
-``rectifier.safetensors`` + ``rectifier.json``) and, for an edit rectifier that shares the
-reconstruction rectifier's trunk, ``base`` (that rectifier). Model config: ``attribute`` (the name the edit
-is replayed under), ``inversion`` (the defaults of the request's params), ``max_pixels``, and
-``backbone_source`` when the backbone is a hub id rather than an artifact.
+Artifacts: ``rectifier`` (its ``rectifier.safetensors`` + ``rectifier.json``; none in the
+backbone's own model, which reconstructs), for an edit rectifier that shares the reconstruction
+rectifier's trunk ``base`` (that rectifier), and ``backbone`` (the diffusers folder) unless the
+config links a registered one. Model config: ``attribute`` (the name the edit is replayed
+under), ``inversion`` (the defaults of the request's params), ``max_pixels``, and
+``backbone_model`` (``models:/<prefix>-backbone/<version>``, fetched from the registry that
+``MLFLOW_TRACKING_URI`` names when the model loads) or ``backbone_source`` (a hub id).
 
 Request: one row per image, ``image`` = base64 of the image file (PNG, JPEG, ...: anything the
 ``prepare`` stage reads), optional ``seed`` (default: the inversion seed). Params (optional):
@@ -39,11 +41,23 @@ class RectifierModel(PythonModel):
 
         conf = dict(context.model_config or {})
         device, precision = placement(os.environ.get("HFEDIT_DEVICE", "auto"), "fp32", "editing")
-        backbone = context.artifacts.get("backbone") or conf["backbone_source"]
-        self.denoiser = load_backbone(backbone, device, precision)
-        self.rectifier, self.meta = load_rectifier(context.artifacts["rectifier"],
-                                                   self.denoiser.unet, device=str(device),
-                                                   base=context.artifacts.get("base"))
+        backbone = context.artifacts.get("backbone")
+        if backbone is None and conf.get("backbone_model"):
+            # the registered backbone this model links to (only hfedit/ ships with the model,
+            # so this is not pipelines.serving.backbone_folder)
+            from mlflow.models import Model
+
+            self._download = tempfile.TemporaryDirectory(prefix="hfedit-backbone-")
+            local = mlflow.artifacts.download_artifacts(artifact_uri=conf["backbone_model"],
+                                                        dst_path=self._download.name)
+            flavor = Model.load(local).flavors["python_function"]
+            backbone = os.path.join(local, flavor["artifacts"]["backbone"]["path"])
+        self.denoiser = load_backbone(backbone or conf["backbone_source"], device, precision)
+        self.rectifier = None  # the backbone's own model: reconstruction
+        if "rectifier" in context.artifacts:
+            self.rectifier, self.meta = load_rectifier(context.artifacts["rectifier"],
+                                                       self.denoiser.unet, device=str(device),
+                                                       base=context.artifacts.get("base"))
         self.attribute = conf.get("attribute", "edit")
         self.inversion = InversionConfig(**conf.get("inversion", {}))
         self.max_pixels = int(conf.get("max_pixels", 40_000_000))
@@ -62,7 +76,8 @@ class RectifierModel(PythonModel):
         if not 0 <= inv.skip < inv.num_steps:
             raise ValueError(f"params: need 0 <= skip < num_steps, got skip={inv.skip}, "
                              f"num_steps={inv.num_steps}")
-        editor = Editor(self.denoiser, inv, {self.attribute: self.rectifier})
+        editor = Editor(self.denoiser, inv,
+                        {} if self.rectifier is None else {self.attribute: self.rectifier})
         frame = pd.DataFrame(model_input)
         if "image" not in frame.columns:
             raise ValueError(f"request has columns {list(frame.columns)}; send a column 'image' "

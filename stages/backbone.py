@@ -25,6 +25,7 @@ from hfedit.data import make_grid_png
 from hfedit.dataset import data_location, load_split
 from hfedit.device import DeviceUnavailable, placement
 from hfedit.files import atomic_write_csv
+from pipelines.serving import log_backbone_model
 from pipelines.tracking import stage_run
 
 
@@ -54,7 +55,9 @@ def run(cfg: HfeditConfig, data: Path, out: Path, checkpoints: Path, plots: Path
         tracker.log_params({f"backbone_meta.{k}": v for k, v in meta.items()})
         tracker.log_artifact(plots / "samples.png", "plots")
         tracker.log_artifact(plots / "loss.csv", "plots")
-        tracker.log_artifacts(out, "backbone")
+        # registered as <prefix>-backbone (a reconstructing pyfunc model holding the folder);
+        # the rectifier models trained on it link to it instead of carrying a copy
+        log_backbone_model(cfg, tracker.run_id, out)
     return meta
 
 

@@ -191,7 +191,10 @@ def test_default_pipeline_end_to_end(tmp_path, mlflow_server):
     grids = {f.path for f in client.list_artifacts(evaluate, "eval/grids")}
     assert grids == {"eval/grids/old.png", "eval/grids/smiling.png"}
     registered = {m.name: m for m in client.search_registered_models()}
-    assert {"hfedit-rectifier", "hfedit-edit-smiling", "hfedit-edit-old"} <= set(registered)
+    assert {"hfedit-backbone", "hfedit-rectifier", "hfedit-edit-smiling",
+            "hfedit-edit-old"} <= set(registered)
+    backbone_version = client.get_model_version_by_alias("hfedit-backbone", "champion")
+    assert backbone_version.run_id == by_stage["backbone"].info.run_id
     (rect_version,) = client.search_model_versions("name='hfedit-rectifier'")
     assert rect_version.run_id == by_stage["pretrain_rectifier"].info.run_id
     # servable pyfunc models, the pipeline's latest as @champion, tagged "not semantic" offline
@@ -199,6 +202,10 @@ def test_default_pipeline_end_to_end(tmp_path, mlflow_server):
         rect_version.version
     smiling = client.get_model_version_by_alias("hfedit-edit-smiling", "champion")
     assert smiling.tags["hfedit.semantic"] == "false" and smiling.tags["hfedit.attribute"] == "smiling"
+    # every rectifier model links the registered backbone instead of carrying a copy
+    linked = f"models:/hfedit-backbone/{backbone_version.version}"
+    assert smiling.tags["hfedit.backbone_model"] == linked
+    assert rect_version.tags["hfedit.backbone_model"] == linked
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(mlflow_server)  # models:/ URIs resolve against the global registry
     try:

@@ -44,7 +44,7 @@ def served(tmp_path_factory):
     a SQLite store of their own."""
     import mlflow
 
-    from pipelines.serving import log_rectifier_model
+    from pipelines.serving import log_backbone_model, log_rectifier_model
     from pipelines.tracking import experiment_id
 
     tmp = tmp_path_factory.mktemp("serving")
@@ -63,10 +63,12 @@ def served(tmp_path_factory):
     mlflow.set_tracking_uri(uri)
     try:
         with mlflow.start_run(experiment_id=experiment_id(cfg)) as run:
+            backbone_version = log_backbone_model(cfg, run.info.run_id, tmp / "backbone")
             version = log_rectifier_model(
                 cfg, run.info.run_id, tmp / "backbone", tmp / "smiling", "edit-smiling", "smiling",
                 tags={"hfedit.attribute": "smiling", "hfedit.semantic": "false"})
         yield {"tmp": tmp, "uri": uri, "version": version, "denoiser": denoiser, "rect": rect,
+               "backbone_version": backbone_version,
                "cfg": cfg, "run_id": run.info.run_id}
     finally:
         if old is None:
@@ -111,6 +113,13 @@ def test_registered_model_has_signature_alias_tags_and_portable_files(served):
     assert [c.name for c in info.signature.inputs.inputs] == ["image", "seed"]
     assert {p.name: p.default for p in info.signature.params.params}["num_steps"] == 50
     local = Path(mlflow.artifacts.download_artifacts("models:/hfedit-edit-smiling@champion"))
+    # the backbone is linked, not copied: the registered backbone model with the same weights
+    linked = f"models:/hfedit-backbone/{served['backbone_version']}"
+    assert mv.tags["hfedit.backbone_model"] == linked
+    from mlflow.models import Model
+
+    assert Model.load(str(local)).flavors["python_function"]["config"]["backbone_model"] == linked
+    assert not list(local.rglob("diffusion_pytorch_model.safetensors"))
     metas = {p.parent.name: json.loads(p.read_text()) for p in local.rglob("rectifier.json")}
     assert set(metas) == {"smiling", "rectifier"}  # the edit and the base whose trunk it shares
     assert metas["smiling"]["base"]["path"] == "../rectifier"
@@ -139,6 +148,18 @@ def test_pyfunc_edits_like_the_library_and_reports_bad_rows(served):
     assert np.abs(got.astype(int) - source.astype(int)).max() > 0  # the rectifier did edit
     assert out["error"][0] == "" and out["image"][1] == ""
     assert "not_an_image" in out["error"][1]
+
+
+def test_the_registered_backbone_reconstructs_exactly(served):
+    import mlflow
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model("models:/hfedit-backbone@champion")
+    src = _astronaut(served["tmp"])
+    out = model.predict(pd.DataFrame({"image": [base64.b64encode(src.read_bytes()).decode()]}),
+                        params={"num_steps": STEPS})
+    _, source = _expected_png(served, src, seed=0)
+    assert out["error"][0] == "" and np.array_equal(_decode(out["image"][0]), source)
 
 
 @pytest.mark.timeout(600)
