@@ -116,12 +116,23 @@ def _known_tags(name: str) -> list[str]:
     return list(open_clip.list_pretrained_tags_by_model(name))
 
 
-def load_clip(cfg: ClipConfig, device: Union[str, torch.device] = "cpu") -> ClipModel:
+class _QuietRandomInit(logging.Filter):
+    """Drops open_clip's own "No pretrained weights loaded" (a root-logger warning per load):
+    :func:`load_clip` says it once, with the setting to change."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+def load_clip(cfg: ClipConfig, device: Union[str, torch.device] = "cpu",
+              announce: bool = True) -> ClipModel:
     """Build the open_clip model ``cfg.model`` with the weights ``cfg.weights`` says.
 
     - ``weights`` = "" : seeded random init (``cfg.seed``, without touching the global RNG);
       warns :class:`RandomClipWarning` and logs "CLIP has random weights: edits are not
-      semantic"; ``semantic=False``. Refused when ``cfg.allow_random`` is false.
+      semantic" (``announce=False``: not, for a caller that has said it once already, e.g. a
+      stage's Ray tasks after its driver); ``semantic=False``. Refused when
+      ``cfg.allow_random`` is false.
     - a path (has a separator or ends in .safetensors/.bin/.pt/.pth): open_clip's
       ``load_checkpoint`` reads it (safetensors for .safetensors, else
       ``torch.load(weights_only=True)``: no code is unpickled) and loads it strictly.
@@ -143,12 +154,18 @@ def load_clip(cfg: ClipConfig, device: Union[str, torch.device] = "cpu") -> Clip
                 f"open_clip tag for {cfg.model} (known: {_known_tags(cfg.model)[:4]}; needs "
                 f"the network) or to a local .safetensors/.bin state dict"
             )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            model = open_clip.create_model(cfg.model, pretrained=None)
+        quiet = _QuietRandomInit()
+        logging.getLogger().addFilter(quiet)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                model = open_clip.create_model(cfg.model, pretrained=None)
+        finally:
+            logging.getLogger().removeFilter(quiet)
         semantic, note = False, f"{RANDOM_NOTE} (random init, seed {cfg.seed}; clip.weights='')"
-        warnings.warn(note, RandomClipWarning, stacklevel=2)
-        log.warning(note)
+        if announce:
+            warnings.warn(note, RandomClipWarning, stacklevel=2)
+            log.warning(note)
     elif _looks_like_path(weights):
         path = Path(weights).expanduser()
         if not path.is_file():

@@ -241,9 +241,9 @@ def train_loop_per_worker(config: dict) -> None:
                         "metrics": metrics})
                     save_rectifier(tmp, rectifier, {"step": done, "backbone": config["backbone_ref"]})
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
+                # Ray Train only hears of checkpoints (each report logs a line per worker);
+                # the curves go to MLflow directly, above
                 ray.train.report(metrics, checkpoint=ckpt)
-        elif done % pc.log_every == 0:
-            ray.train.report(metrics)
 
 
 def _resume_point(committed, config: dict):

@@ -29,7 +29,6 @@ import logging
 import shutil
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -143,7 +142,7 @@ def load_inputs(spec: dict, work: str = "training") -> Loaded:
     ``runtime.precision``, the images on the CPU (batches move to the device one at a time)."""
     from hfedit.backbone import load_backbone
     from hfedit.checkpoint import load_rectifier
-    from hfedit.clip_loss import RandomClipWarning, load_clip
+    from hfedit.clip_loss import load_clip
     from hfedit.dataset import load_split
 
     cfg = config_from_dict(spec["cfg"])
@@ -151,9 +150,7 @@ def load_inputs(spec: dict, work: str = "training") -> Loaded:
                                   work)
     denoiser = load_backbone(spec["backbone"], device=device, precision=precision)
     recon, _ = load_rectifier(spec["rectifier"], denoiser.unet, device=str(device))
-    with warnings.catch_warnings():  # announced by the driver, the tags and the metrics
-        warnings.simplefilter("ignore", RandomClipWarning)
-        clip = load_clip(cfg.clip, device)
+    clip = load_clip(cfg.clip, device, announce=False)  # the driver said it, and the tags do
     images = load_split(spec["data"], "train")  # lazy: training reads only its images
     return Loaded(cfg, denoiser, recon, clip, images)
 
@@ -301,13 +298,10 @@ def remove_stale(out: Path, keep: set[str]) -> list[str]:
 
 
 def announce_random_clip(cfg: HfeditConfig, stage: str = STAGE) -> bool:
-    """Whether CLIP is random; if so, say it loudly (warning + log). No CLIP is loaded here."""
+    """Whether CLIP is random; if so, say it once, loudly (the stage's tasks load CLIP without
+    repeating it; the runs' tags and the metrics carry it too). No CLIP is loaded here."""
     random_clip = not cfg.clip.weights.strip()
     if random_clip:
-        from hfedit.clip_loss import RandomClipWarning
-
-        warnings.warn(f"{stage}: {NOT_SEMANTIC}", RandomClipWarning, stacklevel=2)
-        logging.getLogger(f"hfedit.{stage}").warning("%s: %s", stage, NOT_SEMANTIC)
         print(f"\n*** {stage}: {NOT_SEMANTIC} ***\n", file=sys.stderr, flush=True)
     return random_clip
 

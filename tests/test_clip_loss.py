@@ -191,3 +191,19 @@ def test_pretrained_tag_offline_fails_fast_with_the_fix(tmp_path, monkeypatch):
     message = str(err.value)
     assert message.startswith("clip.weights='openai': cannot fetch the open_clip weights")
     assert "timm/vit_base_patch32_clip_224.openai" in message and "local path" in message
+
+
+def test_a_random_clip_is_announced_once_not_by_every_load(caplog):
+    """open_clip's own "No pretrained weights loaded" is dropped (hfedit says it, with the
+    setting to change); announce=False (a stage's tasks, after the driver) says nothing."""
+    import logging
+    import warnings as w
+
+    cfg = ClipConfig(model="ViT-S-32", weights="")
+    with caplog.at_level(logging.WARNING), w.catch_warnings(record=True) as seen:
+        w.simplefilter("always")
+        load_clip(cfg, announce=False)
+    assert not seen and not caplog.records
+    with caplog.at_level(logging.WARNING), pytest.warns(RandomClipWarning):
+        load_clip(cfg)
+    assert [r.name for r in caplog.records] == ["hfedit.clip_loss"]
