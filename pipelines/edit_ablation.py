@@ -213,8 +213,7 @@ def ablation_metrics(report: dict) -> dict[str, float]:
         r = report.get(m.value) or {}
         for which, v in (r.get("intervals") or {}).items():
             out.update({f"{STAGE}/{m.value}/{which}/{k}": v.get(k) for k in keys})
-        for k in ("final_loss", "seconds_per_step"):
-            out[f"{STAGE}/{m.value}/training/{k}"] = r.get(k)
+        out[f"{STAGE}/{m.value}/training/final_loss"] = r.get("final_loss")  # (times: report)
     for which, v in (report.get("backbone") or {}).items():
         out.update({f"{STAGE}/backbone/{which}/{k}": v.get(k) for k in keys})
     if isinstance(report.get(REFERENCE), dict):

@@ -51,6 +51,13 @@ STAGE_SECTIONS = {
 ALWAYS = ("profile", "runtime.device", "runtime.precision")
 
 
+# Numbers that differ on every run (wall times, timestamps): in MLflow and the stages' reports,
+# never in the DVC metrics files, so that the tracked files of a rerun with the same code and
+# data stay unchanged and `dvc metrics diff` shows results only.
+TIMING = frozenset({"seconds", "seconds_per_step", "setup_seconds", "train_seconds",
+                    "started_at", "finished_at"})
+
+
 def finite(v: Any) -> bool:
     """A number MLflow and DVC can show (not a bool, None, NaN or inf)."""
     import math

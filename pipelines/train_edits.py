@@ -262,9 +262,14 @@ def run_attribute(spec: dict) -> dict:
 
 def numeric(report: dict) -> dict:
     """The numbers of a nested report (for ``dvc metrics show``/``exp show``): statuses,
-    fingerprints, errors and notes stay in ``status.json``, the log and the MLflow tags."""
+    fingerprints, errors and notes stay in ``status.json``, the log and the MLflow tags; wall
+    times and timestamps (:data:`pipelines.tracking.TIMING`) in ``status.json`` and MLflow."""
+    from pipelines.tracking import TIMING
+
     out = {}
     for k, v in report.items():
+        if k in TIMING:
+            continue
         if isinstance(v, dict):
             if sub := numeric(v):
                 out[k] = sub

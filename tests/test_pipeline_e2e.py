@@ -114,6 +114,13 @@ def _leaves(tree: dict):
         yield from (_leaves(v) if isinstance(v, dict) else [v])
 
 
+def _keys(tree: dict):
+    for k, v in tree.items():
+        yield k
+        if isinstance(v, dict):
+            yield from _keys(v)
+
+
 def stage_env(**extra: str) -> dict:
     """The environment ``./dev`` gives DVC's stages, without this session's hfedit settings."""
     env = {k: v for k, v in os.environ.items() if k not in ("HFEDIT_ROOT", "HFEDIT_PARENT_RUN_ID")}
@@ -152,6 +159,8 @@ def test_default_pipeline_end_to_end(tmp_path, mlflow_server):
     for path in ("eval/metrics.json", "metrics/edit_ablation.json", "metrics/train_edits.json",
                  "metrics/edit_batch.json", "metrics/pretrain_rectifier.json"):
         assert all(isinstance(v, (int, float)) for v in _leaves(json.loads((work / path).read_text())))
+        assert not {"seconds", "started_at", "seconds_per_step"} & set(
+            _keys(json.loads((work / path).read_text())))  # nothing that differs every run
 
     # 2. The run, read back from the MLflow server.
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)

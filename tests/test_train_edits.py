@@ -90,6 +90,8 @@ def test_two_attributes_train_in_parallel_and_unchanged_ones_are_skipped(inputs,
     leaves = list(_leaves(report))
     assert leaves and all(isinstance(v, (int, float)) for v in leaves)
     assert report["attributes"]["smiling"]["final_loss"] == smiling["final_loss"]
+    assert not {"started_at", "train_seconds"} & set(report["attributes"]["smiling"])  # times:
+    assert smiling["train_seconds"] > 0  # in status.json (and MLflow), not in DVC's metrics
     # both tasks ran at once: their time windows overlap
     assert max(smiling["started_at"], old["started_at"]) < min(smiling["finished_at"],
                                                                old["finished_at"])
