@@ -250,7 +250,10 @@ def make_grid_png(tensors: torch.Tensor | Iterable[torch.Tensor], path: str | os
     return write_grid_png(tensor_to_u8(batch), path, nrow, row_labels, column_labels, min_cell)
 
 
-def grid_u8(images: np.ndarray, nrow: int = 8, padding: int = 2) -> np.ndarray:
+GRID_PADDING = 2  # pixels around every cell of a grid (torchvision's make_grid default)
+
+
+def grid_u8(images: np.ndarray, nrow: int = 8, padding: int = GRID_PADDING) -> np.ndarray:
     """(N, H, W, 3) uint8 -> one (H', W', 3) uint8 grid, ``nrow`` images per row, white
     padding: torchvision's ``make_grid`` layout, in numpy (prepare's processes import no torch)."""
     n, h, w, _ = images.shape
@@ -290,7 +293,7 @@ def write_grid_png(images: np.ndarray, path: str | os.PathLike, nrow: int = 8,
 def labelled_grid(grid: Image.Image, cell: tuple[int, int], rows: int, cols: int,
                   row_labels: Optional[list[str]], column_labels: Optional[list[str]],
                   min_cell: int) -> Image.Image:
-    """``grid`` (torchvision's layout: 2 px padding) enlarged and framed by its labels."""
+    """``grid`` (:func:`grid_u8`'s layout) enlarged and framed by its labels."""
     from PIL import ImageDraw, ImageFont
 
     h, w = int(cell[0]), int(cell[1])
@@ -309,14 +312,15 @@ def labelled_grid(grid: Image.Image, cell: tuple[int, int], rows: int, cols: int
     out = Image.new("RGB", (big.width + left, big.height + top), "white")
     out.paste(big, (left, top))
     draw = ImageDraw.Draw(out)
-    pitch_y, pitch_x = (h + 2) * scale, (w + 2) * scale  # one cell plus its padding
+    pad = GRID_PADDING * scale
+    pitch_y, pitch_x = (h + GRID_PADDING) * scale, (w + GRID_PADDING) * scale  # cell + padding
     for r, text in enumerate(row_labels or []):
         tw, th = size(text)
-        y = top + 2 * scale + r * pitch_y + (h * scale - th) // 2
+        y = top + pad + r * pitch_y + (h * scale - th) // 2
         draw.text((left - margin - tw, y), text, fill="black", font=font)
     for c, text in enumerate(column_labels or []):
         tw, th = size(text)
-        x = left + 2 * scale + c * pitch_x + (w * scale - tw) // 2
+        x = left + pad + c * pitch_x + (w * scale - tw) // 2
         draw.text((x, margin), text, fill="black", font=font)
     return out
 

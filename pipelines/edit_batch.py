@@ -535,9 +535,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UsageError as err:
         print(f"edit_batch: {err}", file=sys.stderr)
         return EXIT_USAGE
-    if args.metrics:  # without the wall time (pipelines.tracking.TIMING): MLflow has it
-        atomic_write_json(args.metrics, {k: v for k, v in metrics_dict(result).items()
-                                         if k != "seconds"})
+    if args.metrics:  # numbers without the wall time (MLflow has it)
+        from pipelines.tracking import metrics_file
+
+        atomic_write_json(args.metrics, metrics_file(metrics_dict(result)))
     print(result.table)
     print(result.summary, flush=True)
     return EXIT_OK if result.exit_code == EXIT_FAILED and args.allow_failed else result.exit_code

@@ -65,6 +65,22 @@ def finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def metrics_file(report: dict) -> dict:
+    """What a stage's DVC metrics file holds of its nested ``report``: the finite numbers,
+    without :data:`TIMING` (statuses, notes, fingerprints and times stay in the stage's report,
+    status file and MLflow)."""
+    out = {}
+    for k, v in report.items():
+        if k in TIMING:
+            continue
+        if isinstance(v, dict):
+            if sub := metrics_file(v):
+                out[k] = sub
+        elif finite(v):
+            out[k] = v
+    return out
+
+
 def nest_metrics(flat: dict[str, float], stage: str) -> dict[str, Any]:
     """Metric names of one stage (``<stage>/<group>/<metric>``, the scheme MLflow gets) as the
     nested dict of its DVC metrics file: ``{"evaluate/a/b": 1}`` -> ``{"a": {"b": 1}}``, which

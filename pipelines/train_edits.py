@@ -260,24 +260,6 @@ def run_attribute(spec: dict) -> dict:
             "clip_semantic": loaded.clip.semantic, "started_at": started, "finished_at": time.time()}
 
 
-def numeric(report: dict) -> dict:
-    """The numbers of a nested report (for ``dvc metrics show``/``exp show``): statuses,
-    fingerprints, errors and notes stay in ``status.json``, the log and the MLflow tags; wall
-    times and timestamps (:data:`pipelines.tracking.TIMING`) in ``status.json`` and MLflow."""
-    from pipelines.tracking import TIMING
-
-    out = {}
-    for k, v in report.items():
-        if k in TIMING:
-            continue
-        if isinstance(v, dict):
-            if sub := numeric(v):
-                out[k] = sub
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[k] = v
-    return out
-
-
 # ------------------------------------------------------------------------------ the driver
 def task_error(err: BaseException) -> str:
     """``Type: message`` of the exception a Ray task raised (unwrapped), first line."""
@@ -401,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.getLogger("hfedit").setLevel(logging.INFO)  # not open_clip's INFO chatter
     cfg = load_config(overrides=args.overrides)
     from pipelines.ray_runtime import init_ray
-    from pipelines.tracking import stage_run, tracking_uri
+    from pipelines.tracking import metrics_file, stage_run, tracking_uri
 
     init_ray(cfg)
     random_clip = not cfg.clip.weights.strip()
@@ -412,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
         info = {"uri": tracking_uri(cfg), "experiment_id": tracker.run.info.experiment_id,
                 "parent_run_id": tracker.run_id}
         report = run_stage(cfg, args.backbone, args.rectifier, args.data, args.out, tracker, info)
-        atomic_write_json(args.metrics, numeric(report))  # DVC metrics: numbers only
+        atomic_write_json(args.metrics, metrics_file(report))  # DVC metrics: numbers only
         tracker.log_artifact(args.metrics)
         tracker.log_artifact(args.out / STATUS_FILE)
         for name, a in report["attributes"].items():
