@@ -3,11 +3,13 @@
     .venv/bin/python benchmarks/rectifier_learning_curve.py --minutes 8
 
 The paper's rectifier corrects a backbone on images that backbone was not trained on. This
-script builds that setting from the bundled faces with :mod:`hfedit.splits`: every face id gets
-one role (``backbone`` / ``rectifier`` / ``eval``, shares ``--fractions``), a tiny backbone is
+script builds that setting from the bundled faces as prepare does (:func:`hfedit.data.split_roles`,
+``--val`` and ``--rectifier`` shares as ``data.val_fraction`` / ``data.rectifier_fraction``: the
+default profile's faces), a tiny backbone is
 trained here on the backbone faces only (``--backbone-steps``), and for each learning rate in
 ``--lrs`` a fresh rectifier is pretrained (the stage's noise-fitting loss, Adam, weight decay
-1e-5) on the rectifier faces with :func:`hfedit.splits.augment` on every batch. Every
+1e-5) on the rectifier faces with :func:`hfedit.splits.augment` (``pretrain.augment``'s default)
+on every batch. Every
 ``--every`` steps it prints, on the held-out eval faces: the DDIM reconstruction L1 at
 ``--n`` steps, the noise gap and PDAE's posterior-mean gap, each beside the backbone's and as
 a relative change (negative = the rectifier helps). Stops at ``--steps`` or ``--minutes``.
@@ -26,7 +28,9 @@ import torch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fractions", default="0.6,0.25,0.15", help="backbone,rectifier,eval shares")
+    ap.add_argument("--val", type=float, default=0.2, help="data.val_fraction: the eval faces")
+    ap.add_argument("--rectifier", type=float, default=0.3,
+                    help="data.rectifier_fraction: the rectifier's faces")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backbone-steps", type=int, default=600)
     ap.add_argument("--steps", type=int, default=400)
@@ -42,19 +46,19 @@ def main() -> None:
 
     from hfedit.backbone_train import train_backbone
     from hfedit.config import HfeditConfig, RectifierConfig, RectifierTrunk
-    from hfedit.data import bundled_images, to_tensor
+    from hfedit.data import bundled_images, split_roles, to_tensor
     from hfedit import metrics as M
     from hfedit.evaluation import _model, per_image_posterior_gap, posterior_mean_gaps
     from hfedit.inversion import ddim_invert, ddim_sample
     from hfedit.rectifier import ModulatedDenoiser, build_rectifier
-    from hfedit.splits import Augmentation, SplitFractions, assign_splits, augment
+    from hfedit.splits import Augmentation, augment
     from hfedit.training import ReconstructionObjective, make_optimizer, reconstruction_step
 
     started = time.perf_counter()
     deadline = started + 60 * args.minutes
     faces = {i: to_tensor(img, 32) for i, img in bundled_images()}
-    roles = assign_splits(list(faces), SplitFractions(*map(float, args.fractions.split(","))),
-                          args.seed)
+    roles = dict(zip(("backbone", "rectifier", "eval"),
+                     split_roles(list(faces), args.val, args.rectifier, args.seed)))
     part = {r: torch.stack([faces[i] for i in ids]) for r, ids in roles.items()}
     cfg = HfeditConfig().backbone
     cfg.train.steps, cfg.train.checkpoint_every = args.backbone_steps, 10**6
@@ -62,7 +66,7 @@ def main() -> None:
         denoiser = train_backbone(cfg, part["backbone"], tmp, show_progress=False).denoiser
     held = part["eval"]
     print(f"faces: backbone {len(roles['backbone'])}, rectifier {len(roles['rectifier'])}, "
-          f"eval {len(roles['eval'])} (disjoint, hfedit.splits seed {args.seed}); backbone "
+          f"eval {len(roles['eval'])} (disjoint, split_roles seed {args.seed}); backbone "
           f"trained {args.backbone_steps} steps on its faces in {time.perf_counter() - started:.0f} s")
 
     def scores(rect) -> dict[str, float]:
@@ -72,7 +76,8 @@ def main() -> None:
                             ddim_invert(model, denoiser.schedule, held, args.n), args.n)
         rec = {"l1": float(M.l1(held, x.clamp(-1, 1)).mean())}
         gap = float(per_image_posterior_gap(denoiser, held, rect, num_t=20).mean())
-        pmg = posterior_mean_gaps(denoiser, held, [args.n], rect)[0]["mean"]
+        rows = posterior_mean_gaps(denoiser, held, [args.n], rect)  # backbone row first
+        pmg = rows[-1]["mean"]  # the rectified model's (the backbone's when rect is None)
         return {"l1": rec["l1"], "gap": gap, "pmg": pmg}
 
     base = scores(None)

@@ -44,6 +44,10 @@ class DataConfig:
     source: str = "bundled"
     resolution: int = 32
     val_fraction: float = 0.2
+    # Share of the images that train only the rectifier (pretraining and edits), never the
+    # backbone: the paper's setting (hfedit.data.split_roles). 0 = the rectifier trains on the
+    # backbone's images. The default profile (params.yaml) sets 0.3.
+    rectifier_fraction: float = 0.0
     seed: int = 0
     # Images with more pixels than this are refused before decoding (decompression bombs).
     max_pixels: int = 40_000_000
@@ -210,6 +214,25 @@ class ReconLossKind(str, Enum):
 
 
 @dataclass
+class Augmentation:
+    """Augmentation of rectifier pretraining batches (:func:`hfedit.splits.augment`), each image
+    its own draw: ``hflip`` probability of a horizontal flip; ``max_shift`` largest circular
+    shift in pixels (each axis); ``brightness`` / ``contrast`` / ``saturation`` largest relative
+    change (uniform in [1 - v, 1 + v]). All 0: off (the batches as stored)."""
+
+    hflip: float = 0.5
+    max_shift: int = 2
+    brightness: float = 0.1
+    contrast: float = 0.1
+    saturation: float = 0.1
+
+    @property
+    def off(self) -> bool:
+        return not (self.hflip or self.max_shift or self.brightness or self.contrast
+                    or self.saturation)
+
+
+@dataclass
 class PretrainConfig:
     """``pretrain_rectifier`` stage: reconstruction training (paper eq. 3) on Ray Train."""
 
@@ -221,6 +244,8 @@ class PretrainConfig:
     lr_decay: float = 0.9
     loss: ReconLossKind = ReconLossKind.noise
     dw_weight: float = 0.1  # weight of the delta-weight penalty of loss l1_dw
+    # flips, shifts and colour jitter of every batch: the rectifier sees more than its images
+    augment: Augmentation = field(default_factory=Augmentation)
     seed: int = 0
     checkpoint_every: int = 50
     log_every: int = 10
@@ -425,6 +450,9 @@ class EvaluateConfig:
     steps: list[int] = field(default_factory=lambda: [10, 50, 100])
     images: int = 8  # the first N val images
     gap_timesteps: int = 20  # timesteps of the posterior gap's average
+    # The paper's Fig. 7: SDEdit (noise to strength * T, sample down) with and without the
+    # reconstruction rectifier, same noise, at the headline N; [] = not run.
+    sdedit_strengths: list[float] = field(default_factory=lambda: [0.3, 0.5])
     # LPIPS is added when its weights are on disk (hfedit.metrics.lpips_available), else the
     # report says why it is missing; it never downloads.
 

@@ -40,7 +40,9 @@ REASONS: dict[str, str] = {
     "not_a_file": "only regular files (or symlinks to files inside the folder) are read",
     "unreadable": "check the file's permissions",
 }
-SPLITS = ("train", "val")
+# train: the backbone's images; rectifier: rectifier pretraining and edit training (the train
+# images again when data.rectifier_fraction is 0); val: held out from every training (evaluation)
+SPLITS = ("train", "rectifier", "val")
 
 
 class ImageError(ValueError):
@@ -494,14 +496,36 @@ def split_ids(ids: Iterable[str], val_fraction: float, seed: int) -> tuple[list[
     """Seeded train/val split that depends only on the *set* of ids: ids are ranked by
     sha256(f"{seed}:{id}") (:func:`id_digest`) and the first ``round(val_fraction * n)`` (at least 1 when n >= 2 and
     val_fraction > 0, at most n - 1) go to val. Returns (train, val), each sorted by id."""
+    train, _, val = split_roles(ids, val_fraction, 0.0, seed)
+    return train, val
+
+
+def split_roles(ids: Iterable[str], val_fraction: float, rectifier_fraction: float,
+                seed: int) -> tuple[list[str], list[str], list[str]]:
+    """Disjoint roles, as in the paper (a backbone trained on FFHQ, a rectifier on CelebA-HQ,
+    evaluation on held-out images): ``(train, rectifier, val)``, each sorted by id.
+
+    Ids are ranked by sha256(f"{seed}:{id}") (:func:`id_digest`): the first
+    ``round(val_fraction * n)`` go to val (as :func:`split_ids`), the next
+    ``round(rectifier_fraction * n)`` to the rectifier's split (at least 1 when the fraction is
+    positive), the rest train the backbone (at least 1 image). ``rectifier_fraction`` 0: no
+    rectifier split of its own (the rectifier trains on the backbone's images). Depends only on
+    the *set* of ids, so a split is the same in every process and on every rerun."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"data.val_fraction={val_fraction} must lie in [0, 1)")
+    if not 0.0 <= rectifier_fraction < 1.0 or val_fraction + rectifier_fraction >= 1.0:
+        raise ValueError(f"data.rectifier_fraction={rectifier_fraction} must lie in [0, 1) and "
+                         f"leave images for the backbone (data.val_fraction + "
+                         f"data.rectifier_fraction = {val_fraction + rectifier_fraction} >= 1)")
     unique = sorted(set(ids))
     n = len(unique)
     n_val = 0 if n < 2 or val_fraction == 0 else min(n - 1, max(1, round(val_fraction * n)))
+    n_rect = 0 if rectifier_fraction == 0 else max(1, round(rectifier_fraction * n))
+    n_rect = max(0, min(n_rect, n - n_val - 1))  # the backbone keeps at least one image
     ranked = sorted(unique, key=lambda i: id_digest(seed, i))
-    val = set(ranked[:n_val])
-    return [i for i in unique if i not in val], [i for i in unique if i in val]
+    val, rect = set(ranked[:n_val]), set(ranked[n_val:n_val + n_rect])
+    return ([i for i in unique if i not in val and i not in rect],
+            [i for i in unique if i in rect], [i for i in unique if i in val])
 
 
 def write_manifest(manifest: Manifest, out_dir: str | os.PathLike) -> Path:

@@ -20,9 +20,12 @@ per batch in the reader (:func:`pixels_to_tensor`), bit-identical to :func:`hfed
 
 Shard k holds the good images among inputs ``k*S .. (k+1)*S - 1`` (``S = data.shard_images``,
 inputs sorted by id), so shard boundaries and contents depend only on the inputs and settings:
-an interrupted prepare resumes and skips every shard whose record matches. The train/val split
-is drawn at the end over the good ids exactly as :func:`hfedit.data.split_ids` does; it needs no
-rewrite of the shards: val is the ``n_val`` smallest keys, so ``key <= val_key_max`` selects it.
+an interrupted prepare resumes and skips every shard whose record matches. The splits (train:
+the backbone's images; rectifier: the rectifier's own, ``data.rectifier_fraction``; val: held
+out) are drawn at the end over the good ids exactly as :func:`hfedit.data.split_roles` does;
+they need no rewrite of the shards: each is a range of ``key`` (val the ``n_val`` smallest keys,
+``key <= val_key_max``; the rectifier's the next ones, ``key <= rectifier_key_max``; train the
+rest).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from hfedit.data import (
     decode_inputs,
     id_digest,
     iter_folder,
-    split_ids,
+    split_roles,
     write_grid_png,
     write_manifest,
 )
@@ -167,7 +170,7 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | os.PathLike, progress: bool 
         raise ValueError(f"data.resolution={cfg.resolution}, data.max_pixels={cfg.max_pixels} and "
                          f"data.shard_images={cfg.shard_images} must be positive, "
                          f"data.max_images={cfg.max_images} >= 0 (0 = all)")
-    split_ids([], cfg.val_fraction, cfg.seed)  # validates val_fraction early
+    split_roles([], cfg.val_fraction, cfg.rectifier_fraction, cfg.seed)  # validates the fractions early
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = _decode_settings(cfg)
@@ -244,13 +247,17 @@ def _mp_context():
 def _finish(cfg: DataConfig, out: Path, rows: list[ManifestRow]) -> Manifest:
     """Split the good images, write index.json, dataset.json, preview.png and the manifest."""
     good = [r for r in rows if r.status == "ok"]
-    train, val = split_ids([r.id for r in good], cfg.val_fraction, cfg.seed)
-    where = {i: ("train", k) for k, i in enumerate(train)} | {i: ("val", k) for k, i in enumerate(val)}
+    train, rect, val = split_roles([r.id for r in good], cfg.val_fraction, cfg.rectifier_fraction,
+                                   cfg.seed)
+    where = ({i: ("train", k) for k, i in enumerate(train)}
+             | {i: ("rectifier", k) for k, i in enumerate(rect)}
+             | {i: ("val", k) for k, i in enumerate(val)})
     for row in good:
         row.split, row.index = where[row.id]
     reasons = Counter(r.reason for r in rows if r.status == "error")
     counts = {"inputs": len(rows), "ok": len(good), "error": sum(reasons.values()),
-              "train": len(train), "val": len(val), "reasons": dict(sorted(reasons.items()))}
+              "train": len(train), "rectifier": len(rect), "val": len(val),
+              "reasons": dict(sorted(reasons.items()))}
     manifest = Manifest(cfg.source, dataclasses.asdict(cfg), counts, rows)
     if not good:
         write_manifest(manifest, out)
@@ -258,17 +265,23 @@ def _finish(cfg: DataConfig, out: Path, rows: list[ManifestRow]) -> Manifest:
         raise DatasetError(f"data.source={cfg.source!r}: none of its {len(rows)} files is a usable "
                            f"image ({summary}); see {out / 'manifest.json'}")
     by_id = {r.id: r for r in good}
+    # With no rectifier split of its own, the rectifier's split is the backbone's images.
+    shared = not rect
     index = {s: {"ids": ids, "shard": [by_id[i].shard for i in ids], "row": [by_id[i].row for i in ids]}
-             for s, ids in (("train", train), ("val", val))}
+             for s, ids in (("train", train), ("rectifier", train if shared else rect), ("val", val))}
     atomic_write_text(out / "index.json", json.dumps(index))
     shard_rows = Counter(r.shard for r in good)
     n_shards = -(-len(rows) // cfg.shard_images)
+    # The splits are ranges of the key (val: the smallest keys, then the rectifier's, then train)
     val_key_max = max((id_digest(cfg.seed, i) for i in val), default=b"")
+    rect_key_max = max((id_digest(cfg.seed, i) for i in rect), default=val_key_max)
     meta = {"format": FORMAT, "resolution": cfg.resolution, "shard_images": cfg.shard_images,
-            "row_group": ROW_GROUP, "counts": {"train": len(train), "val": len(val)},
+            "row_group": ROW_GROUP,
+            "counts": {"train": len(train), "rectifier": len(rect), "val": len(val)},
+            "rectifier_shared": shared,
             "shards": [{"file": f"{_shard_name(k)}.parquet", "rows": shard_rows.get(k, 0)}
                        for k in range(n_shards)],
-            "val_key_max": val_key_max.hex()}
+            "val_key_max": val_key_max.hex(), "rectifier_key_max": rect_key_max.hex()}
     atomic_write_text(out / "dataset.json", json.dumps(meta, indent=1))
     for old in ("train.safetensors", "val.safetensors"):  # an older format's files
         (out / old).unlink(missing_ok=True)
@@ -314,6 +327,9 @@ class PreparedData:
         self.meta = meta
         self.resolution: int = int(meta["resolution"])
         self.index: dict = self._json("index.json", missing=self._missing)
+        # a folder prepared before the rectifier had a split of its own: it shares train's
+        self.index.setdefault("rectifier", self.index["train"])
+        self.meta.setdefault("rectifier_shared", True)
         self._files: dict[int, object] = {}
 
     def _missing(self, name: str) -> str:
@@ -432,8 +448,14 @@ class PreparedData:
         import pyarrow.compute as pc
 
         self._check_split(split)
-        bound = pa.scalar(bytes.fromhex(self.meta["val_key_max"]), pa.binary())
-        return pc.field("key") > bound if split == "train" else pc.field("key") <= bound
+        val_max = pa.scalar(bytes.fromhex(self.meta["val_key_max"]), pa.binary())
+        rect_max = pa.scalar(bytes.fromhex(self.meta.get("rectifier_key_max",
+                                                         self.meta["val_key_max"])), pa.binary())
+        if split == "val":
+            return pc.field("key") <= val_max
+        if split == "rectifier" and not self.meta["rectifier_shared"]:
+            return (pc.field("key") > val_max) & (pc.field("key") <= rect_max)
+        return pc.field("key") > rect_max
 
 
 class Split:

@@ -1,91 +1,21 @@
-"""Disjoint data for the backbone, rectifier pretraining and evaluation; augmentation for
-rectifier training. Pure functions: no files, no loading (wiring them into the prepared
-datasets is left to the data path, hfedit/data.py).
+"""Augmentation for rectifier training: a batch flipped, shifted and colour-jittered.
 
 Why: in the paper the rectifier corrects a backbone on images that backbone never saw (an
-FFHQ-trained iDDPM, a rectifier trained on CelebA-HQ). When the backbone and the rectifier
-train on the same images there is little for the rectifier to correct on them (measured here:
-held-out DDIM L1 0.0219 -> 0.0219).
-
-* :func:`assign_splits` puts every image id into one role -- ``backbone``, ``rectifier``,
-  ``eval`` -- deterministically from the id and a seed alone (sha256 of ``"{seed}:{id}"``):
-  the same id lands in the same role whatever else is in the dataset, in any order, so adding
-  images never moves the old ones between roles.
-* :func:`augment` flips, shifts (circularly) and jitters the colour of a batch of images with
-  a ``torch.Generator``: rectifier training sees more than its few images.
+FFHQ-trained iDDPM, a rectifier trained on CelebA-HQ); prepare gives it images of its own
+(``data.rectifier_fraction``, :func:`hfedit.data.split_roles`), and pretraining augments them
+(``pretrain.augment``) so that it sees more than those few images. A pure tensor function: the
+draws come from a ``torch.Generator`` (pretraining's per-(rank, step) generator, so a resumed
+run draws what the first would).
 """
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-ROLES = ("backbone", "rectifier", "eval")
-
-
-@dataclass(frozen=True)
-class SplitFractions:
-    """Shares of the images per role; they must sum to 1 (each in [0, 1])."""
-
-    backbone: float = 0.6
-    rectifier: float = 0.25
-    eval: float = 0.15
-
-    def __post_init__(self) -> None:
-        values = [self.backbone, self.rectifier, self.eval]
-        if any(not 0.0 <= v <= 1.0 for v in values) or abs(sum(values) - 1.0) > 1e-9:
-            raise ValueError(f"split fractions backbone={self.backbone}, rectifier="
-                             f"{self.rectifier}, eval={self.eval}: each must be in [0, 1] and "
-                             "they must sum to 1")
-
-
-def _unit(seed: int, image_id: str) -> float:
-    """A number in [0, 1) from sha256 of ``"{seed}:{id}"`` (uniform over ids)."""
-    digest = hashlib.sha256(f"{seed}:{image_id}".encode("utf-8", "surrogateescape")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def role_of(image_id: str, fractions: SplitFractions = SplitFractions(), seed: int = 0) -> str:
-    """The role of one image id: ``backbone`` when its hash falls below the backbone share,
-    ``rectifier`` below backbone + rectifier, else ``eval``."""
-    u = _unit(seed, image_id)
-    if u < fractions.backbone:
-        return "backbone"
-    if u < fractions.backbone + fractions.rectifier:
-        return "rectifier"
-    return "eval"
-
-
-def assign_splits(ids: Iterable[str], fractions: SplitFractions = SplitFractions(),
-                  seed: int = 0) -> dict[str, list[str]]:
-    """``{role: [ids]}`` (each list in the input's order); every id in exactly one role.
-    Duplicate ids are refused (they would leak one image into two roles)."""
-    out: dict[str, list[str]] = {r: [] for r in ROLES}
-    seen: set[str] = set()
-    for image_id in ids:
-        if image_id in seen:
-            raise ValueError(f"image id {image_id!r} appears twice: ids must be unique")
-        seen.add(image_id)
-        out[role_of(image_id, fractions, seed)].append(image_id)
-    return out
-
-
-# -------------------------------------------------------------------------- augmentation
-@dataclass(frozen=True)
-class Augmentation:
-    """``hflip``: probability of a horizontal flip; ``max_shift``: largest circular shift in
-    pixels (each axis, uniform in [-max_shift, max_shift]); ``brightness`` / ``contrast`` /
-    ``saturation``: largest relative change (uniform in [1 - v, 1 + v])."""
-
-    hflip: float = 0.5
-    max_shift: int = 2
-    brightness: float = 0.1
-    contrast: float = 0.1
-    saturation: float = 0.1
+from hfedit.config import Augmentation  # the settings live in the config (pretrain.augment)
 
 
 def augment(x: Tensor, aug: Augmentation = Augmentation(),
@@ -119,4 +49,4 @@ def augment(x: Tensor, aug: Augmentation = Augmentation(),
     return torch.stack(out).clamp(-1, 1)
 
 
-__all__ = ["ROLES", "Augmentation", "SplitFractions", "assign_splits", "augment", "role_of"]
+__all__ = ["Augmentation", "augment"]

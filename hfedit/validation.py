@@ -25,6 +25,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "data.max_pixels": (lambda v: v > 0, "positive", ""),
     "data.max_images": (lambda v: v >= 0, "0 (all) or more", ""),
     "data.val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)", ""),
+    "data.rectifier_fraction": (lambda v: 0 <= v < 1, "in [0, 1)", ""),
     "data.shard_images": (lambda v: v >= 1, "1 or more", ""),
     "data.workers": (lambda v: v >= 0, "0 (one per CPU) or more", ""),
     "edit_batch.actors": (lambda v: v >= 1, "at least 1", "--actors"),
@@ -62,6 +63,12 @@ def config_problems(cfg) -> list[str]:
         problems.append(f"inversion.skip={inv.skip} must be less than inversion.num_steps="
                         f"{inv.num_steps}: it skips that many of the N steps (set by "
                         f"{_where('inversion.skip')}, or raise {_where('inversion.num_steps')})")
+    d = cfg.data
+    if 0 <= d.val_fraction < 1 and 0 <= d.rectifier_fraction < 1 \
+            and d.val_fraction + d.rectifier_fraction >= 1:
+        problems.append(f"data.val_fraction + data.rectifier_fraction = "
+                        f"{d.val_fraction + d.rectifier_fraction} must be less than 1: the backbone "
+                        f"needs images of its own (set by {_where('data.rectifier_fraction')})")
     T = cfg.backbone.scheduler.num_train_timesteps
     for name, attr in cfg.edits.attributes.items():
         key = f"edits.attributes.{name}.t_max"
@@ -76,6 +83,10 @@ def config_problems(cfg) -> list[str]:
         check_device_spec(cfg.runtime.device)
     except ValueError as err:
         problems.append(f"{err} (set by --device, --set runtime.device=... or conf/runtime.yaml)")
+    if any(not 0 < v <= 1 for v in cfg.evaluate.sdedit_strengths):
+        problems.append(f"evaluate.sdedit_strengths={list(cfg.evaluate.sdedit_strengths)}: each "
+                        "must be in (0, 1] (set by --set evaluate.sdedit_strengths=[...] or "
+                        "params.yaml)")
     if any(n < 1 for n in cfg.evaluate.steps):
         problems.append(f"evaluate.steps={list(cfg.evaluate.steps)}: every N must be at least 1 "
                         "(set by --set evaluate.steps=[...] or params.yaml)")

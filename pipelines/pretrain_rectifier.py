@@ -46,16 +46,19 @@ from hfedit.config import ConfigError, HfeditConfig, load_config, project_root, 
 from hfedit.dataset import PreparedData, data_location, load_split, pixels_to_tensor
 from hfedit.device import DeviceUnavailable, check_precision, placement, wants_gpu
 from hfedit.files import replace_folder
+from hfedit.splits import augment
 from pipelines.ray_runtime import cluster_gpus, init_ray, split_dataset
 from pipelines.tracking import stage_run
 from pipelines.serving import log_rectifier_model
 
 STATE = "train_state"
+# The rectifier's own images (data.rectifier_fraction; the backbone's when that is 0)
+SPLIT = "rectifier"
 # Logged to MLflow as their mean over the steps since the previous logged step.
 MEANED = ("loss", "noise_mse", "plain_noise_mse", "delta_rms")
 # A checkpoint is resumed only by a run of the same code (see :func:`train`'s fingerprint).
 CODE_MODULES = ("hfedit.rectifier", "hfedit.modulation", "hfedit.training", "hfedit.schedule",
-                "hfedit.backbone", "pipelines.pretrain_rectifier")
+                "hfedit.backbone", "hfedit.splits", "pipelines.pretrain_rectifier")
 
 
 # Rows each worker shuffles among (its local shuffle buffer; 48 MiB at 256 px).
@@ -202,7 +205,7 @@ def train_loop_per_worker(config: dict) -> None:
     # This rank's part of the training split, streamed by Ray Data (only the current batch and
     # the shuffle buffer are in memory); the batch goes to the device alone.
     per_epoch = config["train_rows"] // world // pc.batch_size
-    batches = stream(ray.train.get_dataset_shard("train"), pc.batch_size, pc.seed, rank, start,
+    batches = stream(ray.train.get_dataset_shard(SPLIT), pc.batch_size, pc.seed, rank, start,
                      per_epoch, config["resolution"])
     tracker = _rank0_tracker(config) if rank == 0 else None
     T = denoiser.schedule.num_train_timesteps
@@ -211,6 +214,8 @@ def train_loop_per_worker(config: dict) -> None:
     for step in range(start, pc.steps):
         gen = _step_generator(pc.seed, rank, step)
         x0 = next(batches)
+        if not pc.augment.off:  # drawn from this step's generator: a resumed run draws the same
+            x0 = augment(x0, pc.augment, gen)
         if config.get("batch_log"):  # which images each step saw (tests of determinism)
             with open(Path(config["batch_log"]) / f"rank{rank}.txt", "a") as f:
                 f.write(f"{step} {float(x0.double().sum()):.10g}\n")
@@ -303,10 +308,10 @@ def train(cfg: HfeditConfig, backbone: Path, data: Path, out: Path, checkpoints:
     rc = cfg.runtime.ray
     use_gpu = wants_gpu(cfg.runtime.device, cluster_gpus())
     prepared = PreparedData(data)
-    per_worker = prepared.count("train") // rc.num_workers
+    per_worker = prepared.count(SPLIT) // rc.num_workers
     if per_worker < cfg.pretrain.batch_size:
         raise ConfigError(f"pretrain.batch_size={cfg.pretrain.batch_size} is more than the "
-                          f"{per_worker} training images each of runtime.ray.num_workers="
+                          f"{per_worker} images of the rectifier's split each of runtime.ray.num_workers="
                           f"{rc.num_workers} workers gets from {data}: lower the batch size or "
                           "the workers, or prepare more images")
     run_fp = fingerprint({"pretrain": to_flat_dict(cfg.pretrain), "rectifier": to_flat_dict(cfg.rectifier),
@@ -324,7 +329,7 @@ def train(cfg: HfeditConfig, backbone: Path, data: Path, out: Path, checkpoints:
                 "restarts": meta.get("restarts", 0)}
     # Read tasks ask for no CPU (ray_runtime.split_dataset): they only move Parquet pages, the
     # float conversion happens in the workers, per batch.
-    train_ds = split_dataset(prepared, "train")
+    train_ds = split_dataset(prepared, SPLIT)
     # preserve_order and no locality hints: the same rows reach the same rank in every run
     # (Ray Train's reproducibility recipe), so a seed fixes every batch.
     ingest = ray.data.ExecutionOptions(preserve_order=True)
@@ -335,10 +340,10 @@ def train(cfg: HfeditConfig, backbone: Path, data: Path, out: Path, checkpoints:
             "backbone_ref": model_reference(backbone),
             "data": data_location(data), "fingerprint": run_fp, "mlflow_run_id": mlflow_run_id,
             "mlflow_uri": mlflow_uri, "pid_dir": pid_dir, "storage": str(storage),
-            "train_rows": prepared.count("train"), "resolution": prepared.resolution,
+            "train_rows": prepared.count(SPLIT), "resolution": prepared.resolution,
             "batch_log": batch_log,
         },
-        datasets={"train": train_ds},
+        datasets={SPLIT: train_ds},
         dataset_config=DataConfig(execution_options=ingest, enable_shard_locality=False),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=rc.num_workers, use_gpu=use_gpu,

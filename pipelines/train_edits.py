@@ -151,7 +151,8 @@ def load_inputs(spec: dict, work: str = "training") -> Loaded:
     denoiser = load_backbone(spec["backbone"], device=device, precision=precision)
     recon, _ = load_rectifier(spec["rectifier"], denoiser.unet, device=str(device))
     clip = load_clip(cfg.clip, device, announce=False)  # the driver said it, and the tags do
-    images = load_split(spec["data"], "train")  # lazy: training reads only its images
+    # the rectifier's own images (data.rectifier_fraction), read lazily: only the ones trained on
+    images = load_split(spec["data"], "rectifier")
     return Loaded(cfg, denoiser, recon, clip, images)
 
 

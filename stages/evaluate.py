@@ -149,6 +149,41 @@ def evaluate_edits(cfg: HfeditConfig, denoiser, edits: dict, clip, images
     return results, edited, compared, modes
 
 
+def evaluate_sdedit(cfg: HfeditConfig, denoiser, rectifier, images, n: int) -> list[dict]:
+    """The paper's Fig. 7: SDEdit (:meth:`hfedit.editing.Editor.translate`) of every image at each
+    ``evaluate.sdedit_strengths`` in N steps, through the backbone alone and through the
+    reconstruction rectifier conditioned on the source, with the same noise (image i seeded
+    ``inversion.seed + i``). Rows ``{strength, steps, backbone: {...}, rectifier: {...},
+    difference: {mean, max}}``: L1 / SSIM / PSNR of the result to its source, mean ± std."""
+    from hfedit import metrics as M
+    from hfedit.editing import Editor
+    from hfedit.evaluation import mean_std
+
+    seeds = [cfg.inversion.seed + i for i in range(images.shape[0])]
+    inv = replace(cfg.inversion, num_steps=n)
+    editors = {"backbone": Editor(denoiser, inv),
+               "rectifier": Editor(denoiser, inv, reconstruction_rectifier=rectifier)}
+    bs = cfg.runtime.eval_batch_size
+    rows = []
+    for strength in cfg.evaluate.sdedit_strengths:
+        outs = {}
+        for model, editor in editors.items():
+            outs[model] = torch.cat([
+                editor.translate(images[i: i + bs].to(denoiser.device), seeds[i: i + bs],
+                                 float(strength)).float().cpu().clamp(-1, 1)
+                for i in range(0, images.shape[0], bs)])
+        row: dict[str, Any] = {"strength": float(strength), "steps": n}
+        for model, out in outs.items():
+            row[model] = {}
+            for k, fn in (("l1", M.l1), ("ssim", M.ssim), ("psnr", M.psnr)):
+                st = mean_std(fn(images, out))
+                row[model].update({k: st["mean"], f"{k}_std": st["std"], "images": st["images"]})
+        diff = (outs["rectifier"] - outs["backbone"]).abs()
+        row["difference"] = {"mean": float(diff.mean()), "max": float(diff.max())}
+        rows.append(row)
+    return rows
+
+
 def batch_summary(batch: Path) -> dict[str, Any]:
     """Per attribute of the ``edit_batch`` run in ``batch`` (its manifest): ok / failed counts,
     failure reasons, mean L1 and SSIM of the ok rows (None where there are none)."""
@@ -309,6 +344,20 @@ def results_markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {name} | {c}{mark} | {m.get('images', count)} | "
                              f"{pm(m, 'clip_direction', '.4f', '+')} | {pm(m, 'l1')} | "
                              f"{pm(m, 'ssim')} | {pm(m, 'psnr', '.2f')} | {diff} |")
+    if report.get("sdedit"):
+        lines += ["", "SDEdit (the paper's Fig. 7): noise to strength x T, sampled down in N = "
+                  f"{report['sdedit'][0]['steps']} steps, the same noise with and without the "
+                  "reconstruction rectifier; distance of the result to its source, mean ± std; "
+                  "difference = |with - without|:", "",
+                  "| strength | model | images | L1 to source | SSIM | PSNR | difference mean / max |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in report["sdedit"]:
+            for model in ("backbone", "rectifier"):
+                m = r[model]
+                diff = (f"{r['difference']['mean']:.1e} / {r['difference']['max']:.1e}"
+                        if model == "rectifier" else "")
+                lines.append(f"| {r['strength']:g} | {model} | {m['images']} | {pm(m, 'l1')} | "
+                             f"{pm(m, 'ssim')} | {pm(m, 'psnr', '.2f')} | {diff} |")
     ab = report.get("ablation") or {}
     if ab.get("enabled") and "score_matching" in ab and "markovian" in ab:
         from pipelines.edit_ablation import ablation_markdown
@@ -346,6 +395,10 @@ def summary_metrics(report: dict[str, Any]) -> dict[str, float]:
                 for k in ("clip_direction", "l1"):
                     out[f"evaluate/{key}/{name}/{side}/{k}"] = r[side].get(k)
             out[f"evaluate/{key}/{name}/difference_max"] = r["difference"]["max"]
+    for r in report.get("sdedit") or []:
+        for model in ("backbone", "rectifier"):
+            for k in ("l1", "ssim"):
+                out[f"evaluate/sdedit/s{r['strength']:g}/{model}/{k}"] = r[model][k]
     for name, b in (report.get("batch") or {}).items():
         if isinstance(b, dict):
             out[f"evaluate/batch/{name}/ok"] = b["ok"]
@@ -422,6 +475,8 @@ def run(cfg: HfeditConfig, backbone: Path, rectifier_dir: Path, edits_dir: Path,
     }
     log.info("evaluate: reconstruction at N=%s on %d images", steps, images.shape[0])
     report["reconstruction"] = evaluate_reconstruction(cfg, denoiser, rectifier, images)
+    log.info("evaluate: SDEdit at strengths %s, N=%d", list(cfg.evaluate.sdedit_strengths), head)
+    report["sdedit"] = evaluate_sdedit(cfg, denoiser, rectifier, images, head)
 
     edits = (load_edit_rectifiers(edits_dir, denoiser.unet, device=device)
              if edits_dir.is_dir() else {})

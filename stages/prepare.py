@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None):
         tracker.log_artifact(args.out / "manifest.json")
         tracker.log_artifact(args.out / "preview.png", "plots")
     why = ", ".join(f"{reason}: {n}" for reason, n in counts["reasons"].items())
-    print(f"prepare: {counts['ok']} prepared ({counts['train']} train, {counts['val']} val), "
-          f"{counts['error']} refused{f' ({why})' if why else ''} -> {args.out}/manifest.json")
+    rect = counts["rectifier"] or "the backbone's"
+    print(f"prepare: {counts['ok']} prepared ({counts['train']} backbone, {rect} rectifier, "
+          f"{counts['val']} held out), {counts['error']} refused{f' ({why})' if why else ''} -> {args.out}/manifest.json")
     return manifest
 
 

@@ -78,8 +78,10 @@ def test_values_out_of_range_fail_naming_the_key_the_rule_and_the_flag():
     """Types alone let a step count of 0 or a negative batch through to the work."""
     with pytest.raises(ConfigError) as err:
         load_config(overrides=["inversion.num_steps=10", "inversion.skip=10",
-                               "edit_batch.num_cpus=0", "data.val_fraction=1.0"])
+                               "edit_batch.num_cpus=0", "data.val_fraction=1.0",
+                               "evaluate.sdedit_strengths=[0.5,1.5]"])
     text = str(err.value)
+    assert "evaluate.sdedit_strengths=[0.5, 1.5]: each must be in (0, 1]" in text
     assert "inversion.skip=10 must be less than inversion.num_steps=10" in text
     assert "edit_batch.num_cpus=0.0 must be positive" in text and "--num-cpus" in text
     assert "data.val_fraction=1.0 must be in [0, 1)" in text
@@ -106,8 +108,11 @@ def test_the_paper_profile_carries_the_papers_setting():
     tiny = load_config(ROOT / "params.yaml", conf_dir=ROOT / "conf")
     assert set(tiny.edits.attributes) == {"smiling", "old"}
     assert (tiny.pretrain.steps, tiny.evaluate.images, list(tiny.evaluate.steps)) == (
-        200, 8, [10, 50, 100])
+        500, 8, [10, 50, 100])
     assert tiny.edits.attributes["smiling"].steps == 40
+    # disjoint roles where hfedit trains the backbone; none where it comes trained
+    assert (tiny.data.rectifier_fraction, paper.data.rectifier_fraction) == (0.3, 0.0)
+    assert not tiny.pretrain.augment.off
 
 
 @pytest.mark.parametrize("override, says", [

@@ -29,10 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def sharded(folder, tmp_path_factory):  # noqa: F811
-    """The mixed folder prepared in shards of 4 inputs by 2 decode processes."""
+    """The mixed folder prepared in shards of 4 inputs by 2 decode processes, with disjoint
+    backbone (train), rectifier and val splits."""
     root, _ = folder
     out = tmp_path_factory.mktemp("sharded")
-    cfg = DataConfig(source=str(root), resolution=RES, shard_images=4, workers=2)
+    cfg = DataConfig(source=str(root), resolution=RES, shard_images=4, workers=2,
+                     rectifier_fraction=0.3)
     return out, prepare_dataset(cfg, out, progress=False)
 
 
@@ -61,7 +63,8 @@ def test_the_reader_returns_the_prepare_stages_tensors_bit_for_bit(folder, shard
     root, _ = folder
     out, manifest = sharded
     data = PreparedData(out)
-    for split in ("train", "val"):
+    assert all(data.count(s) >= 2 for s in ("train", "rectifier", "val"))
+    for split in ("train", "rectifier", "val"):
         ids = data.ids(split)
         assert ids == sorted(r.id for r in manifest.rows if r.split == split)
         # Reversed, with a repeat: positions are honoured, whatever row group they live in.
@@ -84,9 +87,40 @@ def test_the_split_filter_selects_exactly_the_splits_rows(sharded):
     out, _ = sharded
     data = PreparedData(out)
     shards = pds.dataset([str(out / s["file"]) for s in data.meta["shards"]])
-    for split in ("train", "val"):
+    for split in ("train", "rectifier", "val"):
         kept = shards.to_table(filter=data.split_filter(split), columns=["id"])
         assert sorted(os.fsdecode(i) for i in kept.column("id").to_pylist()) == data.ids(split)
+
+
+def test_the_three_roles_are_disjoint_and_rectifier_fraction_0_shares_the_backbones(folder, sharded,
+                                                                                     tmp_path):  # noqa: F811
+    """The paper's setting: no image trains both the backbone and the rectifier, none of either
+    is evaluated; with data.rectifier_fraction = 0 the rectifier reads the backbone's images (a
+    folder prepared before the rectifier had a split reads the same way)."""
+    import pyarrow.dataset as pds
+
+    root, _ = folder
+    out, manifest = sharded
+    data = PreparedData(out)
+    roles = [set(data.ids(s)) for s in ("train", "rectifier", "val")]
+    assert not (roles[0] & roles[1]) and not (roles[0] & roles[2]) and not (roles[1] & roles[2])
+    assert set().union(*roles) == {r.id for r in manifest.rows if r.status == "ok"}
+    assert manifest.counts["rectifier"] == len(roles[1]) and not data.meta["rectifier_shared"]
+
+    shared_out = tmp_path / "shared"
+    shared = prepare_dataset(DataConfig(source=str(root), resolution=RES, shard_images=4),
+                             shared_out, progress=False)
+    one = PreparedData(shared_out)
+    assert one.ids("rectifier") == one.ids("train") and one.ids("val") == data.ids("val")
+    assert shared.counts["rectifier"] == 0 and one.meta["rectifier_shared"]
+    shards = pds.dataset([str(shared_out / s["file"]) for s in one.meta["shards"]])
+    kept = shards.to_table(filter=one.split_filter("rectifier"), columns=["id"])
+    assert sorted(os.fsdecode(i) for i in kept.column("id").to_pylist()) == one.ids("train")
+    # the older index (train and val only) reads the rectifier's split as train's
+    index = json.loads((shared_out / "index.json").read_text())
+    del index["rectifier"]
+    (shared_out / "index.json").write_text(json.dumps(index))
+    assert PreparedData(shared_out).ids("rectifier") == one.ids("train")
 
 
 @pytest.mark.timeout(600)
@@ -141,8 +175,8 @@ def test_an_old_single_file_dataset_is_refused_with_the_fix(tmp_path):
 def test_the_split_and_shards_do_not_depend_on_the_number_of_workers(folder, sharded, tmp_path):  # noqa: F811
     root, _ = folder
     out, manifest = sharded
-    alone = prepare_dataset(DataConfig(source=str(root), resolution=RES, shard_images=4, workers=1),
-                            tmp_path, progress=False)
+    alone = prepare_dataset(DataConfig(source=str(root), resolution=RES, shard_images=4, workers=1,
+                                       rectifier_fraction=0.3), tmp_path, progress=False)
     assert alone.rows == manifest.rows
     assert (tmp_path / "index.json").read_text() == (out / "index.json").read_text()
     for shard in json.loads((out / "dataset.json").read_text())["shards"]:

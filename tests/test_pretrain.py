@@ -204,6 +204,16 @@ def test_torch_trainer_survives_a_killed_worker_and_resumes(tmp_path, random_den
         assert clean == resumed, rank
         assert len(set(clean.values())) > 2  # the batches differ from step to step
     assert seen(logs["clean"], 0) != seen(logs["clean"], 1)  # each rank its own rows
+    # pretrain.augment (on by default) changed the batches: no logged batch is a pair of stored
+    # images as they are (the draws come from each step's generator, so the resume above agrees)
+    from hfedit.dataset import load_split
+
+    # (flips and circular shifts keep a batch's sum; the colour jitter changes it)
+    sums = load_split(data, "rectifier").all().double().sum((1, 2, 3))
+    plain = (sums[:, None] + sums[None, :]).flatten()
+    logged = torch.tensor([float(v) for r in (0, 1) for v in seen(logs["clean"], r).values()],
+                          dtype=torch.float64)
+    assert (logged[:, None] - plain[None, :]).abs().min() > 1e-4
 
 
 def test_a_checkpoint_copied_half_way_is_not_complete(tmp_path):

@@ -5,36 +5,35 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hfedit.splits import Augmentation, SplitFractions, assign_splits, augment, role_of
+from hfedit.config import HfeditConfig
+from hfedit.data import split_ids, split_roles
+from hfedit.splits import Augmentation, augment
+from hfedit.validation import config_problems
 
-IDS = [f"faces/{i:04d}.jpg" for i in range(2000)]
-
-
-def test_every_id_has_exactly_one_role_in_the_configured_shares():
-    roles = assign_splits(IDS, SplitFractions(0.6, 0.25, 0.15), seed=0)
-    flat = [i for r in roles.values() for i in r]
-    assert sorted(flat) == sorted(IDS) and len(set(flat)) == len(IDS)
-    for role, share in (("backbone", 0.6), ("rectifier", 0.25), ("eval", 0.15)):
-        assert abs(len(roles[role]) / len(IDS) - share) < 0.045  # 4 binomial standard deviations at 2000 ids
+IDS = [f"faces/{i:04d}.jpg" for i in range(200)]
 
 
-def test_a_role_depends_on_the_id_and_seed_alone():
-    a = assign_splits(IDS[:500], seed=1)
-    b = assign_splits(list(reversed(IDS)) + ["new/extra.png"], seed=1)  # other order, more ids
-    for role in a:
-        assert set(a[role]) <= set(b[role])
-    assert role_of("x.png", seed=1) == role_of("x.png", seed=1)
-    moved = sum(role_of(i, seed=1) != role_of(i, seed=2) for i in IDS)
-    assert moved > 500  # another seed, another split
+def test_every_id_has_exactly_one_role_in_the_configured_counts():
+    train, rect, val = split_roles(IDS, 0.2, 0.3, seed=0)
+    assert (len(train), len(rect), len(val)) == (100, 60, 40)
+    assert sorted(train + rect + val) == sorted(IDS) and len(set(train + rect + val)) == len(IDS)
+    # val is the train/val split's val: the rectifier's images come out of the backbone's
+    assert split_ids(IDS, 0.2, seed=0) == (sorted(train + rect), val)
+    assert split_roles(list(reversed(IDS)), 0.2, 0.3, seed=0) == (train, rect, val)  # a set
+    other = split_roles(IDS, 0.2, 0.3, seed=1)
+    assert other[1] != rect and other[2] != val  # another seed, another split
+    assert split_roles(IDS, 0.2, 0.0, seed=0) == (sorted(train + rect), [], val)
 
 
-def test_bad_fractions_and_duplicate_ids_are_refused():
-    with pytest.raises(ValueError, match="sum to 1"):
-        SplitFractions(0.5, 0.5, 0.5)
-    with pytest.raises(ValueError, match="appears twice"):
-        assign_splits(["a", "b", "a"])
-    only_eval = assign_splits(IDS[:50], SplitFractions(0.0, 0.0, 1.0))
-    assert only_eval["eval"] == IDS[:50] and not only_eval["backbone"]
+def test_small_sets_keep_an_image_per_role_and_bad_fractions_are_refused():
+    assert [len(r) for r in split_roles(IDS[:3], 0.1, 0.1, 0)] == [1, 1, 1]
+    assert [len(r) for r in split_roles(IDS[:2], 0.4, 0.4, 0)] == [1, 0, 1]  # backbone keeps one
+    with pytest.raises(ValueError, match="rectifier_fraction"):
+        split_roles(IDS, 0.5, 0.5, 0)
+    cfg = HfeditConfig()
+    cfg.data.val_fraction, cfg.data.rectifier_fraction = 0.4, 0.6
+    assert any("data.val_fraction + data.rectifier_fraction = 1.0 must be less than 1" in p
+               for p in config_problems(cfg))
 
 
 def test_augmentation_off_is_the_identity_and_on_stays_in_range(faces):
