@@ -318,7 +318,7 @@ class AttributeConfig:
     method: EditMethod = EditMethod.score_matching
     seed: int = 0
     # Algorithm 1 at large t (LargeT): none (the paper as written) | clamp | weight | range
-    large_t: LargeT = LargeT.weight
+    large_t: LargeT = LargeT.clamp  # chosen by the edit metrics (README, study large_t)
     t_max: int = 1000  # large_t=range: t ~ U{0..t_max-1}
 
 

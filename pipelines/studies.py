@@ -33,11 +33,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
+COMMITS = 5  # how far back `report` looks for a study's experiments (`dvc exp show -n`)
 
 
 @dataclass(frozen=True)
 class Column:
-    """One column of a study's table: a metric's path in a metrics file (slashes = nesting)."""
+    """One column of a study's table: a metric's path in a metrics file (slashes = nesting; the
+    files hold the MLflow names without the stage's prefix, ``pipelines.tracking.nest_metrics``)."""
 
     title: str
     file: str
@@ -62,20 +64,20 @@ EVAL = "eval/metrics.json"
 ABL = "metrics/edit_ablation.json"
 PRE = "metrics/pretrain_rectifier.json"
 RECON = (
-    Column("rectifier DDIM L1", EVAL, "evaluate/reconstruction/rectifier_ddim/l1"),
-    Column("backbone DDIM L1", EVAL, "evaluate/reconstruction/backbone_ddim/l1"),
-    Column("rectifier noise gap", EVAL, "evaluate/reconstruction/rectifier/gap", ".5f"),
-    Column("backbone noise gap", EVAL, "evaluate/reconstruction/backbone/gap", ".5f"),
+    Column("rectifier DDIM L1", EVAL, "reconstruction/rectifier_ddim/l1"),
+    Column("backbone DDIM L1", EVAL, "reconstruction/backbone_ddim/l1"),
+    Column("rectifier noise gap", EVAL, "reconstruction/rectifier/gap", ".5f"),
+    Column("backbone noise gap", EVAL, "reconstruction/backbone/gap", ".5f"),
     Column("rectifier posterior-mean gap", EVAL,
-           "evaluate/reconstruction/rectifier/posterior_mean_gap", ".3e"),
+           "reconstruction/rectifier/posterior_mean_gap", ".3e"),
 )
 
 
 def edit_columns(attribute: str) -> tuple[Column, ...]:
     return (
-        Column(f"{attribute} CLIP direction", EVAL, f"evaluate/editing/{attribute}/clip_direction", "+.4f"),
-        Column(f"{attribute} L1 to source", EVAL, f"evaluate/editing/{attribute}/l1"),
-        Column(f"{attribute} SSIM", EVAL, f"evaluate/editing/{attribute}/ssim"),
+        Column(f"{attribute} CLIP direction", EVAL, f"editing/{attribute}/clip_direction", "+.4f"),
+        Column(f"{attribute} L1 to source", EVAL, f"editing/{attribute}/l1"),
+        Column(f"{attribute} SSIM", EVAL, f"editing/{attribute}/ssim"),
     )
 
 
@@ -91,7 +93,7 @@ STUDIES: dict[str, Study] = {
         "Fig. 7", "SDEdit with vs without the reconstruction rectifier, at five strengths "
         "(evaluate reruns alone; every evaluate run reports strengths 0.3 and 0.5)",
         {"strengths": ("evaluate.sdedit_strengths=[0.1,0.3,0.5,0.7,0.9]",)},
-        tuple(Column(f"s={s} {m} {k}", EVAL, f"evaluate/sdedit/s{s}/{m}/{k}")
+        tuple(Column(f"s={s} {m} {k}", EVAL, f"sdedit/s{s}/{m}/{k}")
               for s in ("0.1", "0.3", "0.5", "0.7", "0.9") for m in ("backbone", "rectifier")
               for k in ("l1",)), baseline=False),
     "loss": Study(
@@ -102,21 +104,22 @@ STUDIES: dict[str, Study] = {
         "App. D (Fig. 11)", "lambda_clip and lambda_recon of the smiling edit (train_edits retrains "
         "smiling alone)",
         {**{f"clip{v.replace('.', 'p')}": (f"edits.attributes.smiling.lambda_clip={v}",)
-            for v in ("0.5", "2.0", "4.0")},
+            for v in ("0.5", "2.0")},
          **{f"recon{v.replace('.', 'p')}": (f"edits.attributes.smiling.lambda_recon={v}",)
             for v in ("0.5", "2.0")}},
         edit_columns("smiling") + (
             Column("ablation score matching CLIP", ABL,
-                   "edit_ablation/score_matching/own/clip_direction", "+.4f"),
-            Column("ablation score matching L1", ABL, "edit_ablation/score_matching/own/l1"),
+                   "score_matching/own/clip_direction", "+.4f"),
+            Column("ablation score matching L1", ABL, "score_matching/own/l1"),
         ), keys=("edits.attributes.smiling.lambda_clip", "edits.attributes.smiling.lambda_recon")),
     "large_t": Study(
         "(this project)", "Algorithm 1 at large t: the smiling edit trained with each remedy",
-        _grid("edits.attributes.smiling.large_t", ["none", "clamp", "weight", "range"]),
+        {**_grid("edits.attributes.smiling.large_t", ["none", "clamp", "weight"]),
+         "range500": ("edits.attributes.smiling.large_t=range", "edits.attributes.smiling.t_max=500")},
         edit_columns("smiling") + (
             Column("ablation score matching CLIP", ABL,
-                   "edit_ablation/score_matching/own/clip_direction", "+.4f"),
-            Column("ablation score matching L1", ABL, "edit_ablation/score_matching/own/l1"),
+                   "score_matching/own/clip_direction", "+.4f"),
+            Column("ablation score matching L1", ABL, "score_matching/own/l1"),
         ), keys=("edits.attributes.smiling.large_t",)),
 }
 
@@ -179,23 +182,28 @@ def _row(rec: dict) -> Row:
     return Row(rec.get("name") or rec["rev"], rec["rev"], params.get("params.yaml", {}), metrics)
 
 
-def experiments(show: Optional[list] = None) -> tuple[Optional[Row], list[Row]]:
-    """``(baseline commit, its experiments)`` from ``dvc exp show --json``: a list of the
-    workspace and the commit(s), each commit with ``experiments`` (each ``revs``)."""
+def experiments(show: Optional[list] = None, study: str = "") -> tuple[Optional[Row], list[Row]]:
+    """``(baseline commit, its experiments)`` from ``dvc exp show --json`` over the last
+    ``COMMITS`` commits: a list of the workspace and the commits, each commit with
+    ``experiments`` (each ``revs``). The baseline is the newest commit holding experiments of
+    ``study`` (an experiment runs from the commit checked out when it started), else HEAD."""
     if show is None:
-        out = subprocess.run(["dvc", "exp", "show", "--json"], cwd=ROOT, env=_env(),
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(["dvc", "exp", "show", "--json", "-n", str(COMMITS)], cwd=ROOT,
+                             env=_env(), capture_output=True, text=True, check=True).stdout
         show = json.loads(out)
-    baseline, rows = None, []
+    tops = []
     for top in show:
         if top.get("rev") == "workspace":
             continue
-        baseline = baseline or _row(top)
-        for exp in top.get("experiments") or []:
-            for rec in exp.get("revs") or [exp]:
-                if rec.get("data"):
-                    rows.append(_row(rec))
-    return baseline, rows
+        rows = [_row(rec) for exp in top.get("experiments") or []
+                for rec in (exp.get("revs") or [exp]) if rec.get("data")]
+        tops.append((_row(top), rows))
+    if not tops:
+        return None, []
+    for baseline, rows in tops:
+        if any(r.name.startswith(f"{study}-") for r in rows):
+            return baseline, rows
+    return tops[0]
 
 
 def _fmt(v: Any, fmt: str) -> str:
@@ -294,7 +302,7 @@ def plot(name: str, baseline: Optional[Row], rows: list[Row], points: list[dict]
 
 def report(name: str, out: Path, show: Optional[list] = None) -> str:
     study = STUDIES[name]
-    baseline, rows = experiments(show)
+    baseline, rows = experiments(show, name)
     if study.per_n:
         table, points = per_n_table(name, rows)
     else:

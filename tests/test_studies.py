@@ -21,8 +21,8 @@ import json, yaml
 p = yaml.safe_load(open("params.yaml"))
 loss = p["pretrain"]["loss"]
 value = {"noise": 0.25, "l1": 0.5, "l1_dw": 0.75}[loss]
-open("eval/metrics.json", "w").write(json.dumps({"evaluate": {"reconstruction": {
-    "rectifier_ddim": {"l1": value}, "backbone_ddim": {"l1": 1.0}}}}))
+open("eval/metrics.json", "w").write(json.dumps({"reconstruction": {
+    "rectifier_ddim": {"l1": value}, "backbone_ddim": {"l1": 1.0}}}))
 """
 
 
@@ -72,4 +72,4 @@ def test_a_study_runs_as_dvc_experiments_and_its_table_holds_each_experiments_me
     # the baseline's workspace is untouched: --temp ran each experiment elsewhere
     assert (tmp_path / "params.yaml").read_text() == "pretrain:\n  loss: noise\n"
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())[
-        "evaluate"]["reconstruction"]["rectifier_ddim"]["l1"] == 0.25
+        "reconstruction"]["rectifier_ddim"]["l1"] == 0.25
