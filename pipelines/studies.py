@@ -98,7 +98,7 @@ STUDIES: dict[str, Study] = {
               for k in ("l1",)), baseline=False),
     "loss": Study(
         "App. C (Fig. 10)", "reconstruction loss: noise fitting (eq. 3) vs L1 vs L1 + dw",
-        _grid("pretrain.loss", ["noise", "l1", "l1_dw"]),
+        _grid("pretrain.loss", ["l1", "l1_dw"]),  # noise (eq. 3) is the baseline's
         RECON + edit_columns("smiling"), keys=("pretrain.loss",)),
     "lambda_sweep": Study(
         "App. D (Fig. 11)", "lambda_clip and lambda_recon of the smiling edit (train_edits retrains "
@@ -283,7 +283,7 @@ def plot(name: str, baseline: Optional[Row], rows: list[Row], points: list[dict]
     else:
         mine = ([("baseline", baseline)] if study.baseline and baseline else []) + \
             [(r.name[len(name) + 1:], r) for r in rows if r.name.startswith(f"{name}-")]
-        cols = [c for c in study.columns if "L1" in c.title][:4]
+        cols = [c for c in study.columns if "l1" in c.title.lower()][:10]
         width = 0.8 / max(1, len(cols))
         for k, c in enumerate(cols):
             vals = [_get(r.metrics.get(c.file, {}), c.path) for _, r in mine]
