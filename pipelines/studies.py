@@ -55,7 +55,6 @@ class Study:
     columns: tuple[Column, ...]
     # per-N results from the CSVs evaluate commits (the step-count study), not from metrics
     per_n: bool = False
-    note: str = ""
     baseline: bool = True  # a row for the committed baseline (its own values of the keys)
     keys: tuple[str, ...] = field(default=())
 
@@ -210,11 +209,16 @@ def _fmt(v: Any, fmt: str) -> str:
     return "n/a" if not isinstance(v, (int, float)) or v != v else format(v, fmt)
 
 
+def _shown(name: str, baseline: Optional[Row], rows: list[Row]) -> list[tuple[str, Row]]:
+    """``(label, row)`` of the study's table and plot: the baseline (when the study shows it),
+    then each experiment ``<name>-<label>``."""
+    first = [("baseline", baseline)] if STUDIES[name].baseline and baseline else []
+    return first + [(r.name[len(name) + 1:], r) for r in rows if r.name.startswith(f"{name}-")]
+
+
 def study_table(name: str, baseline: Optional[Row], rows: list[Row]) -> list[str]:
     study = STUDIES[name]
-    mine = [r for r in rows if r.name.startswith(f"{name}-")]
-    shown = ([("baseline", baseline)] if study.baseline and baseline else []) + \
-        [(r.name[len(name) + 1:], r) for r in mine]
+    shown = _shown(name, baseline, rows)
     keys = list(study.keys) or sorted({s.split("=", 1)[0] for sets in study.experiments.values()
                                        for s in sets})
     head = ["experiment", *keys, *(c.title for c in study.columns)]
@@ -281,8 +285,7 @@ def plot(name: str, baseline: Optional[Row], rows: list[Row], points: list[dict]
         ax.set_xlabel("N (inversion + sampling steps)")
         ax.set_ylabel("L1 to the source")
     else:
-        mine = ([("baseline", baseline)] if study.baseline and baseline else []) + \
-            [(r.name[len(name) + 1:], r) for r in rows if r.name.startswith(f"{name}-")]
+        mine = _shown(name, baseline, rows)
         cols = [c for c in study.columns if "l1" in c.title.lower()][:10]
         width = 0.8 / max(1, len(cols))
         for k, c in enumerate(cols):
