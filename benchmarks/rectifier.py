@@ -21,23 +21,22 @@ Memory: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the growth of th
 set (VmHWM, reset through /proc/self/clear_refs) over one step, each case in a fresh subprocess
 (torch has no CPU peak counter; tracemalloc does not see torch's allocator).
 
-One run (1 thread, load average ~5 from other jobs, tiny backbone, resnet34 trunk,
-branch_channels 64); ratios to "plain fwd" (fwd) or "plain train" (fwd+bwd):
+One run (1 thread, idle 2-core AMD EPYC, load average 1.1, 2026-11-30; tiny backbone,
+resnet34 trunk, branch_channels 64); ratios to "plain fwd" (fwd) or "plain train" (fwd+bwd):
 
                           B=1 fwd  B=1 fwd+bwd  B=8 fwd  B=8 fwd+bwd
-    plain (ms)              11.4      30.9        51.5     157.4
-    modulated grouped       1.16x     1.21x       1.28x    1.15x
-    modulated loop          1.14x     1.07x       1.42x    1.36x
-    modulated lowrank       2.30x     2.62x       2.25x    2.30x
-    hypernetwork alone      1.76x       -         0.59x      -
-    rectified step          4.6-5.5x  4.37x       2.71x    2.06x
-    B=8 step memory: plain train 86 MB, modulated grouped 102, loop 97, lowrank 110 MB;
-    rectifier train step (incl. Adam) 501 MB.
+    plain (ms)               6.1      17.5        26.9      80.0
+    modulated grouped       1.19x     1.03x       1.23x    1.20x
+    modulated loop          1.19x     1.01x       1.70x    1.67x
+    modulated lowrank       2.54x     2.59x       2.90x    3.07x
+    hypernetwork alone      2.25x       -         0.82x      -
+    rectified step          4.71x     5.07x       3.01x    2.69x
+    B=8 step memory: plain train 87 MB, modulated grouped 97, loop 106, lowrank 116 MB;
+    rectifier train step (incl. Adam) 488 MB.
 The rectified step is two U-Net passes plus the hypernetwork; on the tiny 32x32 U-Net the
-ResNet34 trunk costs more than a U-Net pass at B=1, so the 2.5x goal holds only at B=8
-fwd+bwd here (``--trunk resnet18``: 3.4x / 2.6x fwd at B=1 / B=8). On the CelebA-HQ-256 U-Net
-the hypernetwork is ~0.1x a pass (one noisy run at 64x64 input), so the step should be near
-2.1x there (not measured at 256x256 on this CPU).
+ResNet34 trunk costs 0.8x (B=8) to 2.3x (B=1) a U-Net pass, so the 2.5x goal is missed here.
+On the CelebA-HQ-256 U-Net the hypernetwork is 0.01-0.02x a pass (``benchmarks/replay.py
+--backbone celebahq256``, B=8, 256 px on this CPU).
 """
 
 from __future__ import annotations

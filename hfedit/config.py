@@ -128,9 +128,10 @@ class Conditioning(str, Enum):
 
     ``trajectory``: the backbone's estimate on the inversion's own ``x_t`` (kept from the
     inversion: no extra evaluation). These are the ``x_t ~ q(x_t | x0)`` that Algorithm 1 trains
-    on, and all offsets are known before the replay: one batched hypernetwork call per attribute,
-    then one modulated U-Net pass per step. ``live``: the backbone's estimate on the edited
-    trajectory's current ``x_t`` (a plain pass, the hypernetwork and a modulated pass per step).
+    on, and all offsets are known before the replay: one batched hypernetwork call per attribute
+    (per window of steps past 512 (step, image) pairs), then one modulated U-Net pass per step.
+    ``live``: the backbone's estimate on the edited trajectory's current ``x_t`` (a plain pass,
+    the hypernetwork and a modulated pass per step).
     """
 
     trajectory = "trajectory"

@@ -27,9 +27,10 @@ retraces the inversion's chain bit for bit, so the reconstruction stays exact. H
 
 * ``trajectory``: on ``P_t`` of the inversion's own ``x_t`` (the backbone's estimates, kept by
   :func:`hfedit.inversion.invert`: no extra evaluation; the DDIM inversion evaluates the model
-  at other points, so in ``ddim`` mode one batched plain pass per step computes them). All offsets are known before the replay:
-  one batched hypernetwork call per rectifier over its (N - skip) * B (step, image) pairs, then
-  one modulated U-Net pass per step and no plain pass.
+  at other points, so in ``ddim`` mode one batched plain pass per step computes them). All
+  offsets are known before the replay: one batched hypernetwork call per rectifier over the
+  (step, image) pairs of a window of steps (all N - skip of them when (N - skip) * B <= 512),
+  then one modulated U-Net pass per step and no plain pass.
 * ``live``: on ``P_t`` of the edited trajectory's current ``x_t``: per step a plain pass over the
   K*B samples, each rectifier on its B, and a modulated pass that reuses the plain pass's down
   path (:func:`hfedit.modulation.record_prefix`).
@@ -53,8 +54,9 @@ from hfedit.modulation import ConvFactors, record_prefix
 from hfedit.schedule import Schedule, posterior_mean, predict_x0, q_sample
 
 RECONSTRUCTION = "reconstruction"
-# (step, image) pairs per hypernetwork call of a trajectory-conditioned edit: bounds the trunk's
-# activations (a ResNet34 at 256 px holds ~15 MB per sample); every pair is independent of the
+# (step, image) pairs per hypernetwork call of a trajectory-conditioned edit (rounded down to
+# whole steps, at least one): bounds the trunk's activations (a ResNet34 at 256 px holds ~15 MB
+# per sample) and the factors held (one window of steps); every pair is independent of the
 # others (GroupNorm), so the chunking changes nothing but float rounding.
 HYPERNETWORK_BATCH = 512
 
@@ -248,49 +250,65 @@ class JointRectifier:
                    chunk: int = HYPERNETWORK_BATCH) -> "TrajectoryReplayer":
         """Every step's offsets from ``P_t`` of the inversion's ``x_t`` (``inv.eps``; when the
         inversion did not keep them, e.g. after :func:`hfedit.inversion.shift_maps`, one
-        batched plain evaluation per step computes them first)."""
+        batched plain evaluation per window of steps computes them first).
+
+        The offsets are computed a window of ``max(1, chunk // B)`` steps ahead, one
+        hypernetwork call per rectifier and window, as the replay reaches it: what is held is
+        one window's factors (``chunk`` x K x the targets' ``kh*kw*(C_in + C_out)`` floats, 0.67
+        GB per attribute for the CelebA-HQ-256 U-Net at the default 512), not all N steps' (N x
+        K x B of them: 62 GB at N = 1000, K*B = 48)."""
         if self.x0.shape[0] != inv.xts.shape[1]:
             raise ValueError(f"{self.x0.shape[0]} source images for maps of {inv.xts.shape[1]}")
-        bsz, steps = self.x0.shape[0], inv.num_steps - skip
-        ts = list(inv.timesteps[skip:])
-        t_flat = torch.tensor(ts, device=self.x0.device).repeat_interleave(bsz)  # (S*B,)
-        xts = inv.xts[skip:].flatten(0, 1)  # (S*B, C, H, W): sample j*B + b is image b at step j
+        return TrajectoryReplayer(self, inv, skip, max(1, chunk // self.x0.shape[0]))
+
+    def window(self, inv: InversionResult, steps: range) -> dict[str, ConvFactors]:
+        """The joint factors of ``steps`` (indices into ``inv.timesteps``), (S', K*B, kh, kw, C)
+        per target: one hypernetwork call per rectifier over the S' x B (step, image) pairs."""
+        bsz, n = self.x0.shape[0], len(steps)
+        ts = [inv.timesteps[j] for j in steps]
+        t_flat = torch.tensor(ts, device=self.x0.device).repeat_interleave(bsz)  # (S'*B,)
+        xts = inv.xts[steps.start:steps.stop].flatten(0, 1)  # sample i*B + b: image b at step i
         if inv.eps is not None:
-            eps = inv.eps[skip:].flatten(0, 1)
+            eps = inv.eps[steps.start:steps.stop].flatten(0, 1)
         else:
-            eps = torch.cat([self.denoiser(xts[i:i + chunk], t_flat[i:i + chunk])
-                             for i in range(0, xts.shape[0], chunk)])
-            self.passes.plain += steps
-        p_t = torch.cat([predict_x0(self.denoiser.schedule, x, t, e)  # (S*B, C, H, W)
+            eps = self.denoiser(xts, t_flat)
+            self.passes.plain += n
+        p_t = torch.cat([predict_x0(self.denoiser.schedule, x, t, e)  # (S'*B, C, H, W)
                          for x, t, e in zip(xts.split(bsz), ts, eps.split(bsz))])
-        x0 = self.x0.repeat(steps, 1, 1, 1)  # (S*B, C, H, W)
+        x0 = self.x0.repeat(n, 1, 1, 1)  # (S'*B, C, H, W)
         per = []
         for rect in self.rectifiers:
             if rect is None:
                 per.append(None)
                 continue
-            parts = []
-            for i in range(0, xts.shape[0], chunk):
-                parts.append(rect(x0[i:i + chunk], p_t[i:i + chunk], t_flat[i:i + chunk]))
-                self.passes.hypernetwork += 1
-            per.append({n: ConvFactors(torch.cat([p[n].a for p in parts]).unflatten(0, (steps, bsz)),
-                                       torch.cat([p[n].b for p in parts]).unflatten(0, (steps, bsz)))
-                        for n in parts[0]})
-        return TrajectoryReplayer(self, self._joint(per, (steps, bsz)), ts)
+            f = rect(x0, p_t, t_flat)
+            self.passes.hypernetwork += 1
+            per.append({k: ConvFactors(v.a.unflatten(0, (n, bsz)), v.b.unflatten(0, (n, bsz)))
+                        for k, v in f.items()})
+        return self._joint(per, (n, bsz))
 
 
 class TrajectoryReplayer:
-    """``eps = d(x_t, t)`` for the K*B samples with precomputed offsets: one modulated pass."""
+    """``eps = d(x_t, t)`` for the K*B samples with offsets from the inversion's trajectory: one
+    modulated pass per step; the offsets of the next ``window`` steps are computed when the
+    replay reaches the first of them (:meth:`JointRectifier.trajectory`)."""
 
-    def __init__(self, joint: JointRectifier, factors: dict[str, ConvFactors],
-                 timesteps: Sequence[int]) -> None:
-        self.joint, self.factors = joint, factors  # per target (S, K*B, kh, kw, C)
-        self.step = {int(t): j for j, t in enumerate(timesteps)}
+    def __init__(self, joint: JointRectifier, inv: InversionResult, skip: int,
+                 window: int) -> None:
+        self.joint, self.inv, self.window = joint, inv, window
+        self.step = {int(t): j for j, t in enumerate(inv.timesteps) if j >= skip}
         self.schedule = joint.denoiser.schedule
+        self.held = range(0)  # the steps whose factors are held
+        self.factors: dict[str, ConvFactors] = {}  # per target (len(held), K*B, kh, kw, C)
 
     def __call__(self, x_t: Tensor, t: int) -> Tensor:
         j = self.step[int(t)]
-        return self.joint._modulated({n: ConvFactors(f.a[j], f.b[j]) for n, f in self.factors.items()},
+        if j not in self.held:
+            self.factors = {}  # the previous window's go before the next one is computed
+            self.held = range(j, min(j + self.window, self.inv.num_steps))
+            self.factors = self.joint.window(self.inv, self.held)
+        i = j - self.held.start
+        return self.joint._modulated({n: ConvFactors(f.a[i], f.b[i]) for n, f in self.factors.items()},
                                      x_t, t)
 
 

@@ -30,7 +30,7 @@ Three exact ways to run a conv with per-sample kernels (:class:`ModulationMode`)
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, NamedTuple, Sequence
@@ -135,18 +135,40 @@ def modulated_kernels(weight: Tensor, f: ConvFactors) -> Tensor:
     return weight.unsqueeze(0) * (1.0 + f.delta())
 
 
+def _full_precision(t: Tensor):
+    """No autocast within (a GEMM that must keep its inputs' dtype)."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.autocast(t.device.type, enabled=False)
+    return nullcontext()
+
+
 class _ModulatedKernels(torch.autograd.Function):
-    """``theta * (1 + Delta_b) = theta + (theta * B_b) * A_b`` per sample, in two passes over the
-    (B, C_out, C_in, kh, kw) result; backward keeps only theta, A, B (no per-sample tensor):
+    """``theta * (1 + Delta_b)`` per sample, in two passes over the (B, C_out, C_in, kh, kw)
+    result (a batched GEMM for ``1 + Delta``, then times theta); backward keeps only theta, A, B
+    (no per-sample tensor):
     with ``G = dL/dtheta_hat * theta``: ``dL/dA[b,h,w,i] = sum_o G[b,o,i,h,w] B[b,h,w,o]``,
     ``dL/dB[b,h,w,o] = sum_i G[b,o,i,h,w] A[b,h,w,i]``, ``dL/dtheta = sum_b dL/dtheta_hat (1 + Delta_b)``.
     """
 
     @staticmethod
     def compute(theta: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        b_o = b.permute(0, 3, 1, 2).unsqueeze(2)  # (B, C_out, 1, kh, kw)
-        a_i = a.permute(0, 3, 1, 2).unsqueeze(1)  # (B, 1, C_in, kh, kw)
-        return torch.addcmul(theta, theta * b_o, a_i)
+        # ``1 + Delta_b`` in the conv's (C_out, C_in * kh * kw) layout as one batched GEMM over
+        # the k = kh*kw taps, then times theta in place: two passes over the B kernels, both
+        # contiguous. ``e[b, s, i, t] = A_b[s, i]`` if s == t else 0, so
+        # ``(B_b^T e_b)[o, (i, t)] = B_b[t, o] A_b[t, i] = Delta_b[o, i, t]`` (the other k - 1
+        # terms are exact zeros). The broadcasting elementwise form (theta * B) * A is 1.8x
+        # slower: in the conv's layout its innermost loop is a 3-element tap row. The modulated
+        # pass of the tiny U-Net went from 1.36x to 1.21x a plain pass at B = 8 (1.28x to 1.25x
+        # at B = 1; one interleaved A/B run, 1 thread, idle 2-core CPU).
+        bsz, kh, kw, c_in = a.shape
+        c_out, k = b.shape[-1], kh * kw
+        with _full_precision(a):  # Delta must not be rounded to bf16 before the 1 is added
+            taps = torch.arange(k, device=a.device)
+            e = a.new_zeros(bsz, k, c_in, k)
+            e[:, taps, :, taps] = a.reshape(bsz, k, c_in).transpose(0, 1)  # (k, B, C_in) placed
+            one = a.new_ones(()).expand(bsz, c_out, c_in * k)
+            w = torch.baddbmm(one, b.reshape(bsz, k, c_out).transpose(1, 2), e.view(bsz, k, -1))
+        return w.mul_(theta.reshape(c_out, c_in * k)).view(bsz, c_out, c_in, kh, kw)
 
     @staticmethod
     def forward(ctx, theta: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -303,13 +325,13 @@ def resolve_mode(mode: ModulationMode | str, device: torch.device, batch: int) -
     """The concrete path for ``auto``: ``grouped`` on every device and batch size.
 
     Measured with ``benchmarks/rectifier.py`` on the 2-core CPU (tiny 32x32 backbone, 24
-    targets, 1 thread, best of interleaved runs), ratio to the plain backbone pass (fwd) or to
-    a plain training step (fwd+bwd):
+    targets, 1 thread, best of interleaved runs, idle, 2026-11-30), ratio to the plain backbone
+    pass (fwd) or to a plain training step (fwd+bwd):
 
         path      B=1 fwd  B=1 fwd+bwd  B=8 fwd  B=8 fwd+bwd   B=8 step memory
-        grouped    1.16x      1.21x      1.28x      1.15x        102 MB
-        loop       1.14x      1.07x      1.42x      1.36x         97 MB
-        lowrank    2.30x      2.62x      2.25x      2.30x        110 MB
+        grouped    1.19x      1.03x      1.23x      1.20x         97 MB
+        loop       1.19x      1.01x      1.70x      1.67x        106 MB
+        lowrank    2.54x      2.59x      2.90x      3.07x        116 MB
 
     At B=1 ``grouped`` runs the very conv the loop runs (one sample, one kernel); from B=2 on it
     beats the loop, and the loop is never chosen (DESIGN.md: no Python loop over the batch).

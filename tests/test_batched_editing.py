@@ -222,10 +222,22 @@ def test_hypernetwork_chunks_do_not_change_the_edit(float64):
     inv = editor.invert(faces, SEEDS[:2])
     whole = editor.edit(faces, SEEDS[:2], ("old",), inversion=inv).outputs["old"]
     joint = JointRectifier(d, [rects["old"]], faces)
-    fn = joint.trajectory(inv, 0, chunk=3)  # 5 steps x 2 images in 4 calls
-    assert joint.passes.hypernetwork == 4
-    out = replay(fn, d.schedule, inv)
+    fn = joint.trajectory(inv, 0, chunk=4)  # windows of 2 steps x 2 images: 3 calls
+    held = []
+    step = fn.__call__
+
+    def spy(x_t, t):
+        eps = step(x_t, t)
+        held.append(next(iter(fn.factors.values())).a.shape[0])  # steps whose factors are held
+        return eps
+
+    assert joint.passes.hypernetwork == 0  # nothing is computed before the replay reaches it
+    out = replay(spy, d.schedule, inv)
+    assert joint.passes.hypernetwork == 3 and held == [2, 2, 2, 2, 1]
     assert (out - whole).abs().max() <= 1e-12
+    one = JointRectifier(d, [rects["old"]], faces)  # a chunk below B: one step per call
+    assert (replay(one.trajectory(inv, 0, chunk=1), d.schedule, inv) - whole).abs().max() <= 1e-12
+    assert one.passes.hypernetwork == 5
     with pytest.raises(ValueError, match="source images"):
         JointRectifier(d, [rects["old"]], faces[:1]).trajectory(inv, 0)
 

@@ -242,6 +242,41 @@ def test_offsets_of_a_sample_do_not_depend_on_the_rest_of_the_batch(small, faces
             assert (u[2:3] - v).abs().max().item() <= 1e-5
 
 
+def test_channels_last_stem_computes_the_sequential_trunk(small, faces):
+    """``features`` runs the stem in channels-last memory: the same trunk, float rounding apart,
+    with and without gradients (the pretraining path), and an NCHW result for the branches."""
+    x = torch.cat([faces, faces.flip(-1)], dim=1)
+    with torch.no_grad():
+        ref = small.trunk(x)
+        got = small.features(x)
+    assert got.is_contiguous()
+    assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    small.zero_grad()
+    small.features(x).square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in small.trunk.named_parameters()}
+    small.zero_grad()
+    small.trunk(x).square().mean().backward()
+    for n, p in small.trunk.named_parameters():
+        assert torch.allclose(grads[n], p.grad, rtol=1e-4, atol=1e-6), n
+    small.zero_grad()
+
+
+def test_kernels_built_by_one_gemm_are_the_reference_kernels():
+    """The grouped path builds 1 + Delta as one batched GEMM over the taps (zeros off the tap
+    diagonal), then times theta: the reference's values for 3x3, 1x1 and non-square kernels."""
+    from hfedit.modulation import _ModulatedKernels, modulated_kernels
+
+    gen = torch.Generator().manual_seed(0)
+    for co, ci, kh, kw in [(8, 5, 3, 3), (6, 4, 1, 1), (3, 7, 1, 3)]:
+        theta = torch.randn(co, ci, kh, kw, generator=gen)
+        f = ConvFactors(torch.randn(4, kh, kw, ci, generator=gen),
+                        torch.randn(4, kh, kw, co, generator=gen))
+        got = _ModulatedKernels.compute(theta, f.a, f.b)
+        ref = modulated_kernels(theta, f)
+        assert got.shape == ref.shape and got.is_contiguous()
+        assert (got - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+
+
 def test_state_dict_round_trips_through_safetensors(random_denoiser, small, faces, tmp_path):
     from safetensors.torch import load_file, save_file
 
