@@ -16,6 +16,10 @@ from hfedit.backbone import Denoiser, new_denoiser
 from hfedit.config import HfeditConfig
 
 RES = 32
+# torch's thread count in a fresh process of this environment (conftest is imported before any
+# test): a model served by another process computes with it, and CPU convolutions round
+# differently with another count (the plain tiny U-Net's eps by ~1e-6 between 1 and 2 threads)
+DEFAULT_THREADS = torch.get_num_threads()
 
 
 def real_faces(n: int, resolution: int = RES) -> torch.Tensor:

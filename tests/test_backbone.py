@@ -23,8 +23,12 @@ def test_save_and_load_round_trip_is_exact(tiny_cfg, tmp_path):
     save_backbone(d, tmp_path / "bb", meta={"note": "test"})
     assert (tmp_path / "bb" / "model_index.json").is_file()
     loaded = load_backbone(tmp_path / "bb")
-    x, t = torch.randn(2, 3, RES, RES), torch.tensor([3, 700])
-    assert torch.equal(d(x, t), loaded(x, t))
+    # bit for bit at every batch size: the loaded weights get aligned memory of their own
+    # (oneDNN's kernels for the unaligned tensors from_pretrained leaves differ by ~1e-6 at B=1)
+    assert all(p.data_ptr() % 64 == 0 for p in loaded.unet.parameters())
+    for x, t in [(torch.randn(2, 3, RES, RES), torch.tensor([3, 700])),
+                 (torch.randn(1, 3, RES, RES), torch.tensor([500]))]:
+        assert torch.equal(d(x, t), loaded(x, t))
     assert torch.equal(loaded.schedule.alphas_cumprod, d.schedule.alphas_cumprod)
     assert not any(p.requires_grad for p in loaded.parameters())
 
