@@ -120,6 +120,16 @@ STUDIES: dict[str, Study] = {
                    "score_matching/own/clip_direction", "+.4f"),
             Column("ablation score matching L1", ABL, "score_matching/own/l1"),
         ), keys=("edits.attributes.smiling.large_t",)),
+    "seeds": Study(
+        "(this project)", "run-to-run spread of an edit: the smiling edit retrained with other "
+        "seeds, everything before train_edits unchanged (the studies above are one run each)",
+        _grid("edits.attributes.smiling.seed", ["1", "2", "3"]),
+        edit_columns("smiling") + (
+            Column("ablation score matching CLIP", ABL,
+                   "score_matching/own/clip_direction", "+.4f"),
+            Column("ablation Markovian CLIP", ABL, "markovian/own/clip_direction", "+.4f"),
+            Column("ablation Markovian L1", ABL, "markovian/own/l1"),
+        ), keys=("edits.attributes.smiling.seed",)),
 }
 
 
