@@ -27,10 +27,11 @@ retraces the inversion's chain bit for bit, so the reconstruction stays exact. H
 
 * ``trajectory``: on ``P_t`` of the inversion's own ``x_t`` (the backbone's estimates, kept by
   :func:`hfedit.inversion.invert`: no extra evaluation; the DDIM inversion evaluates the model
-  at other points, so in ``ddim`` mode one batched plain pass per step computes them). All
-  offsets are known before the replay: one batched hypernetwork call per rectifier over the
-  (step, image) pairs of a window of steps (all N - skip of them when (N - skip) * B <= 512),
-  then one modulated U-Net pass per step and no plain pass.
+  at other points, so in ``ddim`` mode one batched plain pass per step computes them). Every
+  step's offsets depend on the inversion alone, so they are computed ahead of the replay, a
+  window of steps at a time: one batched hypernetwork call per rectifier over the window's
+  (step, image) pairs (all N - skip steps in one window when (N - skip) * B <= 512), then one
+  modulated U-Net pass per step and no plain pass.
 * ``live``: on ``P_t`` of the edited trajectory's current ``x_t``: per step a plain pass over the
   K*B samples, each rectifier on its B, and a modulated pass that reuses the plain pass's down
   path (:func:`hfedit.modulation.record_prefix`).
