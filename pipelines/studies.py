@@ -130,6 +130,13 @@ STUDIES: dict[str, Study] = {
             Column("ablation Markovian CLIP", ABL, "markovian/own/clip_direction", "+.4f"),
             Column("ablation Markovian L1", ABL, "markovian/own/l1"),
         ), keys=("edits.attributes.smiling.seed",)),
+    "weight_seeds": Study(
+        "(this project)", "large_t: weight over the four seeds of the study seeds (whose rows are "
+        "clamp, the default), the smiling edit retrained",
+        {f"s{k}": ("edits.attributes.smiling.large_t=weight", f"edits.attributes.smiling.seed={k}")
+         for k in range(4)},
+        edit_columns("smiling"),
+        baseline=False, keys=("edits.attributes.smiling.large_t", "edits.attributes.smiling.seed")),
 }
 
 
