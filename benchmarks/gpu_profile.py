@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.rectifier import _status_mb, print_table, random_factors, sync  # noqa: E402
-from hfedit.backbone import Denoiser, celebahq256_unet, schedule_from_scheduler  # noqa: E402
+from hfedit.backbone import Denoiser, celebahq256_denoiser  # noqa: E402
 from hfedit.config import InversionConfig, RectifierConfig  # noqa: E402
 from hfedit.device import Precision, resolve_device  # noqa: E402
 from hfedit.memory import saved_for_backward  # noqa: E402
@@ -56,16 +56,11 @@ SIZES = {
 def build(device: torch.device, resolution: int):
     """The stand-in backbone, a rectifier with nonzero offsets, random-weight CLIP ViT-B-32."""
     import open_clip
-    from diffusers import DDPMScheduler
 
-    from hfedit.backbone import CELEBAHQ256_SCHEDULER
     from hfedit.clip_loss import ClipModel
     from hfedit.rectifier import Rectifier
 
-    scheduler = DDPMScheduler(**CELEBAHQ256_SCHEDULER)
-    unet = celebahq256_unet(sample_size=resolution).to(device)
-    denoiser = Denoiser(unet, schedule_from_scheduler(scheduler), "celebahq256-standin",
-                        scheduler).freeze()
+    denoiser = celebahq256_denoiser(device=device, sample_size=resolution)
     torch.manual_seed(0)
     rectifier = Rectifier(RectifierConfig(), denoiser.unet).to(device)
     with torch.no_grad():  # nonzero offsets, as after training

@@ -67,14 +67,9 @@ def main() -> None:
     if args.backbone == "tiny":
         d, label = new_denoiser(cfg.backbone, 32).freeze(), "tiny backbone (32x32"
     else:
-        from diffusers import DDPMScheduler
+        from hfedit.backbone import celebahq256_denoiser
 
-        from hfedit.backbone import (CELEBAHQ256_SCHEDULER, Denoiser, celebahq256_unet,
-                                     schedule_from_scheduler)
-
-        scheduler = DDPMScheduler(**CELEBAHQ256_SCHEDULER)
-        d = Denoiser(celebahq256_unet(), schedule_from_scheduler(scheduler), "celebahq256-standin",
-                     scheduler).freeze()
+        d = celebahq256_denoiser()
         label = "CelebA-HQ-256 stand-in (256x256"
     resolution = d.unet.config.sample_size
     cfg.rectifier.trunk = RectifierTrunk(args.trunk)

@@ -150,6 +150,17 @@ def celebahq256_unet(seed: int = 0, **overrides) -> nn.Module:
         return UNet2DModel(**{**CELEBAHQ256_UNET, **overrides})
 
 
+def celebahq256_denoiser(seed: int = 0, device: str | torch.device = "cpu",
+                         **overrides) -> Denoiser:
+    """The stand-in (:func:`celebahq256_unet`) with the real model's scheduler, frozen, on
+    ``device``: what the benchmarks time (``overrides``: e.g. ``sample_size``)."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(**CELEBAHQ256_SCHEDULER)
+    return Denoiser(celebahq256_unet(seed, **overrides).to(device),
+                    schedule_from_scheduler(scheduler), "celebahq256-standin", scheduler).freeze()
+
+
 def write_celebahq256_standin(folder: str | Path, seed: int = 0) -> Path:
     """The stand-in in the hub repo's flat layout (``config.json``,
     ``diffusion_pytorch_model.safetensors``, ``scheduler_config.json`` side by side): a folder
@@ -262,6 +273,7 @@ def describe(denoiser: Denoiser) -> dict:
 __all__ = [
     "CELEBAHQ256_SCHEDULER",
     "CELEBAHQ256_UNET",
+    "celebahq256_denoiser",
     "BackboneUnavailable",
     "celebahq256_unet",
     "write_celebahq256_standin",

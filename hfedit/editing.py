@@ -274,8 +274,7 @@ class JointRectifier:
         else:
             eps = self.denoiser(xts, t_flat)
             self.passes.plain += n
-        p_t = torch.cat([predict_x0(self.denoiser.schedule, x, t, e)  # (S'*B, C, H, W)
-                         for x, t, e in zip(xts.split(bsz), ts, eps.split(bsz))])
+        p_t = predict_x0(self.denoiser.schedule, xts, t_flat, eps)  # (S'*B, C, H, W), as live
         x0 = self.x0.repeat(n, 1, 1, 1)  # (S'*B, C, H, W)
         per = []
         for rect in self.rectifiers:

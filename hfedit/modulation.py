@@ -30,7 +30,7 @@ Three exact ways to run a conv with per-sample kernels (:class:`ModulationMode`)
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, NamedTuple, Sequence
@@ -135,13 +135,6 @@ def modulated_kernels(weight: Tensor, f: ConvFactors) -> Tensor:
     return weight.unsqueeze(0) * (1.0 + f.delta())
 
 
-def _full_precision(t: Tensor):
-    """No autocast within (a GEMM that must keep its inputs' dtype)."""
-    if torch.is_autocast_enabled(t.device.type):
-        return torch.autocast(t.device.type, enabled=False)
-    return nullcontext()
-
-
 class _ModulatedKernels(torch.autograd.Function):
     """``theta * (1 + Delta_b)`` per sample, in two passes over the (B, C_out, C_in, kh, kw)
     result (a batched GEMM for ``1 + Delta``, then times theta); backward keeps only theta, A, B
@@ -163,7 +156,9 @@ class _ModulatedKernels(torch.autograd.Function):
         # at B = 1; one interleaved A/B run, 1 thread, idle 2-core CPU).
         bsz, kh, kw, c_in = a.shape
         c_out, k = b.shape[-1], kh * kw
-        with _full_precision(a):  # Delta must not be rounded to bf16 before the 1 is added
+        # no autocast: Delta must not be rounded to bf16 before the 1 is added (as the
+        # rectifier's branch bank, hfedit.rectifier)
+        with torch.autocast(a.device.type, enabled=False):
             taps = torch.arange(k, device=a.device)
             e = a.new_zeros(bsz, k, c_in, k)
             e[:, taps, :, taps] = a.reshape(bsz, k, c_in).transpose(0, 1)  # (k, B, C_in) placed

@@ -80,6 +80,18 @@ def edit_columns(attribute: str) -> tuple[Column, ...]:
     )
 
 
+def ablation_columns(*which: str) -> tuple[Column, ...]:
+    """Columns of ``metrics/edit_ablation.json`` (own interval): ``"<method> <clip|l1>"``."""
+    fmt = {"clip": ("CLIP", "clip_direction", "+.4f"), "l1": ("L1", "l1", ".4f")}
+    label = {"score_matching": "score matching", "markovian": "Markovian"}
+    out = []
+    for w in which:
+        method, metric = w.split()
+        title, key, f = fmt[metric]
+        out.append(Column(f"ablation {label[method]} {title}", ABL, f"{method}/own/{key}", f))
+    return tuple(out)
+
+
 def _grid(key: str, values: list[str]) -> dict[str, tuple[str, ...]]:
     return {v.replace(".", "p"): (f"{key}={v}",) for v in values}
 
@@ -106,30 +118,21 @@ STUDIES: dict[str, Study] = {
             for v in ("0.5", "2.0")},
          **{f"recon{v.replace('.', 'p')}": (f"edits.attributes.smiling.lambda_recon={v}",)
             for v in ("0.5", "2.0")}},
-        edit_columns("smiling") + (
-            Column("ablation score matching CLIP", ABL,
-                   "score_matching/own/clip_direction", "+.4f"),
-            Column("ablation score matching L1", ABL, "score_matching/own/l1"),
-        ), keys=("edits.attributes.smiling.lambda_clip", "edits.attributes.smiling.lambda_recon")),
+        edit_columns("smiling") + ablation_columns("score_matching clip", "score_matching l1"),
+        keys=("edits.attributes.smiling.lambda_clip", "edits.attributes.smiling.lambda_recon")),
     "large_t": Study(
         "(this project)", "Algorithm 1 at large t: the smiling edit trained with each remedy",
         {**_grid("edits.attributes.smiling.large_t", ["none", "clamp", "weight"]),
          "range500": ("edits.attributes.smiling.large_t=range", "edits.attributes.smiling.t_max=500")},
-        edit_columns("smiling") + (
-            Column("ablation score matching CLIP", ABL,
-                   "score_matching/own/clip_direction", "+.4f"),
-            Column("ablation score matching L1", ABL, "score_matching/own/l1"),
-        ), keys=("edits.attributes.smiling.large_t",)),
+        edit_columns("smiling") + ablation_columns("score_matching clip", "score_matching l1"),
+        keys=("edits.attributes.smiling.large_t",)),
     "seeds": Study(
         "(this project)", "run-to-run spread of an edit: the smiling edit retrained with other "
         "seeds, everything before train_edits unchanged (the studies above are one run each)",
         _grid("edits.attributes.smiling.seed", ["1", "2", "3"]),
-        edit_columns("smiling") + (
-            Column("ablation score matching CLIP", ABL,
-                   "score_matching/own/clip_direction", "+.4f"),
-            Column("ablation Markovian CLIP", ABL, "markovian/own/clip_direction", "+.4f"),
-            Column("ablation Markovian L1", ABL, "markovian/own/l1"),
-        ), keys=("edits.attributes.smiling.seed",)),
+        edit_columns("smiling") + ablation_columns("score_matching clip", "markovian clip",
+                                                   "markovian l1"),
+        keys=("edits.attributes.smiling.seed",)),
     "weight_seeds": Study(
         "(this project)", "large_t: weight over the four seeds of the study seeds (whose rows are "
         "clamp, the default), the smiling edit retrained",
