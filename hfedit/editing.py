@@ -274,7 +274,11 @@ class JointRectifier:
         else:
             eps = self.denoiser(xts, t_flat)
             self.passes.plain += n
-        p_t = predict_x0(self.denoiser.schedule, xts, t_flat, eps)  # (S'*B, C, H, W), as live
+        # per step with an int t (the inversion's own form of P_t); live's tensor-t form rounds
+        # differently by up to 1.5e-5 at large t, so one call over the window would change the
+        # committed edits' last digits
+        p_t = torch.cat([predict_x0(self.denoiser.schedule, x, t, e)  # (S'*B, C, H, W)
+                         for x, t, e in zip(xts.split(bsz), ts, eps.split(bsz))])
         x0 = self.x0.repeat(n, 1, 1, 1)  # (S'*B, C, H, W)
         per = []
         for rect in self.rectifiers:
