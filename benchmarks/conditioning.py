@@ -47,10 +47,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from dataclasses import replace
 
-    from hfedit.clip_loss import DirectionalClipLoss, RandomClipWarning, load_clip
+    from hfedit.models.clip import DirectionalClipLoss, RandomClipWarning, load_clip
     from hfedit.config import Conditioning, load_config
-    from hfedit.edit_evaluation import evaluate_edit
-    from hfedit.editing import Editor
+    from hfedit.evaluation.edits import evaluate_edit
+    from hfedit.editing.editor import Editor
     from tests.conftest import briefly_trained, real_faces
 
     cfg = load_config()
@@ -62,15 +62,15 @@ def main() -> None:
         clip = load_clip(cfg.clip)
     started = time.perf_counter()
     if args.backbone:
-        from hfedit.backbone import load_backbone
-        from hfedit.checkpoint import load_rectifier
+        from hfedit.models.backbone import load_backbone
+        from hfedit.models.checkpoint import load_rectifier
 
         denoiser = load_backbone(args.backbone)
         rect, _ = load_rectifier(Path(args.edits) / args.attribute, denoiser.unet)
         origin = f"{args.backbone}, {args.edits}/{args.attribute}"
     else:
-        from hfedit.edit_training import train_edit
-        from hfedit.rectifier import build_rectifier
+        from hfedit.training.edits import train_edit
+        from hfedit.models.rectifier import build_rectifier
 
         denoiser = briefly_trained(cfg.backbone, train, args.backbone_steps)
         torch.manual_seed(cfg.pretrain.seed)

@@ -126,7 +126,7 @@ def measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
 PREPARE = """
 import sys
 from hfedit.config import DataConfig
-from hfedit.dataset import prepare_dataset
+from hfedit.data.prepared import prepare_dataset
 m = prepare_dataset(DataConfig(source=sys.argv[1], resolution=256, workers=int(sys.argv[3])),
                     sys.argv[2], progress=False)
 print("ok", m.counts["ok"])
@@ -137,7 +137,7 @@ import os, sys
 import ray
 from ray.train import DataConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from hfedit.dataset import PreparedData
+from hfedit.data.prepared import PreparedData
 from pipelines.ray_runtime import split_dataset
 
 def loop(config):
@@ -167,8 +167,8 @@ print("ok")
 
 EDIT_READS = """
 import sys, torch
-from hfedit.dataset import load_split
-from hfedit.edit_training import select_images
+from hfedit.data.prepared import load_split
+from hfedit.training.edits import select_images
 split = load_split(sys.argv[1], "train")
 x0 = select_images(split, 100, 0)          # the task's image subset, read from the shards
 gen = torch.Generator().manual_seed(0)

@@ -119,7 +119,7 @@ def main() -> None:
     if not Path(backbone).exists():
         import torch
 
-        from hfedit.backbone import new_denoiser, save_backbone
+        from hfedit.models.backbone import new_denoiser, save_backbone
 
         torch.manual_seed(0)
         print(f"({backbone} not found: a random-weight backbone of the default architecture; same cost)")

@@ -49,10 +49,10 @@ def main() -> None:
     from edit_batch import busy_seconds, write_images  # benchmarks/edit_batch.py
 
     sys.path.insert(0, str(ROOT))  # that module puts its own checkout first
-    from hfedit.backbone import new_denoiser, save_backbone
-    from hfedit.checkpoint import save_rectifier
+    from hfedit.models.backbone import new_denoiser, save_backbone
+    from hfedit.models.checkpoint import save_rectifier
     from hfedit.config import HfeditConfig, load_config
-    from hfedit.rectifier import build_rectifier
+    from hfedit.models.rectifier import build_rectifier
     from pipelines.edit_batch import execute_plain, run_job
 
     sys.path.append(str(Path(__file__).resolve().parents[1]))

@@ -49,12 +49,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from hfedit.backbone import load_backbone
-    from hfedit.clip_loss import DirectionalClipLoss, load_clip
+    from hfedit.models.backbone import load_backbone
+    from hfedit.models.clip import DirectionalClipLoss, load_clip
     from hfedit.config import HfeditConfig, LargeT, RectifierConfig, RectifierTrunk, load_config
-    from hfedit.edit_training import EditLoss, ScoreMatchingObjective
-    from hfedit.rectifier import ModulatedDenoiser, build_rectifier
-    from hfedit.schedule import predict_x0, q_sample
+    from hfedit.training.edits import EditLoss, ScoreMatchingObjective
+    from hfedit.models.rectifier import ModulatedDenoiser, build_rectifier
     from tests.conftest import perturbed, real_faces
 
     started = time.perf_counter()
@@ -64,7 +63,7 @@ def main() -> None:
     else:
         import tempfile
 
-        from hfedit.backbone_train import train_backbone
+        from hfedit.training.backbone import train_backbone
 
         cfg = HfeditConfig().backbone
         cfg.train.steps, cfg.train.warmup_steps, cfg.train.checkpoint_every = (

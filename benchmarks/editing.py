@@ -4,7 +4,7 @@ edited images per second.
     .venv/bin/python benchmarks/editing.py                       # pipeline models when present
     .venv/bin/python benchmarks/editing.py --clip-models ViT-S-32 ViT-B-32 --threads 1
 
-Training cases (one optimisation step of :mod:`hfedit.edit_training` at the attribute's batch
+Training cases (one optimisation step of :mod:`hfedit.training.edits` at the attribute's batch
 size, CLIP with random weights, cost-identical to real ones):
   * "score matching": Algorithm 1, one rectified step (plain pass for P_t, hypernetwork,
     modulated pass) + CLIP forward/backward of the edited batch;
@@ -12,7 +12,7 @@ size, CLIP with random weights, cost-identical to real ones):
     rectified steps, backpropagated through all of them, + the same CLIP cost (the DDIM
     latents are computed once per image before training and are not part of a step);
   * "CLIP fwd+bwd alone": the directional loss's share of a step.
-Editing cases (:class:`hfedit.editing.Editor`, ``inversion`` settings, batch ``--edit-batch``):
+Editing cases (:class:`hfedit.editing.editor.Editor`, ``inversion`` settings, batch ``--edit-batch``):
   * "invert + edit": edit-friendly inversion with the backbone (N evaluations) + replay through
     the attribute's rectifier (N - skip rectified evaluations): a new image;
   * "edit (inverted)": one more attribute on an image already inverted (replay only).
@@ -54,10 +54,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hfedit.backbone import load_backbone, new_denoiser  # noqa: E402
-from hfedit.clip_loss import DirectionalClipLoss, RandomClipWarning, load_clip  # noqa: E402
+from hfedit.models.backbone import load_backbone, new_denoiser  # noqa: E402
+from hfedit.models.clip import DirectionalClipLoss, RandomClipWarning, load_clip  # noqa: E402
 from hfedit.config import ClipConfig, InversionConfig, load_config  # noqa: E402
-from hfedit.edit_training import (  # noqa: E402
+from hfedit.training.edits import (
     EditLoss,
     MarkovianObjective,
     ScoreMatchingObjective,
@@ -66,14 +66,14 @@ from hfedit.edit_training import (  # noqa: E402
     edit_step_markovian,
     edit_step_score_matching,
 )
-from hfedit.editing import Editor  # noqa: E402
-from hfedit.rectifier import ModulatedDenoiser, build_rectifier  # noqa: E402
-from hfedit.training import make_optimizer  # noqa: E402
+from hfedit.editing.editor import Editor  # noqa: E402
+from hfedit.models.rectifier import ModulatedDenoiser, build_rectifier  # noqa: E402
+from hfedit.training.reconstruction import make_optimizer  # noqa: E402
 from benchmarks.rectifier import print_table  # noqa: E402
 
 
 def models(cfg, backbone: Path, rectifier: Path):
-    from hfedit.checkpoint import load_rectifier
+    from hfedit.models.checkpoint import load_rectifier
 
     if (backbone / "model_index.json").is_file():
         denoiser, where = load_backbone(backbone), str(backbone)

@@ -17,7 +17,7 @@ Columns: median milliseconds over ``--repeats`` runs after one warm-up; peak mem
 ``torch.cuda.max_memory_allocated`` during the case (weights, optimiser state and activations:
 what must fit on the card); on the CPU the growth of the peak resident set over the case
 (VmHWM reset through /proc/self/clear_refs). Training rows add the activation memory autograd
-keeps for backward (hfedit.memory.saved_for_backward: the same on every device).
+keeps for backward (hfedit.training.memory.saved_for_backward: the same on every device).
 
 Weights are random (the stand-in of google/ddpm-ema-celebahq-256 and of CLIP ViT-B-32): speed
 and memory are those of the real models, nothing else. Everything runs in this one process;
@@ -41,10 +41,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.rectifier import _status_mb, print_table, random_factors, sync  # noqa: E402
-from hfedit.backbone import Denoiser, celebahq256_denoiser  # noqa: E402
+from hfedit.models.backbone import Denoiser  # noqa: E402
+from hfedit.testing import celebahq256_denoiser
 from hfedit.config import InversionConfig, RectifierConfig  # noqa: E402
 from hfedit.device import Precision, resolve_device  # noqa: E402
-from hfedit.memory import saved_for_backward  # noqa: E402
+from hfedit.training.memory import saved_for_backward  # noqa: E402
 
 # Sizes per device type: a GPU runs the paper's sizes, the CPU the same rows smaller.
 SIZES = {
@@ -57,8 +58,8 @@ def build(device: torch.device, resolution: int):
     """The stand-in backbone, a rectifier with nonzero offsets, random-weight CLIP ViT-B-32."""
     import open_clip
 
-    from hfedit.clip_loss import ClipModel
-    from hfedit.rectifier import Rectifier
+    from hfedit.models.clip import ClipModel
+    from hfedit.models.rectifier import Rectifier
 
     denoiser = celebahq256_denoiser(device=device, sample_size=resolution)
     torch.manual_seed(0)
@@ -97,10 +98,10 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int) -> tup
 
 def rows_for(denoiser: Denoiser, rectifier, clip, device: torch.device, precision: Precision,
              sizes: dict, resolution: int, repeats: int) -> list[dict]:
-    from hfedit.clip_loss import DirectionalClipLoss
-    from hfedit.edit_training import EditLoss, ScoreMatchingObjective, edit_step_score_matching
-    from hfedit.editing import Editor
-    from hfedit.rectifier import ModulatedDenoiser, modulated_eps
+    from hfedit.models.clip import DirectionalClipLoss
+    from hfedit.training.edits import EditLoss, ScoreMatchingObjective, edit_step_score_matching
+    from hfedit.editing.editor import Editor
+    from hfedit.models.rectifier import ModulatedDenoiser, modulated_eps
 
     denoiser.precision = precision
     gen = torch.Generator().manual_seed(0)

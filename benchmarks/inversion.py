@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from hfedit.backbone import Denoiser, load_backbone, new_denoiser
+from hfedit.models.backbone import Denoiser, load_backbone, new_denoiser
 from hfedit.config import load_config
-from hfedit.inversion import invert, replay
+from hfedit.diffusion.inversion import invert, replay
 
 
 class Counting:

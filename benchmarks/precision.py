@@ -34,7 +34,8 @@ from hfedit.device import Precision, resolve_device  # noqa: E402
 
 
 def faces(n: int, resolution: int) -> torch.Tensor:
-    from hfedit.data import bundled_images, to_tensor
+    from hfedit.data.sources import bundled_images
+    from hfedit.data.images import to_tensor
 
     out = []
     for _, img in bundled_images():
@@ -53,11 +54,11 @@ def main() -> None:
     args = ap.parse_args()
     device = resolve_device(args.device)
 
-    from hfedit.backbone_train import train_backbone
-    from hfedit.evaluation import reconstruct
-    from hfedit.inversion import invert, per_image_noise, replay
-    from hfedit.rectifier import ModulatedDenoiser, Rectifier
-    from hfedit.training import ReconstructionObjective
+    from hfedit.training.backbone import train_backbone
+    from hfedit.evaluation.reconstruction import reconstruct
+    from hfedit.diffusion.inversion import invert, per_image_noise, replay
+    from hfedit.models.rectifier import ModulatedDenoiser, Rectifier
+    from hfedit.training.reconstruction import ReconstructionObjective
 
     cfg = HfeditConfig().backbone
     cfg.train.steps, cfg.train.warmup_steps, cfg.train.checkpoint_every = args.train_steps, 20, 10**9

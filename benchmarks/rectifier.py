@@ -55,11 +55,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hfedit.backbone import Denoiser, new_denoiser  # noqa: E402
+from hfedit.models.backbone import Denoiser, new_denoiser  # noqa: E402
 from hfedit.config import HfeditConfig, ModulationMode, RectifierConfig, RectifierTrunk  # noqa: E402
-from hfedit.modulation import ConvFactors, resolve_mode  # noqa: E402
-from hfedit.rectifier import ModulatedDenoiser, Rectifier, modulated_eps, rectified_step  # noqa: E402
-from hfedit.schedule import Schedule, q_sample  # noqa: E402
+from hfedit.models.modulation import ConvFactors, resolve_mode  # noqa: E402
+from hfedit.models.rectifier import ModulatedDenoiser, Rectifier, modulated_eps, rectified_step  # noqa: E402
+from hfedit.diffusion.schedule import Schedule, q_sample  # noqa: E402
 
 PATHS = ("grouped", "loop", "lowrank")
 
@@ -71,7 +71,7 @@ def build(profile: str, device: torch.device,
     if profile == "tiny":
         denoiser, res = new_denoiser(HfeditConfig().backbone, 32), 32
     elif profile == "celebahq256":
-        from hfedit.backbone import celebahq256_unet
+        from hfedit.testing import celebahq256_unet
 
         denoiser, res = Denoiser(celebahq256_unet(), Schedule.linear(), "celebahq256-random"), 256
     else:

@@ -38,11 +38,15 @@ def main() -> None:
     ap.add_argument("--data", default="data/prepared")
     args = ap.parse_args()
 
-    from hfedit.backbone import load_backbone
+    from hfedit.models.backbone import load_backbone
     from hfedit.config import load_config
-    from hfedit.dataset import load_split
-    from hfedit.rectifier import ModulatedDenoiser, build_rectifier
-    from hfedit.training import ReconstructionObjective, make_optimizer, reconstruction_step
+    from hfedit.data.prepared import load_split
+    from hfedit.models.rectifier import ModulatedDenoiser, build_rectifier
+    from hfedit.training.reconstruction import (
+        ReconstructionObjective,
+        make_optimizer,
+        reconstruction_step,
+    )
 
     torch.set_num_threads(args.threads)
     cfg = load_config(overrides=[f"rectifier.trunk={args.trunk}"])

@@ -3,12 +3,12 @@
     .venv/bin/python benchmarks/rectifier_learning_curve.py --minutes 8
 
 The paper's rectifier corrects a backbone on images that backbone was not trained on. This
-script builds that setting from the bundled faces as prepare does (:func:`hfedit.data.split_roles`,
+script builds that setting from the bundled faces as prepare does (:func:`hfedit.data.manifest.split_roles`,
 ``--val`` and ``--rectifier`` shares as ``data.val_fraction`` / ``data.rectifier_fraction``: the
 default profile's faces), a tiny backbone is
 trained here on the backbone faces only (``--backbone-steps``), and for each learning rate in
 ``--lrs`` a fresh rectifier is pretrained (the stage's noise-fitting loss, Adam, weight decay
-1e-5) on the rectifier faces with :func:`hfedit.splits.augment` (``pretrain.augment``'s default)
+1e-5) on the rectifier faces with :func:`hfedit.training.augment.augment` (``pretrain.augment``'s default)
 on every batch. Every
 ``--every`` steps it prints, on the held-out eval faces: the DDIM reconstruction L1 at
 ``--n`` steps, the noise gap and PDAE's posterior-mean gap, each beside the backbone's and as
@@ -44,15 +44,25 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from hfedit.backbone_train import train_backbone
+    from hfedit.training.backbone import train_backbone
     from hfedit.config import HfeditConfig, RectifierConfig, RectifierTrunk
-    from hfedit.data import bundled_images, split_roles, to_tensor
-    from hfedit import metrics as M
-    from hfedit.evaluation import _model, per_image_posterior_gap, posterior_mean_gaps
-    from hfedit.inversion import ddim_invert, ddim_sample
-    from hfedit.rectifier import ModulatedDenoiser, build_rectifier
-    from hfedit.splits import Augmentation, augment
-    from hfedit.training import ReconstructionObjective, make_optimizer, reconstruction_step
+    from hfedit.data.sources import bundled_images
+    from hfedit.data.manifest import split_roles
+    from hfedit.data.images import to_tensor
+    from hfedit.evaluation import metrics as M
+    from hfedit.evaluation.reconstruction import (
+        _model,
+        per_image_posterior_gap,
+        posterior_mean_gaps,
+    )
+    from hfedit.diffusion.inversion import ddim_invert, ddim_sample
+    from hfedit.models.rectifier import ModulatedDenoiser, build_rectifier
+    from hfedit.training.augment import Augmentation, augment
+    from hfedit.training.reconstruction import (
+        ReconstructionObjective,
+        make_optimizer,
+        reconstruction_step,
+    )
 
     started = time.perf_counter()
     deadline = started + 60 * args.minutes

@@ -20,7 +20,6 @@ import collections
 import os
 import sys
 import tempfile
-import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -48,13 +47,13 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    from hfedit.checkpoint import save_rectifier
-    from hfedit.clip_loss import DirectionalClipLoss, RandomClipWarning, load_clip
+    from hfedit.models.checkpoint import save_rectifier
+    from hfedit.models.clip import DirectionalClipLoss, RandomClipWarning, load_clip
     from hfedit.config import load_config
-    from hfedit.edit_evaluation import evaluate_edit
-    from hfedit.edit_training import train_edit
-    from hfedit.editing import Editor
-    from hfedit.rectifier import build_rectifier
+    from hfedit.evaluation.edits import evaluate_edit
+    from hfedit.training.edits import train_edit
+    from hfedit.editing.editor import Editor
+    from hfedit.models.rectifier import build_rectifier
     from tests.conftest import briefly_trained, real_faces
 
     cfg = load_config()

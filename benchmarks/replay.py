@@ -55,11 +55,11 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    from hfedit.backbone import new_denoiser
+    from hfedit.models.backbone import new_denoiser
     from hfedit.config import HfeditConfig, InversionConfig, RectifierTrunk
-    from hfedit.editing import Editor
-    from hfedit.inversion import replay
-    from hfedit.rectifier import build_rectifier
+    from hfedit.editing.editor import Editor
+    from hfedit.diffusion.inversion import replay
+    from hfedit.models.rectifier import build_rectifier
     from tests.conftest import perturbed, real_faces
 
     cfg = HfeditConfig()
@@ -67,7 +67,7 @@ def main() -> None:
     if args.backbone == "tiny":
         d, label = new_denoiser(cfg.backbone, 32).freeze(), "tiny backbone (32x32"
     else:
-        from hfedit.backbone import celebahq256_denoiser
+        from hfedit.testing import celebahq256_denoiser
 
         d = celebahq256_denoiser()
         label = "CelebA-HQ-256 stand-in (256x256"
@@ -100,7 +100,7 @@ def main() -> None:
                 fn()
                 best[name] = min(best[name], time.perf_counter() - start)
     # the hypernetwork's share of a trajectory edit: its one batched call alone
-    from hfedit.editing import JointRectifier
+    from hfedit.editing.joint import JointRectifier
 
     hyper = float("inf")
     with torch.no_grad():

@@ -87,9 +87,9 @@ def run() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from hfedit.backbone import BackboneUnavailable
+    from hfedit.models.backbone import BackboneUnavailable
     from hfedit.config import ConfigError
-    from hfedit.data import ImageError
+    from hfedit.data.images import ImageError
     from hfedit.device import DeviceUnavailable
     from hfedit.validation import UsageError
 
@@ -108,9 +108,9 @@ class _Job:
     before anything is written), the work and the writing in :meth:`run`."""
 
     def __init__(self, args) -> None:
-        from hfedit.backbone import load_backbone
+        from hfedit.models.backbone import load_backbone
         from hfedit.config import load_config, project_root
-        from hfedit.data import load_image, to_tensor
+        from hfedit.data.images import load_image, to_tensor
         from hfedit.device import placement
         from hfedit.validation import check_output_folder
 
@@ -129,7 +129,7 @@ class _Job:
         models = project_root() / "models"
         self.rect_dir = self.edits_dir = None
         if args.command == "edit":
-            from hfedit.editing import available_edits
+            from hfedit.editing.editor import available_edits
 
             self.edits_dir = Path(args.edits) if args.edits else models / "edits"
             have = available_edits(self.edits_dir)
@@ -154,21 +154,21 @@ class _Job:
         if args.command == "edit":
             import json
 
-            from hfedit.editing import load_edit_rectifiers
+            from hfedit.editing.editor import load_edit_rectifiers
 
             self.rectifiers = load_edit_rectifiers(self.edits_dir, self.denoiser.unet,
                                                    [args.attribute], device=device)
             meta = json.loads((self.edits_dir / args.attribute / "rectifier.json").read_text())
             self.clip_info = meta.get("clip", {})
         if self.rect_dir is not None:
-            from hfedit.checkpoint import load_rectifier
+            from hfedit.models.checkpoint import load_rectifier
 
             self.recon, _ = load_rectifier(self.rect_dir, self.denoiser.unet, device=str(device))
 
     def run(self) -> int:
         import torch
 
-        from hfedit.inversion import colour_offset, invert, replay, shift_maps
+        from hfedit.diffusion.inversion import colour_offset, invert, replay, shift_maps
 
         args, inv_cfg, d, x0 = self.args, self.inv_cfg, self.denoiser, self.x0
         steps, eta, skip, seed = inv_cfg.num_steps, inv_cfg.eta, inv_cfg.skip, inv_cfg.seed
@@ -176,7 +176,7 @@ class _Job:
         writes: list = []  # (kind, path, payload): written only once everything is computed
         with _progress(d.unet, args, _evaluations(args, steps, skip)):
             if args.command == "edit":
-                from hfedit.editing import Editor
+                from hfedit.editing.editor import Editor
 
                 batch = Editor(d, inv_cfg, self.rectifiers).edit(x0, [seed], names=(args.attribute,))
                 edited = batch.outputs[args.attribute].clamp(-1, 1)
@@ -188,7 +188,7 @@ class _Job:
                         f"eta={0.0 if inv_cfg.mode.value == 'ddim' else eta}, skip={skip}; mean "
                         f"|edit - input| = {change:.4f} on [0, 1]")
             elif args.command == "translate":
-                from hfedit.editing import Editor
+                from hfedit.editing.editor import Editor
 
                 result = Editor(d, inv_cfg, reconstruction_rectifier=self.recon).translate(
                     x0, [seed], args.strength)
@@ -273,7 +273,8 @@ def _maps_preview(inv):
 def _write(writes: list) -> None:
     from safetensors.torch import save_file
 
-    from hfedit.data import make_grid_png, save_png
+    from hfedit.data.grids import make_grid_png
+    from hfedit.data.images import save_png
     from hfedit.files import atomic_write
 
     for kind, path, payload in writes:

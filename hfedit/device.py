@@ -4,7 +4,7 @@
 ``cpu``, ``cuda`` or ``cuda:<i>``. ``runtime.precision``: ``fp32``, ``bf16`` or ``fp16``: the
 U-Net and hypernetwork passes run under :func:`torch.autocast` with that dtype, everything else
 (schedules, inversion maps, losses, optimiser state, metrics) stays float32. The denoiser
-returns float32 noise estimates whatever the precision (:class:`hfedit.backbone.Denoiser`), so
+returns float32 noise estimates whatever the precision (:class:`hfedit.models.backbone.Denoiser`), so
 edit-friendly maps are computed in float32 from whatever the model predicted, and a replay
 through the same model reproduces the input exactly under every precision.
 

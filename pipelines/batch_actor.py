@@ -4,7 +4,7 @@
    prepare stage does, to a (3, R, R) float32 array; a bad input becomes its error here.
 2. :class:`EditImages` (the model actor, ``num_gpus``/``num_cpus``): loads the backbone and the
    rectifiers once; per batch of ``edit_batch.batch_size`` images, one inversion and one joint
-   replay of every (image, attribute) pair (:meth:`hfedit.editing.Editor.edit`); arrays in, the
+   replay of every (image, attribute) pair (:meth:`hfedit.editing.editor.Editor.edit`); arrays in, the
    edited arrays out (one row per image and attribute).
 3. :func:`write_outputs` (CPU tasks): the PNGs, the metrics and the done-log rows (an image's
    rows are appended once its PNGs are in place).
@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hfedit.data import ImageError, load_image, save_png, to_tensor
-from hfedit.dataset import Split, load_split
-from hfedit.editing import RECONSTRUCTION, load_editor
+from hfedit.data.images import ImageError, load_image, save_png, to_tensor
+from hfedit.data.prepared import Split, load_split
+from hfedit.editing.editor import RECONSTRUCTION, load_editor
 from hfedit.device import placement
 from pipelines.batch_job import (COLUMNS, EDIT_FAILED, WORKER_CRASHED, DoneIndex, Job, DoneLog,
                                  from_wire, is_complete, output_relpath, to_wire)
@@ -184,7 +184,7 @@ class EditImages:
 
     def edit_group(self, names: list[str], group: list[dict]) -> list[dict]:
         """Invert the group's B images once and replay them for ``names`` in one batch of B x K
-        (:meth:`hfedit.editing.Editor.edit`). The seconds of the batched calls are shared out
+        (:meth:`hfedit.editing.editor.Editor.edit`). The seconds of the batched calls are shared out
         equally per image (invert) and per row (edit)."""
         x0 = torch.stack([w["x0"] for w in group]).to(self.device)  # (B, 3, R, R)
         seeds = [w["seed"] for w in group]
@@ -231,7 +231,7 @@ def write_outputs(batch: Batch, job: Job) -> Batch:
 
 
 def _write(source: np.ndarray, edited: np.ndarray, attribute: str, name: str, out: Path) -> dict:
-    from hfedit.metrics import l1, ssim
+    from hfedit.evaluation.metrics import l1, ssim
 
     try:
         result = torch.from_numpy(np.array(edited))[None]  # (1, 3, R, R)

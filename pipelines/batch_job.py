@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Optional
 
-from hfedit.checkpoint import file_digest, fingerprint
+from hfedit.models.checkpoint import file_digest, fingerprint
 from hfedit.config import HfeditConfig, InversionConfig, to_flat_dict
-from hfedit.data import SPLITS, DatasetError, ImageError, id_digest, iter_folder, load_manifest, printable
-from hfedit.dataset import PreparedData
-from hfedit.editing import RECONSTRUCTION, available_edits
+from hfedit.data.manifest import SPLITS, DatasetError, id_digest, load_manifest, printable
+from hfedit.data.images import ImageError
+from hfedit.data.sources import iter_folder
+from hfedit.data.prepared import PreparedData
+from hfedit.editing.editor import RECONSTRUCTION, available_edits
 from hfedit.validation import UsageError, check_list_file  # bad arguments: exit status 2
 
 EXIT_OK, EXIT_CRASHED, EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -90,7 +92,7 @@ def _signature(path: Path) -> str:
 
 def list_inputs(source: str | os.PathLike, split: Optional[str] = None,
                 root: Optional[str | os.PathLike] = None) -> list[Entry]:
-    """Every input of a folder (recursive, :func:`hfedit.data.iter_folder`), a list file, or the
+    """Every input of a folder (recursive, :func:`hfedit.data.sources.iter_folder`), a list file, or the
     ``split`` of a prepared dataset folder, sorted by id, duplicates dropped."""
     source = Path(source).absolute()
     if split is not None:

@@ -8,7 +8,7 @@ method, at an equal budget (``edits.ablation.steps`` optimisation steps of the a
 size; 0 = the attribute's own ``steps``), as two Ray tasks in parallel, each an MLflow run nested
 under the stage's. Both are then evaluated on the first ``eval_images`` held-out (val) images
 (the same seeds) on their *own* interval and on the *full* one, as the paper's Fig. 6 does
-(:func:`hfedit.edit_evaluation.ablation_intervals`): score matching through the whole chain with
+(:func:`hfedit.evaluation.edits.ablation_intervals`): score matching through the whole chain with
 the ``inversion`` settings; Markovian by DDIM inversion + sampling from ``edits.markovian.t0``
 (where it was trained) and from x_T. Scores: directional CLIP similarity (edit strength) and
 fidelity to the source (L1, SSIM, PSNR, dlib identity where faces reach ``min_face_px``), each
@@ -32,9 +32,9 @@ from typing import Any, Optional
 
 import torch
 
-from hfedit.checkpoint import atomic_write_json
+from hfedit.files import atomic_write_json
 from hfedit.config import ConfigError, EditMethod, HfeditConfig, load_config, to_flat_dict
-from hfedit.dataset import data_location
+from hfedit.data.prepared import data_location
 from hfedit.device import DeviceUnavailable
 from pipelines.tracking import finite, nest_metrics
 from pipelines.train_edits import (
@@ -66,7 +66,7 @@ def identity_scorer(min_face_px: int, resolution: int):
         return None, (f"identity not scored: images are {resolution} px, smaller than "
                       f"edits.ablation.min_face_px={min_face_px} (dlib needs larger faces)")
     try:
-        from hfedit.identity import IdentityScorer
+        from hfedit.evaluation.identity import IdentityScorer
 
         return IdentityScorer(min_face_px=min_face_px), ""
     except Exception as err:  # dlib or its model files missing
@@ -75,7 +75,7 @@ def identity_scorer(min_face_px: int, resolution: int):
 
 def held_out(cfg: HfeditConfig, data: Path) -> tuple[torch.Tensor, list[int]]:
     """The first ``eval_images`` val images and their seeds (``inversion.seed + index``)."""
-    from hfedit.dataset import load_split
+    from hfedit.data.prepared import load_split
 
     images = load_split(data, "val")[: cfg.edits.ablation.eval_images]
     if images.shape[0] == 0:
@@ -86,19 +86,19 @@ def held_out(cfg: HfeditConfig, data: Path) -> tuple[torch.Tensor, list[int]]:
 
 def intervals(cfg: HfeditConfig, schedule) -> dict:
     """``{method: {"own", "full"}}`` and the backbone's, for this config (the module doc)."""
-    from hfedit.edit_evaluation import ablation_intervals
+    from hfedit.evaluation.edits import ablation_intervals
 
     return ablation_intervals(cfg.inversion, cfg.edits.markovian.t0, schedule)
 
 
 def evaluate(cfg: HfeditConfig, denoiser, clip, rectifier, data: Path, interval=None, held=None):
     """Edit the held-out images through ``rectifier`` (None: the backbone alone) on
-    ``interval`` (an :class:`hfedit.edit_evaluation.EditInterval`; None: ``cfg.inversion`` as
+    ``interval`` (an :class:`hfedit.evaluation.edits.EditInterval`; None: ``cfg.inversion`` as
     it is) and score them (see the module doc). ``held``: ``(images, seeds)`` when already
     loaded."""
-    from hfedit.clip_loss import DirectionalClipLoss
-    from hfedit.edit_evaluation import evaluate_edit
-    from hfedit.editing import RECONSTRUCTION, Editor
+    from hfedit.models.clip import DirectionalClipLoss
+    from hfedit.evaluation.edits import evaluate_edit
+    from hfedit.editing.editor import RECONSTRUCTION, Editor
 
     ab = cfg.edits.ablation
     attr = cfg.edits.attributes[ab.attribute]
@@ -229,7 +229,7 @@ def run_stage(cfg: HfeditConfig, backbone: Path, rectifier: Path, data: Path, pl
 
     from pipelines.ray_runtime import task_placement
 
-    from hfedit.data import make_grid_png
+    from hfedit.data.grids import make_grid_png
 
     ab = cfg.edits.ablation
     if not ab.enabled:

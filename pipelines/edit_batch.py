@@ -60,11 +60,11 @@ from typing import Callable, Iterator, Optional
 
 import pandas as pd
 
-from hfedit.checkpoint import atomic_write_bytes, atomic_write_json
+from hfedit.files import atomic_write_bytes, atomic_write_json
 from hfedit.config import ConfigError, HfeditConfig, load_config
-from hfedit.data import SPLITS
+from hfedit.data.manifest import SPLITS
 from hfedit.device import DeviceUnavailable
-from hfedit.editing import RECONSTRUCTION
+from hfedit.editing.editor import RECONSTRUCTION
 from hfedit.files import remove_temporaries
 from hfedit.validation import check_output_folder
 from pipelines.batch_actor import (EditImages, backbone_resolution, columns, decode_images,

@@ -3,7 +3,7 @@
     python pipelines/pretrain_rectifier.py --backbone models/backbone --data data/prepared \
         --out models/rectifier --checkpoints checkpoints/rectifier --metrics metrics/pretrain_rectifier.json
 
-Each worker runs :func:`hfedit.training.reconstruction_step` on its part of the training split,
+Each worker runs :func:`hfedit.training.reconstruction.reconstruction_step` on its part of the training split,
 streamed by Ray Data (``get_dataset_shard``; a local shuffle seeded per epoch, see :func:`stream`;
 a part small enough is kept after the first epoch, :class:`EpochRows`);
 DDP (gloo on CPU, nccl on GPU) averages the rectifier's gradients. Every
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from hfedit.backbone import load_backbone
-from hfedit.checkpoint import (
+from hfedit.models.backbone import load_backbone
+from hfedit.models.checkpoint import (
     RECTIFIER,
     atomic_write_json,
     checkpoint_complete,
@@ -43,10 +43,10 @@ from hfedit.checkpoint import (
     unflatten_optimizer,
 )
 from hfedit.config import ConfigError, HfeditConfig, load_config, project_root, to_flat_dict
-from hfedit.dataset import PreparedData, data_location, load_split, pixels_to_tensor
+from hfedit.data.prepared import PreparedData, data_location, load_split, pixels_to_tensor
 from hfedit.device import DeviceUnavailable, check_precision, placement, wants_gpu
 from hfedit.files import replace_folder
-from hfedit.splits import augment
+from hfedit.training.augment import augment
 from pipelines.ray_runtime import cluster_gpus, init_ray, split_dataset
 from pipelines.tracking import stage_run
 from pipelines.serving import log_rectifier_model
@@ -57,8 +57,9 @@ SPLIT = "rectifier"
 # Logged to MLflow as their mean over the steps since the previous logged step.
 MEANED = ("loss", "noise_mse", "plain_noise_mse", "delta_rms")
 # A checkpoint is resumed only by a run of the same code (see :func:`train`'s fingerprint).
-CODE_MODULES = ("hfedit.rectifier", "hfedit.modulation", "hfedit.training", "hfedit.schedule",
-                "hfedit.backbone", "hfedit.splits", "pipelines.pretrain_rectifier")
+CODE_MODULES = ("hfedit.models.rectifier", "hfedit.models.modulation", "hfedit.training.reconstruction",
+                "hfedit.diffusion.schedule", "hfedit.models.backbone", "hfedit.training.augment",
+                "pipelines.pretrain_rectifier")
 
 
 # Rows each worker shuffles among (its local shuffle buffer; 48 MiB at 256 px).
@@ -157,7 +158,7 @@ def _step_generator(seed: int, rank: int, step: int) -> torch.Generator:
 def initial_rectifier(cfg: HfeditConfig, unet: torch.nn.Module):
     """The rectifier a run starts from, drawn from ``pretrain.seed`` alone (DDP broadcasts rank
     0's to the others), so that a rerun of the same config trains the same rectifier."""
-    from hfedit.rectifier import build_rectifier
+    from hfedit.models.rectifier import build_rectifier
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.pretrain.seed)
@@ -170,8 +171,12 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     from omegaconf import OmegaConf
 
-    from hfedit.rectifier import ModulatedDenoiser
-    from hfedit.training import ReconstructionObjective, make_optimizer, reconstruction_step
+    from hfedit.models.rectifier import ModulatedDenoiser
+    from hfedit.training.reconstruction import (
+        ReconstructionObjective,
+        make_optimizer,
+        reconstruction_step,
+    )
 
     cfg: HfeditConfig = OmegaConf.to_object(
         OmegaConf.merge(OmegaConf.structured(HfeditConfig), config["cfg"]))
@@ -383,7 +388,7 @@ def _config_dict(cfg: HfeditConfig) -> dict:
 
 def evaluate(cfg: HfeditConfig, backbone: Path, data: Path, rectifier_dir: Path) -> dict:
     """Held-out reconstruction at ``pretrain.eval_steps``: backbone vs rectifier."""
-    from hfedit.evaluation import reconstruction_report
+    from hfedit.evaluation.reconstruction import reconstruction_report
 
     torch.manual_seed(0)
     device, precision = placement(cfg.runtime.device, cfg.runtime.precision, "evaluation")

@@ -102,13 +102,13 @@ def actor_gpus(cfg: HfeditConfig) -> float:
 
 def split_dataset(data, split: str, num_cpus: float = 0.0, groups_per_task: int = 4,
                   read_tasks: int = 2):
-    """A split of a prepared dataset (:class:`hfedit.dataset.PreparedData`) as a Ray Data
+    """A split of a prepared dataset (:class:`hfedit.data.prepared.PreparedData`) as a Ray Data
     dataset of ``pixels`` rows (R*R*3 uint8 bytes each), in the split's order; convert per batch
-    with :func:`hfedit.dataset.pixels_to_tensor`.
+    with :func:`hfedit.data.prepared.pixels_to_tensor`.
 
     The input is one row per Parquet row group holding rows of the split (from the index: no
     listing); at most ``read_tasks`` tasks of ``num_cpus`` each read ``groups_per_task`` groups
-    at a time (:func:`hfedit.parquet.read_groups`: they import pyarrow, not torch). Not
+    at a time (:func:`hfedit.data.parquet.read_groups`: they import pyarrow, not torch). Not
     ``ray.data.read_parquet``: its first step (listing the files, or sampling them in its older
     path) is a task that asks for a whole CPU whatever the read asks, and while Ray Train's
     workers hold every CPU (2 workers x 1 CPU on a 2-CPU node) it never starts: measured here,
@@ -117,7 +117,7 @@ def split_dataset(data, split: str, num_cpus: float = 0.0, groups_per_task: int 
     """
     import ray.data
 
-    from hfedit.parquet import read_groups
+    from hfedit.data.parquet import read_groups
 
     fs = data.fs if "://" in data.location else None
     ds = ray.data.from_items(data.row_groups(split)).map_batches(

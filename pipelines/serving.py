@@ -39,7 +39,7 @@ log = logging.getLogger("hfedit.serving")
 MODEL_FILE = Path(__file__).with_name("serving_model.py")
 CHAMPION = "champion"
 BACKBONE = "backbone"
-RECONSTRUCTION = "reconstruction"  # hfedit.editing.RECONSTRUCTION (not imported: no torch here)
+RECONSTRUCTION = "reconstruction"  # hfedit.editing.editor.RECONSTRUCTION (not imported: no torch here)
 # The distributions the model's code imports; pinned to this environment's versions.
 REQUIREMENTS = ("torch", "diffusers", "safetensors", "pillow", "numpy", "pandas", "omegaconf",
                 "tqdm", "mlflow")
@@ -84,7 +84,7 @@ def registered_backbone(cfg: HfeditConfig, folder: Path) -> str | None:
         mv = mlflow.MlflowClient().get_model_version_by_alias(name, CHAMPION)
     except mlflow.exceptions.MlflowException:
         return None
-    from hfedit.checkpoint import model_reference
+    from hfedit.models.checkpoint import model_reference
 
     digest = model_reference(folder).get("sha256")
     if not digest or mv.tags.get("hfedit.backbone_sha256") != digest:
@@ -96,7 +96,7 @@ def log_backbone_model(cfg: HfeditConfig, run_id: str, folder: str | Path) -> st
     """Register the backbone ``folder`` as ``<prefix>-backbone`` (@champion): a pyfunc model that
     reconstructs (inverts and replays exactly, the ``reconstruction`` attribute of edit_batch),
     which every rectifier model trained on it links to instead of carrying a copy."""
-    from hfedit.checkpoint import model_reference
+    from hfedit.models.checkpoint import model_reference
 
     digest = model_reference(folder).get("sha256", "")
     return log_rectifier_model(cfg, run_id, folder, None, BACKBONE, RECONSTRUCTION,

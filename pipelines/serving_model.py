@@ -31,11 +31,11 @@ from mlflow.pyfunc import PythonModel
 
 
 class RectifierModel(PythonModel):
-    """Invert each image with the backbone, replay it through the rectifier (hfedit.editing)."""
+    """Invert each image with the backbone, replay it through the rectifier (hfedit.editing.editor)."""
 
     def load_context(self, context) -> None:
-        from hfedit.backbone import load_backbone
-        from hfedit.checkpoint import load_rectifier
+        from hfedit.models.backbone import load_backbone
+        from hfedit.models.checkpoint import load_rectifier
         from hfedit.config import InversionConfig
         from hfedit.device import placement
 
@@ -67,7 +67,7 @@ class RectifierModel(PythonModel):
 
         import pandas as pd
 
-        from hfedit.editing import Editor
+        from hfedit.editing.editor import Editor
 
         params = params or {}
         inv = dataclasses.replace(self.inversion, **{k: type(getattr(self.inversion, k))(v)
@@ -99,7 +99,7 @@ class RectifierModel(PythonModel):
 
     def _decode(self, encoded) -> "torch.Tensor":  # noqa: F821
         """base64 image file -> (1, 3, R, R) in [-1, 1], prepared as the prepare stage does."""
-        from hfedit.data import ImageError, load_image, to_tensor
+        from hfedit.data.images import ImageError, load_image, to_tensor
 
         try:
             data = base64.b64decode(str(encoded), validate=True)
@@ -117,7 +117,7 @@ class RectifierModel(PythonModel):
 
 
 def _png(tensor) -> bytes:
-    from hfedit.data import to_pil
+    from hfedit.data.images import to_pil
 
     buf = io.BytesIO()
     to_pil(tensor.cpu()).save(buf, format="PNG")

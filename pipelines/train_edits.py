@@ -9,7 +9,7 @@ the digests of its inputs: the backbone, the reconstruction rectifier, the train
 the library code that trains it. An attribute whose ``<out>/<name>/rectifier.json`` holds the
 same fingerprint is skipped; the others run as Ray tasks in parallel
 (``runtime.ray.edit_task_cpus`` / ``edit_task_gpus`` each). Each task opens an MLflow run nested
-under the stage's run, trains with :func:`hfedit.edit_training.train_edit`, and publishes
+under the stage's run, trains with :func:`hfedit.training.edits.train_edit`, and publishes
 ``<out>/<name>/`` atomically (a temporary folder renamed into place), so a failing or killed
 task leaves the attribute's previous output as it was. One attribute failing does not stop the
 others: its error is recorded in ``<out>/status.json`` and ``<metrics>``, and the stage exits
@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 import torch
 
-from hfedit.checkpoint import (
+from hfedit.models.checkpoint import (
     RECTIFIER,
     atomic_write_json,
     file_digest,
@@ -46,7 +46,7 @@ from hfedit.checkpoint import (
     save_rectifier,
 )
 from hfedit.config import ConfigError, EditMethod, HfeditConfig, load_config, to_flat_dict
-from hfedit.dataset import PreparedData, Split, data_location
+from hfedit.data.prepared import PreparedData, Split, data_location
 from hfedit.device import DeviceUnavailable, placement
 from hfedit.files import is_temporary, replace_folder
 
@@ -56,8 +56,8 @@ STAGE = "train_edits"
 EDIT_FORMAT = 1  # bump when the meaning of a saved edit rectifier changes
 STATUS_FILE = "status.json"
 # The library code whose behaviour an edit rectifier depends on (part of every fingerprint).
-CODE_MODULES = ("hfedit.edit_training", "hfedit.training", "hfedit.rectifier",
-                "hfedit.modulation", "hfedit.clip_loss", "hfedit.schedule")
+CODE_MODULES = ("hfedit.training.edits", "hfedit.training.reconstruction", "hfedit.models.rectifier",
+                "hfedit.models.modulation", "hfedit.models.clip", "hfedit.diffusion.schedule")
 NOT_SEMANTIC = ("edits are not semantic: CLIP has random weights (clip.weights=''); set "
                 "clip.weights to an open_clip tag or a local weights file for real edits")
 
@@ -121,7 +121,7 @@ class Loaded:
     denoiser: Any
     reconstruction: Any
     clip: Any
-    images: "Split"  # hfedit.dataset.Split: read lazily
+    images: "Split"  # hfedit.data.prepared.Split: read lazily
 
 
 def config_from_dict(config: dict) -> HfeditConfig:
@@ -140,10 +140,10 @@ def load_inputs(spec: dict, work: str = "training") -> Loaded:
     """Backbone, reconstruction rectifier, CLIP and the training split for a task: the models
     on ``spec["device"]`` (what the driver asked Ray for; else ``runtime.device``) at
     ``runtime.precision``, the images on the CPU (batches move to the device one at a time)."""
-    from hfedit.backbone import load_backbone
-    from hfedit.checkpoint import load_rectifier
-    from hfedit.clip_loss import load_clip
-    from hfedit.dataset import load_split
+    from hfedit.models.backbone import load_backbone
+    from hfedit.models.checkpoint import load_rectifier
+    from hfedit.models.clip import load_clip
+    from hfedit.data.prepared import load_split
 
     cfg = config_from_dict(spec["cfg"])
     device, precision = placement(spec.get("device", cfg.runtime.device), cfg.runtime.precision,
@@ -166,7 +166,7 @@ def clip_tags(clip) -> dict[str, str]:
 def train_logged(loaded: Loaded, name: str, tracker, method: Optional[EditMethod] = None,
                  steps: Optional[int] = None, prefix: str = "edit_training/"):
     """:func:`train_edit` for attribute ``name``, logging every ``edits.log_every`` steps."""
-    from hfedit.edit_training import train_edit
+    from hfedit.training.edits import train_edit
 
     cfg = loaded.cfg
     every = max(1, cfg.edits.log_every)

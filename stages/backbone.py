@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from hfedit.backbone import BackboneUnavailable, describe, load_backbone, save_backbone
-from hfedit.backbone_train import sample_grid, train_backbone
+from hfedit.models.backbone import BackboneUnavailable, describe, load_backbone, save_backbone
+from hfedit.training.backbone import sample_grid, train_backbone
 from hfedit.config import ConfigError, HfeditConfig, load_config
-from hfedit.data import make_grid_png
-from hfedit.dataset import data_location, load_split
+from hfedit.data.grids import make_grid_png
+from hfedit.data.prepared import data_location, load_split
 from hfedit.device import DeviceUnavailable, placement
 from hfedit.files import atomic_write_csv
 from pipelines.serving import log_backbone_model

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import platform
 import sys
@@ -42,9 +41,9 @@ from typing import Any, Optional
 
 import torch
 
-from hfedit.checkpoint import atomic_write_json
+from hfedit.files import atomic_write_json
 from hfedit.config import ConfigError, HfeditConfig, load_config
-from hfedit.dataset import data_location
+from hfedit.data.prepared import data_location
 from hfedit.device import DeviceUnavailable, placement
 from hfedit.files import atomic_savefig, atomic_write_csv, atomic_write_text
 from pipelines.tracking import finite, nest_metrics
@@ -63,7 +62,7 @@ TABLE_KEYS = ("clip_direction", "clip_direction_std", "l1", "l1_std", "ssim", "s
 
 # ------------------------------------------------------------------------------- computing
 def held_out(cfg: HfeditConfig, data: Path) -> torch.Tensor:
-    from hfedit.dataset import load_split
+    from hfedit.data.prepared import load_split
 
     images = load_split(data, "val")[: cfg.evaluate.images]
     if images.shape[0] == 0:
@@ -73,8 +72,12 @@ def held_out(cfg: HfeditConfig, data: Path) -> torch.Tensor:
 
 
 def evaluate_reconstruction(cfg: HfeditConfig, denoiser, rectifier, images) -> dict[str, Any]:
-    from hfedit import metrics as M
-    from hfedit.evaluation import posterior_gaps, posterior_mean_gaps, reconstruction_table
+    from hfedit.evaluation import metrics as M
+    from hfedit.evaluation.reconstruction import (
+        posterior_gaps,
+        posterior_mean_gaps,
+        reconstruction_table,
+    )
 
     with_lpips, lpips_note = M.lpips_available()
     bs = cfg.runtime.eval_batch_size
@@ -100,10 +103,10 @@ def evaluate_edits(cfg: HfeditConfig, denoiser, edits: dict, clip, images
     both modes (:class:`hfedit.config.EditMode`: edit-friendly replay, DDIM inversion +
     sampling) under that conditioning, side by side with the mean and max absolute difference
     between their edits."""
-    from hfedit.clip_loss import DirectionalClipLoss
+    from hfedit.models.clip import DirectionalClipLoss
     from hfedit.config import Conditioning, EditMode
-    from hfedit.edit_evaluation import evaluate_edit
-    from hfedit.editing import Editor
+    from hfedit.evaluation.edits import evaluate_edit
+    from hfedit.editing.editor import Editor
     from pipelines.edit_ablation import identity_scorer
 
     seeds = [cfg.inversion.seed + i for i in range(images.shape[0])]
@@ -150,14 +153,14 @@ def evaluate_edits(cfg: HfeditConfig, denoiser, edits: dict, clip, images
 
 
 def evaluate_sdedit(cfg: HfeditConfig, denoiser, rectifier, images, n: int) -> list[dict]:
-    """The paper's Fig. 7: SDEdit (:meth:`hfedit.editing.Editor.translate`) of every image at each
+    """The paper's Fig. 7: SDEdit (:meth:`hfedit.editing.editor.Editor.translate`) of every image at each
     ``evaluate.sdedit_strengths`` in N steps, through the backbone alone and through the
     reconstruction rectifier conditioned on the source, with the same noise (image i seeded
     ``inversion.seed + i``). Rows ``{strength, steps, backbone: {...}, rectifier: {...},
     difference: {mean, max}}``: L1 / SSIM / PSNR of the result to its source, mean ± std."""
-    from hfedit import metrics as M
-    from hfedit.editing import Editor
-    from hfedit.evaluation import mean_std
+    from hfedit.evaluation import metrics as M
+    from hfedit.editing.editor import Editor
+    from hfedit.evaluation.reconstruction import mean_std
 
     seeds = [cfg.inversion.seed + i for i in range(images.shape[0])]
     inv = replace(cfg.inversion, num_steps=n)
@@ -451,11 +454,11 @@ def machine() -> str:
 # ------------------------------------------------------------------------------- the stage
 def run(cfg: HfeditConfig, backbone: Path, rectifier_dir: Path, edits_dir: Path, data: Path,
         batch: Path, ablation: Path, out: Path, tracker=None) -> dict[str, Any]:
-    from hfedit.backbone import load_backbone
-    from hfedit.checkpoint import load_rectifier
-    from hfedit.clip_loss import RandomClipWarning, load_clip
-    from hfedit.data import make_grid_png
-    from hfedit.editing import load_edit_rectifiers
+    from hfedit.models.backbone import load_backbone
+    from hfedit.models.checkpoint import load_rectifier
+    from hfedit.models.clip import RandomClipWarning, load_clip
+    from hfedit.data.grids import make_grid_png
+    from hfedit.editing.editor import load_edit_rectifiers
 
     if not cfg.evaluate.steps or any(int(n) < 1 for n in cfg.evaluate.steps):
         raise ConfigError(f"evaluate.steps={list(cfg.evaluate.steps)}: give step counts >= 1")

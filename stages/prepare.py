@@ -4,7 +4,7 @@
 
 Writes ``<out>/shards/*.parquet`` (at most ``data.shard_images`` images each), ``dataset.json``,
 ``index.json``, ``manifest.json`` (every input, prepared or refused with its reason) and
-``preview.png`` (:mod:`hfedit.dataset`). Streams: memory does not grow with the number of
+``preview.png`` (:mod:`hfedit.data.prepared`). Streams: memory does not grow with the number of
 images; decoding runs in ``data.workers`` processes; an interrupted run resumes, keeping the
 shards it completed. Settings: ``data`` in params.yaml.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None):
     """Parse arguments, load the config, prepare the dataset; returns the manifest."""
     from hfedit.config import load_config
-    from hfedit.dataset import prepare_dataset
+    from hfedit.data.prepared import prepare_dataset
     from hfedit.validation import check_output_folder
     from pipelines.tracking import stage_run
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None):
 
 if __name__ == "__main__":
     from hfedit.config import ConfigError
-    from hfedit.data import DatasetError
+    from hfedit.data.manifest import DatasetError
     from hfedit.validation import UsageError
 
     try:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hfedit.backbone import Denoiser, new_denoiser
+from hfedit.models.backbone import Denoiser, new_denoiser
 from hfedit.config import HfeditConfig
 
 RES = 32
@@ -37,13 +37,13 @@ def real_faces(n: int, resolution: int = RES) -> torch.Tensor:
 
 
 def prepared_faces(out, n: int, val_fraction: float = 0.25, resolution: int = RES):
-    """A prepared dataset folder ``out`` (hfedit.dataset) of ``real_faces(n)``, through the
+    """A prepared dataset folder ``out`` (hfedit.data.prepared) of ``real_faces(n)``, through the
     prepare stage's own code: PNG files in ``out``/../faces-src, then ``prepare_dataset``."""
     from pathlib import Path
 
     from hfedit.config import DataConfig
-    from hfedit.data import save_png
-    from hfedit.dataset import prepare_dataset
+    from hfedit.data.images import save_png
+    from hfedit.data.prepared import prepare_dataset
 
     out = Path(out)
     src = out.parent / f"{out.name}-src"
@@ -73,7 +73,7 @@ def briefly_trained(backbone_cfg, images: torch.Tensor, steps: int) -> Denoiser:
     a model whose eps means something, for benchmarks."""
     import tempfile
 
-    from hfedit.backbone_train import train_backbone
+    from hfedit.training.backbone import train_backbone
 
     backbone_cfg.train.steps, backbone_cfg.train.checkpoint_every = steps, 10**9
     backbone_cfg.train.warmup_steps = min(backbone_cfg.train.warmup_steps, steps // 4)
@@ -101,7 +101,7 @@ def random_denoiser(tiny_cfg) -> Denoiser:
 @pytest.fixture(scope="session")
 def trained_denoiser(tiny_cfg, tmp_path_factory) -> Denoiser:
     """The tiny backbone briefly trained on real faces (a model whose eps means something)."""
-    from hfedit.backbone_train import train_backbone
+    from hfedit.training.backbone import train_backbone
 
     cfg = tiny_cfg.backbone
     cfg = type(cfg)(**{**cfg.__dict__, "train": type(cfg.train)(

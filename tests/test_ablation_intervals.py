@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from hfedit.config import EditMode, load_config
-from hfedit.edit_evaluation import ablation_intervals
-from hfedit.inversion import ddim_inversion, replay
-from hfedit.schedule import Schedule
+from hfedit.evaluation.edits import ablation_intervals
+from hfedit.diffusion.inversion import ddim_inversion
+from hfedit.diffusion.schedule import Schedule
 
 
 @pytest.mark.parametrize("n, t0, skip, start", [(50, 500, 24, 500), (50, 510, 24, 500),
@@ -38,8 +38,8 @@ def test_the_intervals_are_the_configured_ones(n, t0, skip, start):
 def test_the_backbone_on_the_markovian_interval_samples_ddim_from_t0(random_denoiser, faces):
     """edit_ablation.evaluate with no rectifier on the Markovian's own interval: DDIM-invert
     with the backbone, DDIM-sample from t0 (done by hand here)."""
-    from hfedit.clip_loss import load_clip
-    from hfedit.schedule import posterior_mean
+    from hfedit.models.clip import load_clip
+    from hfedit.diffusion.schedule import posterior_mean
     from pipelines.edit_ablation import evaluate, intervals
 
     cfg = load_config(overrides=["inversion.num_steps=10", "edits.markovian.t0=300",

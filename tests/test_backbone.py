@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from hfedit.backbone import BackboneUnavailable, load_backbone, new_denoiser, save_backbone
-from hfedit.backbone_train import train_backbone
+from hfedit.models.backbone import BackboneUnavailable, load_backbone, new_denoiser, save_backbone
+from hfedit.training.backbone import train_backbone
 from tests.conftest import RES, real_faces
 
 

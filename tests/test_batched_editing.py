@@ -1,4 +1,4 @@
-"""One replay for B images x K attributes (hfedit/editing.py): the batched path against the
+"""One replay for B images x K attributes (hfedit/editing/editor.py): the batched path against the
 one-image-one-attribute path, exact reconstruction through it, the passes each conditioning
 makes (counted on the U-Net), and the determinism contract (same batch: identical; other batch
 sizes: within 1e-5).
@@ -13,16 +13,15 @@ checks use the trained backbone.
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import pytest
 import torch
 
 from hfedit.config import Conditioning, InversionConfig, RectifierConfig, RectifierTrunk
-from hfedit.editing import Editor
-from hfedit.inversion import replay, shift_maps
-from hfedit.rectifier import ModulatedDenoiser, build_rectifier, modulated_eps
-from hfedit.schedule import predict_x0
+from hfedit.editing.editor import Editor
+from hfedit.diffusion.inversion import replay, shift_maps
+from hfedit.models.rectifier import ModulatedDenoiser, build_rectifier, modulated_eps
+from hfedit.diffusion.schedule import predict_x0
 from tests.conftest import perturbed
 
 SMALL = RectifierConfig(trunk=RectifierTrunk.resnet18, branch_channels=16, time_embed_dim=32)
@@ -215,7 +214,7 @@ def test_determinism_across_batch_sizes_is_exact_math(float64, condition):
 
 
 def test_hypernetwork_chunks_do_not_change_the_edit(float64):
-    from hfedit.editing import JointRectifier
+    from hfedit.editing.joint import JointRectifier
 
     d, rects, faces = float64
     editor = _editor(d, rects, steps=5)
@@ -249,7 +248,7 @@ def test_evaluate_reports_both_conditionings_and_both_modes_side_by_side(random_
     for the two edit modes (edit-friendly replay, DDIM inversion + sampling)."""
     import warnings
 
-    from hfedit.clip_loss import load_clip
+    from hfedit.models.clip import load_clip
     from hfedit.config import load_config
     from stages.evaluate import evaluate_edits
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from hfedit.backbone import save_backbone
+from hfedit.models.backbone import save_backbone
 from hfedit.cli import main
 
 

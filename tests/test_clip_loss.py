@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from hfedit.clip_loss import (
+from hfedit.models.clip import (
     ClipWeightsError,
     DirectionalClipLoss,
     RandomClipWarning,

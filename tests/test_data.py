@@ -16,20 +16,10 @@ from PIL import Image, ImageFile
 from skimage import data as skdata
 
 from hfedit.config import DataConfig
-from hfedit.data import (
-    DatasetError,
-    ImageError,
-    bundled_images,
-    iter_folder,
-    load_image,
-    load_manifest,
-    save_png,
-    split_ids,
-    to_pil,
-    to_rgb,
-    to_tensor,
-)
-from hfedit.dataset import load_split, prepare_dataset
+from hfedit.data.manifest import DatasetError, load_manifest, split_ids
+from hfedit.data.images import ImageError, load_image, save_png, to_pil, to_rgb, to_tensor
+from hfedit.data.sources import bundled_images, iter_folder
+from hfedit.data.prepared import load_split, prepare_dataset
 
 RES = 16
 GRADIENT = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (16, 1))  # (16, 64)
@@ -388,7 +378,7 @@ def test_prepare_refuses_an_output_that_is_a_file_before_any_work(tmp_path):
 
 
 def test_a_labelled_grid_keeps_every_pixel_and_draws_each_label_beside_its_row(tmp_path):
-    from hfedit.data import make_grid_png
+    from hfedit.data.grids import make_grid_png
 
     torch.manual_seed(0)
     images = torch.rand(6, 3, 32, 32) * 2 - 1  # 2 rows of 3
@@ -411,7 +401,8 @@ def test_a_labelled_grid_keeps_every_pixel_and_draws_each_label_beside_its_row(t
 def test_the_numpy_grid_is_torchvisions_make_grid(tmp_path, n, nrow):
     from torchvision.utils import make_grid
 
-    from hfedit.data import make_grid_png, to_pil
+    from hfedit.data.grids import make_grid_png
+    from hfedit.data.images import to_pil
 
     torch.manual_seed(n)
     images = torch.rand(n, 3, 16, 24) * 2 - 1
@@ -425,7 +416,7 @@ def test_prepare_and_the_config_import_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys, hfedit.config, hfedit.dataset, hfedit.data; "
+    code = ("import sys, hfedit.config, hfedit.data.prepared, hfedit.data.images; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True,
                    cwd=Path(__file__).resolve().parents[1])

@@ -1,4 +1,4 @@
-"""The prepared dataset (hfedit.dataset): uint8 Parquet shards written by streaming, read per batch."""
+"""The prepared dataset (hfedit.data.prepared): uint8 Parquet shards written by streaming, read per batch."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from skimage import data as skdata
 
 from hfedit.config import DataConfig
-from hfedit.data import DatasetError, load_image, load_manifest, to_tensor
-from hfedit.dataset import PreparedData, load_split, prepare_dataset
+from hfedit.data.manifest import load_manifest
+from hfedit.data.images import load_image, to_tensor
+from hfedit.data.prepared import PreparedData, load_split, prepare_dataset
 from tests.test_data import folder  # noqa: F401  (the folder of good, odd and broken files)
 
 RES = 16
@@ -130,7 +130,7 @@ def test_ray_data_streams_the_split_while_training_workers_hold_every_cpu(sharde
     (ray.data.read_parquet's listing task would wait forever there)."""
     import ray
 
-    from hfedit.dataset import pixels_to_tensor
+    from hfedit.data.prepared import pixels_to_tensor
     from pipelines.ray_runtime import split_dataset, start_local_ray
 
     out, _ = sharded
@@ -194,7 +194,7 @@ def _photos(folder: Path, n: int) -> None:
         Image.fromarray(crop[:, ::-1] if i % 2 else crop).save(folder / f"p{i:04d}.jpg", quality=90)
 
 
-PREPARE = ("import sys; from hfedit.config import DataConfig; from hfedit.dataset import "
+PREPARE = ("import sys; from hfedit.config import DataConfig; from hfedit.data.prepared import "
            "prepare_dataset; prepare_dataset(DataConfig(source=sys.argv[1], resolution=64, "
            "shard_images=20, workers=1), sys.argv[2], progress=False)")
 
@@ -252,7 +252,7 @@ def test_refusals_cross_to_the_decode_processes_and_back(folder, tmp_path):  # n
     manifest is the one a single process writes."""
     import pickle
 
-    from hfedit.data import ImageError
+    from hfedit.data.images import ImageError
 
     err = ImageError("broken_link", "/x/y.png", "dangling symlink to /x/z.png")
     back = pickle.loads(pickle.dumps(err))

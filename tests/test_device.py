@@ -12,11 +12,11 @@ from tests.conftest import perturbed, real_faces
 from hfedit.config import ConfigError, RectifierConfig, RectifierTrunk, load_config
 from hfedit.device import (DeviceUnavailable, Precision, check_precision, placement,
                            resolve_device, wants_gpu)
-from hfedit.inversion import invert, per_image_noise, replay
-from hfedit.memory import saved_for_backward
-from hfedit.rectifier import ModulatedDenoiser, Rectifier
-from hfedit.schedule import q_sample
-from hfedit.training import ReconstructionObjective
+from hfedit.diffusion.inversion import invert, per_image_noise, replay
+from hfedit.training.memory import saved_for_backward
+from hfedit.models.rectifier import ModulatedDenoiser, Rectifier
+from hfedit.diffusion.schedule import q_sample
+from hfedit.training.reconstruction import ReconstructionObjective
 
 SMALL = RectifierConfig(trunk=RectifierTrunk.resnet18, branch_channels=16, time_embed_dim=32)
 NO_GPU = not torch.cuda.is_available()

@@ -8,11 +8,11 @@ import warnings
 
 import torch
 
-from hfedit.backbone import save_backbone
-from hfedit.checkpoint import save_rectifier
+from hfedit.models.backbone import save_backbone
+from hfedit.models.checkpoint import save_rectifier
 from hfedit.config import DataConfig, RectifierConfig, RectifierTrunk, load_config
-from hfedit.dataset import prepare_dataset
-from hfedit.rectifier import build_rectifier
+from hfedit.data.prepared import prepare_dataset
+from hfedit.models.rectifier import build_rectifier
 from tests.conftest import perturbed
 
 SMALL = RectifierConfig(trunk=RectifierTrunk.resnet18, branch_channels=16, time_embed_dim=32)

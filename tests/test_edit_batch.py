@@ -4,7 +4,6 @@ interrupted run finished by a rerun, and `ray job submit` against a real head no
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -21,11 +20,11 @@ import pytest
 import torch
 from PIL import Image
 
-from hfedit.backbone import save_backbone
-from hfedit.checkpoint import save_rectifier
+from hfedit.models.backbone import save_backbone
+from hfedit.models.checkpoint import save_rectifier
 from hfedit.config import RectifierConfig, RectifierTrunk, load_config
-from hfedit.data import load_image, to_tensor
-from hfedit.rectifier import build_rectifier
+from hfedit.data.images import load_image, to_tensor
+from hfedit.models.rectifier import build_rectifier
 from pipelines import edit_batch as eb
 from tests.conftest import perturbed
 from tests.test_data import folder  # noqa: F401 - real faces, odd modes, broken files, bad links
@@ -174,7 +173,7 @@ def test_relative_model_folders_in_an_uploaded_copy_are_refused_with_the_fix(fol
 
 def test_prepared_split_in_a_plain_loop_reconstructs_exactly(folder, models, tmp_path):  # noqa: F811
     from hfedit.config import DataConfig
-    from hfedit.dataset import load_split, prepare_dataset
+    from hfedit.data.prepared import load_split, prepare_dataset
 
     root, _ = folder
     backbone, edits = models

@@ -1,6 +1,6 @@
 """``inversion.mode``: the edit-friendly replay and the DDIM protocol (invert with the
 backbone, DDIM-sample through the rectified model conditioned on the source), through the one
-entry every front end uses (:class:`hfedit.editing.Editor`)."""
+entry every front end uses (:class:`hfedit.editing.editor.Editor`)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from hfedit.config import Conditioning, EditMode, InversionConfig, RectifierConfig, RectifierTrunk
-from hfedit.editing import Editor
-from hfedit.inversion import ddim_inversion, ddim_invert, ddim_sample, replay
-from hfedit.rectifier import ModulatedDenoiser, build_rectifier
-from hfedit.schedule import Schedule, posterior_mean
+from hfedit.editing.editor import Editor
+from hfedit.diffusion.inversion import ddim_inversion, ddim_invert, ddim_sample, replay
+from hfedit.models.rectifier import ModulatedDenoiser, build_rectifier
+from hfedit.diffusion.schedule import Schedule, posterior_mean
 from tests.conftest import perturbed
 
 SMALL = RectifierConfig(trunk=RectifierTrunk.resnet18, branch_channels=16, time_embed_dim=32)
@@ -94,10 +94,10 @@ def test_cli_edit_mode_ddim_writes_the_ddim_edit(random_denoiser, untrained, tmp
     from PIL import Image
     from skimage import data
 
-    from hfedit.backbone import save_backbone
-    from hfedit.checkpoint import save_rectifier
+    from hfedit.models.backbone import save_backbone
+    from hfedit.models.checkpoint import save_rectifier
     from hfedit.cli import main
-    from hfedit.data import load_image, to_tensor
+    from hfedit.data.images import load_image, to_tensor
 
     save_backbone(random_denoiser, tmp_path / "bb")
     Image.fromarray(data.astronaut()).save(tmp_path / "astro.png")
@@ -121,8 +121,8 @@ def test_edit_batch_mode_ddim_reconstructs_as_ddim(random_denoiser, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from hfedit.data import load_image, to_tensor
-    from hfedit.backbone import save_backbone
+    from hfedit.data.images import load_image, to_tensor
+    from hfedit.models.backbone import save_backbone
     from pipelines import edit_batch as eb
     from tests.conftest import real_faces
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from hfedit.clip_loss import DirectionalClipLoss, RandomClipWarning, directional_loss, load_clip
+from hfedit.models.clip import DirectionalClipLoss, RandomClipWarning, directional_loss, load_clip
 from hfedit.config import (
     AttributeConfig,
     ClipConfig,
@@ -25,7 +25,7 @@ from hfedit.config import (
     RectifierConfig,
     RectifierTrunk,
 )
-from hfedit.edit_training import (
+from hfedit.training.edits import (
     EditLoss,
     MarkovianObjective,
     ScoreMatchingObjective,
@@ -36,10 +36,11 @@ from hfedit.edit_training import (
     edit_step_score_matching,
     train_edit,
 )
-from hfedit.editing import Editor, load_edit_rectifiers, sdedit
-from hfedit.rectifier import ModulatedDenoiser, Rectifier, build_rectifier
-from hfedit.schedule import Schedule, posterior_mean, predict_x0, q_sample
-from hfedit.training import make_optimizer
+from hfedit.editing.editor import Editor, load_edit_rectifiers
+from hfedit.diffusion.sdedit import sdedit
+from hfedit.models.rectifier import ModulatedDenoiser, Rectifier, build_rectifier
+from hfedit.diffusion.schedule import Schedule, posterior_mean, predict_x0, q_sample
+from hfedit.training.reconstruction import make_optimizer
 from tests.conftest import real_faces, perturbed
 
 TINY_CLIP = "hfedit-test-tiny-clip-edits"
@@ -305,7 +306,7 @@ def test_sdedit_with_an_untrained_rectifier_is_plain_sdedit(random_denoiser, fac
 
 
 def test_edit_rectifiers_load_from_the_stage_folders(random_denoiser, recon, tmp_path, faces):
-    from hfedit.checkpoint import save_rectifier
+    from hfedit.models.checkpoint import save_rectifier
 
     trained = perturbed(recon, scale=0.03, seed=4)
     save_rectifier(tmp_path / "smiling", trained, {"attribute": "smiling"})
@@ -324,8 +325,8 @@ def test_cli_edit_writes_the_edited_image(random_denoiser, recon, tmp_path, caps
     from PIL import Image
     from skimage import data
 
-    from hfedit.backbone import save_backbone
-    from hfedit.checkpoint import save_rectifier
+    from hfedit.models.backbone import save_backbone
+    from hfedit.models.checkpoint import save_rectifier
     from hfedit.cli import main
 
     save_backbone(random_denoiser, tmp_path / "bb")
@@ -352,7 +353,7 @@ def test_cli_edit_writes_the_edited_image(random_denoiser, recon, tmp_path, caps
 def test_edit_evaluation_scores_strength_and_fidelity(random_denoiser, recon, clip, faces):
     """No edit: no CLIP movement and perfect fidelity; a real change: lower fidelity. Faces of
     32 px are too small for the identity metric, which says so instead of guessing."""
-    from hfedit.edit_evaluation import evaluate_edit
+    from hfedit.evaluation.edits import evaluate_edit
 
     zero = build_rectifier(RectifierConfig(trunk=RectifierTrunk.resnet18, branch_channels=16,
                                            time_embed_dim=32, modulation=ModulationMode.lowrank),
@@ -377,8 +378,8 @@ def test_shared_trunk_edit_trains_only_branches_and_stores_only_them(random_deno
                                                                      tmp_path, faces):
     """``share_trunk``: the trunk and time MLP stay the reconstruction rectifier's, bit for bit;
     the edit's file holds the rest only and loads back (trunk from the base) to the same model."""
-    from hfedit.checkpoint import load_rectifier, save_rectifier
-    from hfedit.rectifier import SHARED_PREFIXES
+    from hfedit.models.checkpoint import load_rectifier, save_rectifier
+    from hfedit.models.rectifier import SHARED_PREFIXES
 
     x0 = real_faces(4)
     cfg = AttributeConfig(source=ATTR.source, target=ATTR.target, steps=3, num_images=4,

@@ -1,6 +1,6 @@
 """stages/evaluate.run on tiny real models and bundled faces: every table carries mean ± std
 and the image count, both edit modes are reported, and the posterior-mean gap is PDAE's along
-the N-step chain (hfedit.evaluation.posterior_mean_gaps)."""
+the N-step chain (hfedit.evaluation.reconstruction.posterior_mean_gaps)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import warnings
 import pytest
 import torch
 
-from hfedit.backbone import save_backbone
-from hfedit.checkpoint import save_rectifier
+from hfedit.models.backbone import save_backbone
+from hfedit.models.checkpoint import save_rectifier
 from hfedit.config import DataConfig, RectifierConfig, RectifierTrunk, load_config
-from hfedit.dataset import load_split, prepare_dataset
-from hfedit.rectifier import build_rectifier
+from hfedit.data.prepared import load_split, prepare_dataset
+from hfedit.models.rectifier import build_rectifier
 from tests.conftest import perturbed
 
 SMALL = RectifierConfig(trunk=RectifierTrunk.resnet18, branch_channels=16, time_embed_dim=32)
@@ -23,7 +23,7 @@ SMALL = RectifierConfig(trunk=RectifierTrunk.resnet18, branch_channels=16, time_
 
 def test_evaluate_reports_mean_std_counts_modes_and_the_posterior_mean_gap(random_denoiser,
                                                                             tmp_path):
-    from hfedit.evaluation import posterior_mean_gaps
+    from hfedit.evaluation.reconstruction import posterior_mean_gaps
     from stages.evaluate import run
 
     save_backbone(random_denoiser, tmp_path / "bb")
@@ -44,7 +44,7 @@ def test_evaluate_reports_mean_std_counts_modes_and_the_posterior_mean_gap(rando
     rec = report["reconstruction"]
     for row in rec["rows"]:  # edit-friendly rows are exact: L1 0 ± 0
         assert row["images"] == 3 and (row["l1_std"] > 0) == (row["inversion"] == "ddim")
-    from hfedit.checkpoint import load_rectifier
+    from hfedit.models.checkpoint import load_rectifier
 
     rect, _ = load_rectifier(tmp_path / "rect", random_denoiser.unet)
     expected = posterior_mean_gaps(random_denoiser, images, [4], rect, cfg.inversion.seed)
@@ -83,8 +83,8 @@ def test_sdedit_with_an_untrained_rectifier_is_the_backbones_and_a_trained_one_d
         random_denoiser, faces):
     """The paper's Fig. 7 rows: the same noise with and without the rectifier, so an untrained
     rectifier (the backbone itself) gives the backbone's SDEdit exactly."""
-    from hfedit import metrics as M
-    from hfedit.editing import Editor
+    from hfedit.evaluation import metrics as M
+    from hfedit.editing.editor import Editor
     from stages.evaluate import evaluate_sdedit
 
     cfg = load_config(overrides=["evaluate.sdedit_strengths=[0.3,0.6]"])

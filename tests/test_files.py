@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hfedit.checkpoint import atomic_write_bytes, atomic_write_json, save_checkpoint
+from hfedit.files import atomic_write_bytes, atomic_write_json
+from hfedit.models.checkpoint import save_checkpoint
 from hfedit import files
 from hfedit.files import atomic_write, is_temporary, remove_temporaries
 

@@ -1,4 +1,4 @@
-"""The reconstruction gaps (hfedit/evaluation.py): PDAE's posterior-mean gap along the N-step
+"""The reconstruction gaps (hfedit/evaluation/reconstruction.py): PDAE's posterior-mean gap along the N-step
 chain beside the noise gap, and every table's mean ± std over the images."""
 
 from __future__ import annotations
@@ -8,8 +8,13 @@ import math
 import pytest
 import torch
 
-from hfedit.evaluation import mean_std, posterior_mean_gap, posterior_mean_gaps, reconstruct
-from hfedit.schedule import Schedule
+from hfedit.evaluation.reconstruction import (
+    mean_std,
+    posterior_mean_gap,
+    posterior_mean_gaps,
+    reconstruct,
+)
+from hfedit.diffusion.schedule import Schedule
 
 N = 10
 SEEDS = [5, 6, 7]
@@ -60,8 +65,8 @@ def test_mean_std_is_over_the_finite_images():
 
 
 def test_reconstruction_rows_carry_std_and_image_count(random_denoiser, faces):
-    from hfedit import metrics as M
-    from hfedit.inversion import ddim_invert, ddim_sample
+    from hfedit.evaluation import metrics as M
+    from hfedit.diffusion.inversion import ddim_invert, ddim_sample
 
     d, x0 = random_denoiser, faces[:3]
     out = reconstruct(d, x0, 4, batch_size=2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hfedit.inversion import (
+from hfedit.diffusion.inversion import (
     colour_offset,
     ddim_invert,
     ddim_sample,
@@ -14,7 +14,7 @@ from hfedit.inversion import (
     replay,
     shift_maps,
 )
-from hfedit.schedule import Schedule, posterior_mean
+from hfedit.diffusion.schedule import Schedule, posterior_mean
 
 
 @pytest.mark.parametrize("num_steps", [10, 50, 100])
@@ -108,7 +108,7 @@ def _diffusers_schedulers():
 
 @pytest.mark.parametrize("num_steps", [10, 50, 100])
 def test_schedule_matches_diffusers_ddpm_and_ddim(num_steps):
-    from hfedit.backbone import schedule_from_scheduler
+    from hfedit.models.backbone import schedule_from_scheduler
 
     ddpm, ddim = _diffusers_schedulers()
     ours = schedule_from_scheduler(ddpm)

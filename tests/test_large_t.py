@@ -1,4 +1,4 @@
-"""Algorithm 1 at large t (hfedit/edit_training.py, ``edits.attributes.<a>.large_t``): the
+"""Algorithm 1 at large t (hfedit/training/edits.py, ``edits.attributes.<a>.large_t``): the
 paper's objective as written, CLIP's input clamped, the sqrt(abar_t) weighting, a t-range."""
 
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hfedit.clip_loss import directional_loss
+from hfedit.models.clip import directional_loss
 from hfedit.config import AttributeConfig, LargeT
-from hfedit.edit_training import EditLoss, ScoreMatchingObjective, train_edit
-from hfedit.rectifier import ModulatedDenoiser
-from hfedit.schedule import predict_x0, q_sample
+from hfedit.training.edits import EditLoss, ScoreMatchingObjective, train_edit
+from hfedit.models.rectifier import ModulatedDenoiser
+from hfedit.diffusion.schedule import predict_x0, q_sample
 from tests.conftest import perturbed
 from tests.test_edit_training import ATTR, SMALL, clip, one_thread, recon  # noqa: F401
 
@@ -18,7 +18,7 @@ T_BIG = [999, 900, 50, 0]  # per image: large t where P_t amplifies the rectifie
 
 
 def _objective(random_denoiser, recon, clip, large_t):  # noqa: F811
-    from hfedit.clip_loss import DirectionalClipLoss
+    from hfedit.models.clip import DirectionalClipLoss
 
     model = ModulatedDenoiser(random_denoiser, perturbed(recon, 0.05, seed=4))
     loss = EditLoss(DirectionalClipLoss(clip, ATTR.source, ATTR.target))
@@ -76,7 +76,7 @@ def test_weight_scales_each_images_loss_by_sqrt_abar_t(random_denoiser, recon, c
 
 
 def test_range_draws_t_below_t_max_only(random_denoiser, recon, clip, monkeypatch):  # noqa: F811
-    import hfedit.edit_training as et
+    import hfedit.training.edits as et
 
     seen = []
     real = et.sample_training_inputs

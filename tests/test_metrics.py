@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hfedit import metrics
-from hfedit.identity import IdentityScorer, dlib_models_dir
+from hfedit.evaluation import metrics
+from hfedit.evaluation.identity import IdentityScorer, dlib_models_dir
 
 
 def _to_tensor(img: np.ndarray) -> torch.Tensor:

@@ -72,8 +72,8 @@ def test_paper_setting_runs_every_stage(tmp_path):
     from PIL import Image
     from safetensors import safe_open
 
-    from hfedit.backbone import write_celebahq256_standin
-    from hfedit.dataset import load_split
+    from hfedit.testing import write_celebahq256_standin
+    from hfedit.data.prepared import load_split
 
     standin = write_celebahq256_standin(tmp_path / "ddpm-ema-celebahq-256")
     assert sorted(p.name for p in standin.iterdir()) == [

@@ -3,7 +3,6 @@ rectified model, and Ray Train (2 CPU workers, DDP) survives a killed worker."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import subprocess
@@ -15,12 +14,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from hfedit.checkpoint import checkpoint_complete, load_rectifier, save_checkpoint, save_rectifier
+from hfedit.models.checkpoint import (
+    checkpoint_complete,
+    load_rectifier,
+    save_checkpoint,
+    save_rectifier,
+)
 from hfedit.config import RectifierConfig, RectifierTrunk
-from hfedit.inversion import ddim_invert, ddim_sample, invert, replay
-from hfedit.rectifier import ModulatedDenoiser, build_rectifier
-from hfedit.schedule import q_sample
-from hfedit.training import ReconstructionObjective, make_optimizer, reconstruction_step
+from hfedit.diffusion.inversion import ddim_invert, ddim_sample, invert, replay
+from hfedit.models.rectifier import ModulatedDenoiser, build_rectifier
+from hfedit.diffusion.schedule import q_sample
+from hfedit.training.reconstruction import (
+    ReconstructionObjective,
+    make_optimizer,
+    reconstruction_step,
+)
 from tests.conftest import perturbed, prepared_faces, real_faces
 
 SMALL = RectifierConfig(trunk=RectifierTrunk.resnet18, branch_channels=16, time_embed_dim=32)
@@ -81,7 +89,7 @@ def test_rectifier_checkpoint_round_trip(random_denoiser, faces, tmp_path):
 
 
 def test_checkpoint_for_another_backbone_is_refused(random_denoiser, tmp_path):
-    from hfedit.backbone import build_unet
+    from hfedit.models.backbone import build_unet
     from hfedit.config import UNetConfig
 
     save_rectifier(tmp_path, _perturbed_rectifier(random_denoiser))
@@ -105,9 +113,8 @@ def test_sampling_through_the_rectified_model(trained_denoiser, faces):
 
 # ----------------------------------------------------------------------- Ray Train (real)
 def _prepared(tmp_path, random_denoiser):
-    from safetensors.torch import save_file
 
-    from hfedit.backbone import save_backbone
+    from hfedit.models.backbone import save_backbone
 
     save_backbone(random_denoiser, tmp_path / "backbone")
     data = prepared_faces(tmp_path / "data", 12, val_fraction=1 / 3)  # 8 train, 4 val
@@ -206,7 +213,7 @@ def test_torch_trainer_survives_a_killed_worker_and_resumes(tmp_path, random_den
     assert seen(logs["clean"], 0) != seen(logs["clean"], 1)  # each rank its own rows
     # pretrain.augment (on by default) changed the batches: no logged batch is a pair of stored
     # images as they are (the draws come from each step's generator, so the resume above agrees)
-    from hfedit.dataset import load_split
+    from hfedit.data.prepared import load_split
 
     # (flips and circular shifts keep a batch's sum; the colour jitter changes it)
     sums = load_split(data, "rectifier").all().double().sum((1, 2, 3))

@@ -10,17 +10,18 @@ import torch
 from tests.conftest import perturbed
 from torch import nn
 
-from hfedit.backbone import Denoiser, celebahq256_unet
+from hfedit.models.backbone import Denoiser
+from hfedit.testing import celebahq256_unet
 from hfedit.config import ModulationMode, RectifierConfig, RectifierTrunk, load_config
-from hfedit.modulation import (
+from hfedit.models.modulation import (
     ConvFactors,
     find_targets,
     load_target_patterns,
     modulated_conv,
     patterns_from_config,
 )
-from hfedit.rectifier import ModulatedDenoiser, Rectifier, modulated_eps, rectified_step
-from hfedit.schedule import Schedule, q_sample
+from hfedit.models.rectifier import ModulatedDenoiser, Rectifier, modulated_eps, rectified_step
+from hfedit.diffusion.schedule import Schedule, q_sample
 
 PATHS = ["grouped", "loop", "lowrank"]
 # A cheaper hypernetwork for the tests that are not about its default size.
@@ -264,7 +265,7 @@ def test_channels_last_stem_computes_the_sequential_trunk(small, faces):
 def test_kernels_built_by_one_gemm_are_the_reference_kernels():
     """The grouped path builds 1 + Delta as one batched GEMM over the taps (zeros off the tap
     diagonal), then times theta: the reference's values for 3x3, 1x1 and non-square kernels."""
-    from hfedit.modulation import _ModulatedKernels, modulated_kernels
+    from hfedit.models.modulation import _ModulatedKernels, modulated_kernels
 
     gen = torch.Generator().manual_seed(0)
     for co, ci, kh, kw in [(8, 5, 3, 3), (6, 4, 1, 1), (3, 7, 1, 3)]:

@@ -18,12 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
-from hfedit.backbone import new_denoiser, save_backbone
-from hfedit.checkpoint import save_rectifier
+from hfedit.models.backbone import new_denoiser, save_backbone
+from hfedit.models.checkpoint import save_rectifier
 from hfedit.config import HfeditConfig, RectifierTrunk
-from hfedit.data import load_image, to_pil, to_tensor
-from hfedit.editing import Editor
-from hfedit.rectifier import build_rectifier
+from hfedit.data.images import load_image, to_pil, to_tensor
+from hfedit.editing.editor import Editor
+from hfedit.models.rectifier import build_rectifier
 from tests.conftest import DEFAULT_THREADS, RES, perturbed
 from tests.servers import free_port, wait_until_up
 
@@ -219,7 +219,7 @@ def test_edit_batch_takes_a_registered_model_uri(served, tmp_path):
     result = eb.run_job(cfg, photos, out, args.backbone, progress=False, executor=eb.execute_plain)
     assert result.exit_code == 0 and result.manifest.id.tolist() == ["astronaut.png"] * 2
     # bit for bit at the actor's thread count: the job loads the backbone from disk into
-    # aligned memory (hfedit.backbone._aligned), so its convs are the in-memory model's
+    # aligned memory (hfedit.models.backbone._aligned), so its convs are the in-memory model's
     expected, _ = _expected_png(served, src, seed=eb.image_seed(cfg.inversion.seed, "astronaut.png"),
                                 threads=max(1, cfg.edit_batch.torch_threads))
     got = np.asarray(Image.open(out / "smiling" / "astronaut.png").convert("RGB"))

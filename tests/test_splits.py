@@ -1,4 +1,4 @@
-"""hfedit/splits.py: disjoint roles decided by the id alone; augmentation as a tensor function."""
+"""hfedit/training/augment.py: disjoint roles decided by the id alone; augmentation as a tensor function."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hfedit.config import HfeditConfig
-from hfedit.data import split_ids, split_roles
-from hfedit.splits import Augmentation, augment
+from hfedit.data.manifest import split_ids, split_roles
+from hfedit.training.augment import Augmentation, augment
 from hfedit.validation import config_problems
 
 IDS = [f"faces/{i:04d}.jpg" for i in range(200)]

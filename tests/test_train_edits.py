@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import perturbed, prepared_faces, real_faces
+from tests.conftest import perturbed, prepared_faces
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "edits.attributes.smiling.steps=2", "--set", "edits.attributes.old.steps=2",
@@ -33,10 +33,10 @@ pytestmark = [pytest.mark.slow]
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, random_denoiser):
     """models/backbone, models/rectifier, data/prepared of a tiny pipeline, in a temp folder."""
-    from hfedit.backbone import save_backbone
-    from hfedit.checkpoint import save_rectifier
+    from hfedit.models.backbone import save_backbone
+    from hfedit.models.checkpoint import save_rectifier
     from hfedit.config import RectifierConfig, RectifierTrunk
-    from hfedit.rectifier import build_rectifier
+    from hfedit.models.rectifier import build_rectifier
 
     root = tmp_path_factory.mktemp("pipeline")
     save_backbone(random_denoiser, root / "backbone")

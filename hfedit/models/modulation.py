@@ -62,7 +62,7 @@ def _resolve_file(path: str) -> Path:
     p = Path(path)
     if p.is_absolute():
         return p
-    for root in (project_root(), Path(__file__).resolve().parents[1]):
+    for root in (project_root(), Path(__file__).resolve().parents[2]):
         if (root / p).is_file():
             return root / p
     return project_root() / p
@@ -157,7 +157,7 @@ class _ModulatedKernels(torch.autograd.Function):
         bsz, kh, kw, c_in = a.shape
         c_out, k = b.shape[-1], kh * kw
         # no autocast: Delta must not be rounded to bf16 before the 1 is added (as the
-        # rectifier's branch bank, hfedit.rectifier)
+        # rectifier's branch bank, hfedit.models.rectifier)
         with torch.autocast(a.device.type, enabled=False):
             taps = torch.arange(k, device=a.device)
             e = a.new_zeros(bsz, k, c_in, k)

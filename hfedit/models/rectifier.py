@@ -13,7 +13,7 @@ in a U-Net ResnetBlock2D), average pooling to 1x1, and two heads giving the sepa
 ``A`` (B, kh*kw*C_in) and ``B`` (B, kh*kw*C_out) with ``Delta[b,o,i,h,w] = A[b,h,w,i] B[b,h,w,o]``.
 The ``A`` head starts at exactly zero and the ``B`` head does not, so an untrained rectifier is
 the backbone (Delta = 0) and its first gradient step already moves ``A`` (dL/dA ~ B != 0).
-The kernels are modulated by :mod:`hfedit.modulation`; the backbone is never written.
+The kernels are modulated by :mod:`hfedit.models.modulation`; the backbone is never written.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hfedit.config import ModulationMode, RectifierConfig, RectifierTrunk
-from hfedit.modulation import (
+from hfedit.models.modulation import (
     ConvFactors,
     TargetPatterns,
     find_targets,
@@ -35,7 +35,7 @@ from hfedit.modulation import (
     patterns_from_config,
     record_prefix,
 )
-from hfedit.schedule import predict_x0
+from hfedit.diffusion.schedule import predict_x0
 
 # Parameters shared by every target conv: the ResNet trunk and the time MLP. Edit rectifiers
 # can keep them from their reconstruction rectifier (EditsConfig.share_trunk).
@@ -192,7 +192,7 @@ def modulated_eps(denoiser: nn.Module, factors: dict[str, ConvFactors], x_t: Ten
                   t: Tensor | int, mode: ModulationMode | str = ModulationMode.auto,
                   reuse: Optional[dict[str, object]] = None, checkpoint: bool = False) -> Tensor:
     """``eps_theta_hat(x_t, t)``: one backbone pass with per-sample modulated target kernels
-    (``reuse``: see :func:`hfedit.modulation.record_prefix`; ``checkpoint``: activation
+    (``reuse``: see :func:`hfedit.models.modulation.record_prefix`; ``checkpoint``: activation
     checkpointing of the modulated blocks, only when gradients are being recorded)."""
     checkpoint = checkpoint and torch.is_grad_enabled()
     with modulate(denoiser.unet, factors, mode, reuse, checkpoint=checkpoint):
@@ -212,12 +212,12 @@ def rectified_step(denoiser: nn.Module, rectifier: Rectifier, x_t: Tensor, t: Te
     ``x_t``, ``x0``: (B, C, H, W); ``t``: int or (B,). Cost: two U-Net passes plus the rectifier,
     less the part of the modulated pass before the first target (the down path of a U-Net
     modulated in its middle and up blocks): with ``reuse_prefix`` the modulated pass takes those
-    outputs from the plain pass (exact, see :func:`hfedit.modulation.record_prefix`); not when
+    outputs from the plain pass (exact, see :func:`hfedit.models.modulation.record_prefix`); not when
     ``x_t`` requires grad (the recorded outputs carry no graph). Gradients reach ``x_t`` through
     the modulated pass only (``P_t`` is a constant input of the rectifier).
     ``mode``: the modulation path; None = ``rectifier.cfg.modulation``. ``checkpoint``:
     activation checkpointing of the modulated pass while training (:func:`modulated_eps`).
-    Under the denoiser's precision (:class:`hfedit.backbone.Denoiser`) both passes and the
+    Under the denoiser's precision (:class:`hfedit.models.backbone.Denoiser`) both passes and the
     hypernetwork run in autocast; the offsets and ``eps`` come back in ``x_t``'s dtype.
     """
     if x_t.shape != x0.shape:

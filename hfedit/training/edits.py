@@ -6,7 +6,7 @@ rectifier; the backbone and CLIP stay frozen. Both methods minimise, per image,
 
     L_edit = lambda_clip * L_direction(x0_edit, text_tar; x0, text_src) + lambda_recon * |x0_edit - x0|
 
-(``L_direction``: :mod:`hfedit.clip_loss`, eq. 4; the L1 is a mean over pixels in the model's
+(``L_direction``: :mod:`hfedit.models.clip`, eq. 4; the L1 is a mean over pixels in the model's
 [-1, 1] range, eq. 5) and differ in where ``x0_edit`` comes from:
 
 * **score matching** (Algorithm 1), one step from the *original* trajectory::
@@ -38,13 +38,13 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from hfedit.backbone import Denoiser
-from hfedit.clip_loss import ClipModel, DirectionalClipLoss, directional_loss
+from hfedit.models.backbone import Denoiser
+from hfedit.models.clip import ClipModel, DirectionalClipLoss, directional_loss
 from hfedit.config import AttributeConfig, EditMethod, LargeT, MarkovianConfig
-from hfedit.modulation import ConvFactors
-from hfedit.rectifier import ModulatedDenoiser, Rectifier, rectified_step
-from hfedit.schedule import Schedule, posterior_mean, predict_x0, q_sample
-from hfedit.training import make_optimizer, sample_training_inputs
+from hfedit.models.modulation import ConvFactors
+from hfedit.models.rectifier import ModulatedDenoiser, Rectifier, rectified_step
+from hfedit.diffusion.schedule import Schedule, posterior_mean, predict_x0, q_sample
+from hfedit.training.reconstruction import make_optimizer, sample_training_inputs
 
 
 # ------------------------------------------------------------------------------------- loss
@@ -166,7 +166,7 @@ def ddim_invert_to(denoiser: Denoiser, x0: Tensor, t0: int, num_steps: int,
                    batch_size: int = 32) -> Tensor:
     """Deterministic DDIM inversion of ``x0`` (N, C, H, W) to ``x_{t0}`` through the levels of
     :func:`chain_timesteps` by the plain backbone (the Markovian baseline's start; same update
-    as :func:`hfedit.inversion.ddim_invert`, which goes to x_T): from level ``s`` to ``t``,
+    as :func:`hfedit.diffusion.inversion.ddim_invert`, which goes to x_T): from level ``s`` to ``t``,
     ``x_t = sqrt(abar_t) x0_hat + sqrt(1 - abar_t) eps_theta(x_s, t)``."""
     schedule: Schedule = denoiser.schedule
     levels = chain_timesteps(t0, num_steps)[::-1]  # ascending
@@ -300,7 +300,7 @@ def train_edit(cfg: AttributeConfig, denoiser: Denoiser, reconstruction: Rectifi
     replacement from ``min(cfg.num_images, N)`` images picked with ``cfg.seed``, which also
     seeds every ``t`` and ``eps``. Training runs on the denoiser's device and precision;
     ``checkpoint``: activation checkpointing of the modulated passes (same gradients, less
-    memory: :func:`hfedit.rectifier.modulated_eps`). ``share_trunk``: train the per-target
+    memory: :func:`hfedit.models.rectifier.modulated_eps`). ``share_trunk``: train the per-target
     branches and heads only, the trunk stays the reconstruction rectifier's. ``cfg.large_t`` /
     ``cfg.t_max``: what score matching does about large t (:class:`hfedit.config.LargeT`).
     """

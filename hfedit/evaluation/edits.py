@@ -1,12 +1,12 @@
 """How good an edit is, on held-out images: edit strength and fidelity to the source.
 
-For source images ``x0`` and their edits ``x_edit`` (by :class:`hfedit.editing.Editor`: invert
+For source images ``x0`` and their edits ``x_edit`` (by :class:`hfedit.editing.editor.Editor`: invert
 once, replay through the attribute's rectifier), per image:
 
 - ``clip_direction``: cos(E_I(x_edit) - E_I(x0), E_T(target) - E_T(source)), the directional CLIP
   similarity (edit strength; higher = more along the text direction; 0 = no movement);
-- ``l1``, ``ssim``, ``psnr``: fidelity to the source on [0, 1] images (:mod:`hfedit.metrics`);
-- ``identity``: dlib face-descriptor cosine similarity (:mod:`hfedit.identity`), NaN where no
+- ``l1``, ``ssim``, ``psnr``: fidelity to the source on [0, 1] images (:mod:`hfedit.evaluation.metrics`);
+- ``identity``: dlib face-descriptor cosine similarity (:mod:`hfedit.evaluation.identity`), NaN where no
   face of at least ``min_face_px`` could be scored (with the reason).
 
 The paper's claim (its Fig. 6 and Table 2): score-matching training keeps more of the source
@@ -23,8 +23,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from hfedit import metrics as M
-from hfedit.clip_loss import DirectionalClipLoss
+from hfedit.evaluation import metrics as M
+from hfedit.models.clip import DirectionalClipLoss
 
 FIDELITY = ("l1", "ssim", "psnr")
 
@@ -43,7 +43,7 @@ class EditEvaluation:
         """Per metric the mean over the images and ``<metric>_std``, their sample standard
         deviation (0 for one image); identity over the images where a face was scored (None
         when none was); ``images``: how many."""
-        from hfedit.evaluation import mean_std
+        from hfedit.evaluation.reconstruction import mean_std
 
         out: dict[str, object] = {}
         for k, v in self.per_image.items():
@@ -74,7 +74,7 @@ def evaluate_edit(editor, attribute: str, x0: Tensor, seeds: Sequence[int],
     """Edit ``x0`` (N, C, H, W) with ``editor`` for ``attribute`` (image i seeded by
     ``seeds[i]``) in batches and score every edit against its source.
 
-    ``identity``: an :class:`hfedit.identity.IdentityScorer` (or None: not scored, with
+    ``identity``: an :class:`hfedit.evaluation.identity.IdentityScorer` (or None: not scored, with
     ``identity_note`` saying why). ``condition``: the rectifier's conditioning
     (:class:`hfedit.config.Conditioning`; None = the editor's config)."""
     if len(seeds) != x0.shape[0]:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 # the one atomic writer (also imported from here by the pipelines)
-from hfedit.files import atomic_write, atomic_write_bytes, atomic_write_json  # noqa: F401
+from hfedit.files import atomic_write, atomic_write_json
 
 FORMAT_VERSION = 1
 
@@ -176,10 +176,10 @@ def save_rectifier(folder: str | Path, rectifier, meta: dict | None = None,
     target convs and kernel shapes, and ``meta``: backbone, step, fingerprint, ...).
 
     ``base``: the folder of the rectifier whose shared parameters (trunk and time MLP,
-    :data:`hfedit.rectifier.SHARED_PREFIXES`) this one kept frozen: they are not written, and the
+    :data:`hfedit.models.rectifier.SHARED_PREFIXES`) this one kept frozen: they are not written, and the
     JSON records ``base`` (its path relative to ``folder`` and its digest) to load them from."""
     from hfedit.config import to_flat_dict
-    from hfedit.rectifier import SHARED_PREFIXES
+    from hfedit.models.rectifier import SHARED_PREFIXES
 
     info = {
         "rectifier_config": to_flat_dict(rectifier.cfg),
@@ -215,7 +215,7 @@ def load_rectifier(folder: str | Path, unet, device: str = "cpu", base: str | Pa
     from omegaconf import OmegaConf
 
     from hfedit.config import RectifierConfig
-    from hfedit.rectifier import build_rectifier
+    from hfedit.models.rectifier import build_rectifier
 
     ck = load_checkpoint(folder, RECTIFIER, device=device)
     nested = OmegaConf.from_dotlist([f"{k}={v}" for k, v in ck.meta["rectifier_config"].items()])

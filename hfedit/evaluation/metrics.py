@@ -17,8 +17,8 @@ computes there, as the paper's Table 1 does:
 
 ``posterior_gap(eps_true, eps_pred)`` is the paper's ||Delta e||^2, the mean squared difference
 between the true noise and the predicted one, per sample (no [0, 1] mapping: it is noise).
-Identity similarity lives in :mod:`hfedit.identity`; the CLIP directional similarity is
-``DirectionalClipLoss.clip_directional_similarity`` in :mod:`hfedit.clip_loss`.
+Identity similarity lives in :mod:`hfedit.evaluation.identity`; the CLIP directional similarity is
+``DirectionalClipLoss.clip_directional_similarity`` in :mod:`hfedit.models.clip`.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hfedit.config import ReconLossKind
-from hfedit.rectifier import ModulatedDenoiser, RectifiedStep
-from hfedit.schedule import predict_x0, q_sample
+from hfedit.models.rectifier import ModulatedDenoiser, RectifiedStep
+from hfedit.diffusion.schedule import predict_x0, q_sample
 
 
 ReconLoss = ReconLossKind

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from hfedit.schedule import Schedule, posterior_mean
+from hfedit.diffusion.schedule import Schedule, posterior_mean
 
 DenoiserFn = Callable[[Tensor, int], Tensor]
 # progress(step_index, num_steps) is called after every denoiser evaluation.

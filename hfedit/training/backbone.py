@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hfedit.backbone import Denoiser, build_scheduler, build_unet, schedule_from_scheduler
-from hfedit.checkpoint import (
+from hfedit.models.backbone import Denoiser, build_scheduler, build_unet, schedule_from_scheduler
+from hfedit.models.checkpoint import (
     fingerprint,
     flatten_optimizer,
     has_checkpoint,
@@ -30,9 +30,9 @@ from hfedit.checkpoint import (
     unflatten_optimizer,
 )
 from hfedit.config import BackboneConfig, to_flat_dict
-from hfedit.dataset import Split
-from hfedit.inversion import ddpm_sample
-from hfedit.schedule import q_sample
+from hfedit.data.prepared import Split
+from hfedit.diffusion.inversion import ddpm_sample
+from hfedit.diffusion.schedule import q_sample
 
 # log(metrics, step) — the tracking edge (MLflow) plugs in here.
 LogFn = Optional[Callable[[dict[str, float], int], None]]
@@ -62,7 +62,7 @@ def train_backbone(
     device: str | torch.device = "cpu",
 ) -> BackboneTrainResult:
     """Train a UNet2DModel on ``images`` (N, 3, R, R) in [-1, 1]: a tensor, or a prepared split
-    (:class:`hfedit.dataset.Split`) from which each step reads only its batch. Resumes from
+    (:class:`hfedit.data.prepared.Split`) from which each step reads only its batch. Resumes from
     ``checkpoint_dir`` when it holds a checkpoint of the same config and data. The networks live
     on ``device``; the images stay where they are and each batch is moved once; every random draw comes from a
     CPU generator, so a run is the same draws on every device."""

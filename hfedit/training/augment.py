@@ -2,7 +2,7 @@
 
 Why: in the paper the rectifier corrects a backbone on images that backbone never saw (an
 FFHQ-trained iDDPM, a rectifier trained on CelebA-HQ); prepare gives it images of its own
-(``data.rectifier_fraction``, :func:`hfedit.data.split_roles`), and pretraining augments them
+(``data.rectifier_fraction``, :func:`hfedit.data.manifest.split_roles`), and pretraining augments them
 (``pretrain.augment``) so that it sees more than those few images. A pure tensor function: the
 draws come from a ``torch.Generator`` (pretraining's per-(rank, step) generator, so a resumed
 run draws what the first would).

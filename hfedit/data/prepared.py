@@ -16,13 +16,13 @@ Why Parquet: pyarrow reads single row groups of it, for random batches (:meth:`P
 and for Ray Data's tasks (``pipelines.ray_runtime.split_dataset``); any pyarrow filesystem
 serves it (a local or NFS path, ``s3://...``); and any Parquet reader (``ray.data.read_parquet``,
 pandas, DuckDB) opens it, the split chosen by a filter on ``key`` (:meth:`PreparedData.split_filter`). uint8 is 4x smaller than the float32 tensors; the ``[-1, 1]`` conversion happens
-per batch in the reader (:func:`pixels_to_tensor`), bit-identical to :func:`hfedit.data.to_tensor`.
+per batch in the reader (:func:`pixels_to_tensor`), bit-identical to :func:`hfedit.data.images.to_tensor`.
 
 Shard k holds the good images among inputs ``k*S .. (k+1)*S - 1`` (``S = data.shard_images``,
 inputs sorted by id), so shard boundaries and contents depend only on the inputs and settings:
 an interrupted prepare resumes and skips every shard whose record matches. The splits (train:
 the backbone's images; rectifier: the rectifier's own, ``data.rectifier_fraction``; val: held
-out) are drawn at the end over the good ids exactly as :func:`hfedit.data.split_roles` does;
+out) are drawn at the end over the good ids exactly as :func:`hfedit.data.manifest.split_roles` does;
 they need no rewrite of the shards: each is a range of ``key`` (val the ``n_val`` smallest keys,
 ``key <= val_key_max``; the rectifier's the next ones, ``key <= rectifier_key_max``; train the
 rest).
@@ -43,21 +43,18 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hfedit.config import DataConfig
-from hfedit.data import (
+from hfedit.data.manifest import (
     SPLITS,
     DatasetError,
-    Input,
     Manifest,
     ManifestRow,
-    _u8_to_tensor,
-    bundled_images,
-    decode_inputs,
     id_digest,
-    iter_folder,
     split_roles,
-    write_grid_png,
     write_manifest,
 )
+from hfedit.data.sources import Input, bundled_images, decode_inputs, iter_folder
+from hfedit.data.images import _u8_to_tensor
+from hfedit.data.grids import write_grid_png
 from hfedit.files import atomic_write, atomic_write_text
 
 if TYPE_CHECKING:  # prepare imports no torch: readers convert to tensors per batch
@@ -81,7 +78,7 @@ def pixels_to_u8(pixels: Sequence[bytes] | np.ndarray, resolution: int) -> np.nd
 
 def pixels_to_tensor(pixels: Sequence[bytes] | np.ndarray, resolution: int) -> torch.Tensor:
     """Rows of the ``pixels`` column -> (n, 3, R, R) float32 in [-1, 1]: the per-batch
-    conversion, the same arithmetic as :func:`hfedit.data.to_tensor`."""
+    conversion, the same arithmetic as :func:`hfedit.data.images.to_tensor`."""
     return _u8_to_tensor(pixels_to_u8(pixels, resolution))
 
 
@@ -154,7 +151,7 @@ def _default_workers(cfg: DataConfig) -> int:
 def prepare_dataset(cfg: DataConfig, out_dir: str | os.PathLike, progress: bool = True) -> Manifest:
     """Decode every input of ``cfg.source`` ("bundled" or a folder) into uint8 Parquet shards of
     at most ``cfg.shard_images`` images under ``out_dir``, split the good ones
-    (:func:`hfedit.data.split_ids`) and write dataset.json, index.json, manifest.json and
+    (:func:`hfedit.data.manifest.split_ids`) and write dataset.json, index.json, manifest.json and
     preview.png.
 
     Streams: at most one shard's pixels and a few decode items are in memory at a time. Decoding
@@ -429,7 +426,7 @@ class PreparedData:
 
     def row_groups(self, split: str) -> list[dict]:
         """The split as row-group reads, in its order: ``{"shard", "group", "rows"}`` per Parquet
-        row group holding rows of it (what :func:`hfedit.parquet.read_groups` reads, and the
+        row group holding rows of it (what :func:`hfedit.data.parquet.read_groups` reads, and the
         input of the Ray Data source ``pipelines.ray_runtime.split_dataset``)."""
         entry = self._check_split(split)
         G = int(self.meta["row_group"])

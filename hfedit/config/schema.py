@@ -1,33 +1,14 @@
-"""Typed configuration: one dataclass per pipeline stage, loaded with OmegaConf.
-
-Values come, in increasing priority, from
-  1. the dataclass defaults below,
-  2. the profile preset ``conf/profiles/<profile>.yaml`` (the keys that define a profile:
-     backbone, resolution, CLIP model and weights, budgets),
-  3. ``params.yaml`` (one section per stage; what users tune and DVC tracks). It leaves out the
-     keys the profiles set, so a key written there (``dvc exp run -S backbone.source=/models/x``
-     adds it) wins over the profile's value,
-  4. ``conf/runtime.yaml`` (where MLflow and Ray live on this machine),
-  5. command-line overrides in dot-list form (``backbone.train.steps=100``).
-
-Every source is validated against the schema: an unknown key or a value of the wrong type raises
-:class:`ConfigError` naming the key and the file it came from; values out of range (a step count
-of 0, ...) raise it naming the key, the rule and the flag or file that sets it.
+"""The config schema: one dataclass per pipeline stage, the enums of its string modes, and
+:class:`ConfigError`. Values and their loading order are :mod:`hfedit.config`'s.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
-from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from hfedit.device import Precision
-from hfedit.validation import check_config
 
 
 class ConfigError(ValueError):
@@ -45,7 +26,7 @@ class DataConfig:
     resolution: int = 32
     val_fraction: float = 0.2
     # Share of the images that train only the rectifier (pretraining and edits), never the
-    # backbone: the paper's setting (hfedit.data.split_roles). 0 = the rectifier trains on the
+    # backbone: the paper's setting (hfedit.data.manifest.split_roles). 0 = the rectifier trains on the
     # backbone's images. The default profile (params.yaml) sets 0.3.
     rectifier_fraction: float = 0.0
     seed: int = 0
@@ -124,7 +105,7 @@ class BackboneConfig:
 # ---------------------------------------------------------------------------------- inversion
 class Conditioning(str, Enum):
     """Which x0 estimate ``P_t`` conditions the rectifier during an edit's replay
-    (``hfedit/editing.py``).
+    (``hfedit/editing/editor.py``).
 
     ``trajectory``: the backbone's estimate on the inversion's own ``x_t`` (kept from the
     inversion: no extra evaluation). These are the ``x_t ~ q(x_t | x0)`` that Algorithm 1 trains
@@ -139,7 +120,7 @@ class Conditioning(str, Enum):
 
 
 class EditMode(str, Enum):
-    """How an image is inverted and re-sampled for an edit (``hfedit/editing.py``).
+    """How an image is inverted and re-sampled for an edit (``hfedit/editing/editor.py``).
 
     ``edit_friendly``: edit-friendly DDPM inversion (ALGORITHMS.md section 1), then the DDPM
     replay of its noise maps through the rectified model; with no rectifier the input comes back
@@ -176,7 +157,7 @@ class RectifierTrunk(str, Enum):
 
 
 class ModulationMode(str, Enum):
-    """How a conv runs with per-sample kernels ``theta * (1 + Delta_b)`` (hfedit/modulation.py).
+    """How a conv runs with per-sample kernels ``theta * (1 + Delta_b)`` (hfedit/models/modulation.py).
 
     All are exact; ``auto`` picks the fastest measured one for the device and batch size.
     """
@@ -216,7 +197,7 @@ class ReconLossKind(str, Enum):
 
 @dataclass
 class Augmentation:
-    """Augmentation of rectifier pretraining batches (:func:`hfedit.splits.augment`), each image
+    """Augmentation of rectifier pretraining batches (:func:`hfedit.training.augment.augment`), each image
     its own draw: ``hflip`` probability of a horizontal flip; ``max_shift`` largest circular
     shift in pixels (each axis); ``brightness`` / ``contrast`` / ``saturation`` largest relative
     change (uniform in [1 - v, 1 + v]). All 0: off (the batches as stored)."""
@@ -259,7 +240,7 @@ class PretrainConfig:
 # --------------------------------------------------------------------------------------- clip
 @dataclass
 class ClipConfig:
-    """CLIP for the directional loss (ALGORITHMS.md section 4); see ``hfedit.clip_loss``.
+    """CLIP for the directional loss (ALGORITHMS.md section 4); see ``hfedit.models.clip``.
 
     ``weights``: an open_clip pretrained tag for ``model`` ("openai", "laion2b_s34b_b79k"; needs
     the network or a filled HF cache), or a local ``.safetensors``/``.bin``/``.pt`` state dict
@@ -454,7 +435,7 @@ class EvaluateConfig:
     # The paper's Fig. 7: SDEdit (noise to strength * T, sample down) with and without the
     # reconstruction rectifier, same noise, at the headline N; [] = not run.
     sdedit_strengths: list[float] = field(default_factory=lambda: [0.3, 0.5])
-    # LPIPS is added when its weights are on disk (hfedit.metrics.lpips_available), else the
+    # LPIPS is added when its weights are on disk (hfedit.evaluation.metrics.lpips_available), else the
     # report says why it is missing; it never downloads.
 
 
@@ -471,103 +452,3 @@ class HfeditConfig:
     edit_batch: EditBatchConfig = field(default_factory=EditBatchConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-
-
-def project_root() -> Path:
-    """The folder holding params.yaml: $HFEDIT_ROOT, else the nearest parent of the cwd holding
-    one, else the checkout this package is installed from (an editable install: the CLI works
-    from any folder), else the cwd."""
-    env = os.environ.get("HFEDIT_ROOT")
-    if env:
-        return Path(env).resolve()
-    here = Path.cwd().resolve()
-    for folder in (here, *here.parents):
-        if (folder / "params.yaml").is_file():
-            return folder
-    checkout = Path(__file__).resolve().parents[1]
-    if (checkout / "params.yaml").is_file() and (checkout / "conf").is_dir():
-        return checkout
-    return here
-
-
-def _merge(base: DictConfig, extra: Any, origin: str) -> DictConfig:
-    try:
-        return OmegaConf.merge(base, extra)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        reason = str(err.msg).splitlines()[0]
-        raise ConfigError(f"{origin}: invalid config key '{key}': {reason}") from None
-
-
-def _read_yaml(path: Path) -> DictConfig:
-    try:
-        loaded = OmegaConf.load(path)
-    except Exception as err:  # yaml syntax errors carry the line number
-        raise ConfigError(f"{path}: cannot parse YAML: {err}") from None
-    return loaded if loaded is not None else OmegaConf.create({})
-
-
-def load_config(
-    params: str | Path | None = None,
-    overrides: list[str] | None = None,
-    conf_dir: str | Path | None = None,
-    profile: Optional[str] = None,
-) -> HfeditConfig:
-    """Load the typed config: defaults <- profile preset <- params.yaml <- runtime <- overrides.
-
-    ``params=None`` reads ``<project_root>/params.yaml`` when it exists. ``profile`` (or
-    ``profile=`` in params.yaml / overrides) picks ``conf/profiles/<profile>.yaml``.
-    Raises :class:`ConfigError` naming the offending key.
-    """
-    root = project_root()
-    params_path = Path(params) if params is not None else root / "params.yaml"
-    conf_path = Path(conf_dir) if conf_dir is not None else root / "conf"
-    overrides = list(overrides or [])
-
-    cfg = OmegaConf.structured(HfeditConfig)
-    user = OmegaConf.create({})
-    if params_path.is_file():
-        user = _read_yaml(params_path)
-        _merge(cfg, user, str(params_path))  # validated against the schema, file named
-    elif params is not None:
-        raise ConfigError(f"params file not found: {params_path}")
-
-    try:
-        cli = OmegaConf.from_dotlist(overrides)
-    except Exception as err:
-        raise ConfigError(f"command-line overrides {overrides}: {err}") from None
-    chosen = profile or cli.get("profile") or user.get("profile") or cfg.profile
-    preset = conf_path / "profiles" / f"{chosen}.yaml"
-    if not preset.is_file():
-        known = sorted(p.stem for p in (conf_path / "profiles").glob("*.yaml"))
-        raise ConfigError(f"profile '{chosen}': no preset {preset} (known: {known})")
-    cfg = _merge(cfg, _read_yaml(preset), str(preset))
-    cfg = _merge(cfg, user, str(params_path))
-    runtime = conf_path / "runtime.yaml"
-    if runtime.is_file():
-        cfg = _merge(cfg, OmegaConf.create({"runtime": _read_yaml(runtime)}), str(runtime))
-    cfg = _merge(cfg, cli, "command line")
-    cfg.profile = chosen
-    typed: HfeditConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    check_config(typed, ConfigError)  # values the types cannot check (hfedit/validation.py)
-    return typed
-
-
-def to_flat_dict(cfg: Any) -> dict[str, Any]:
-    """Flatten a config (dataclass or DictConfig) to ``{"a.b.c": value}`` for tracking."""
-    container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), value)
-        else:
-            flat[prefix] = node
-
-    walk("", container)
-    return flat
-
-
-def to_yaml(cfg: Any) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

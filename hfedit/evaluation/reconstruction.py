@@ -26,16 +26,16 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from hfedit import metrics as M
-from hfedit.backbone import Denoiser
-from hfedit.inversion import ddim_invert, ddim_sample, invert, per_image_noise, replay
-from hfedit.schedule import Schedule, posterior_mean, q_sample
+from hfedit.evaluation import metrics as M
+from hfedit.models.backbone import Denoiser
+from hfedit.diffusion.inversion import ddim_invert, ddim_sample, invert, per_image_noise, replay
+from hfedit.diffusion.schedule import Schedule, posterior_mean, q_sample
 
 
 def _model(denoiser: Denoiser, rectifier: Optional[torch.nn.Module], x0: Tensor):
     if rectifier is None:
         return denoiser
-    from hfedit.rectifier import ModulatedDenoiser
+    from hfedit.models.rectifier import ModulatedDenoiser
 
     return ModulatedDenoiser(denoiser, rectifier).conditioned(x0)
 
@@ -65,7 +65,7 @@ def posterior_mean_gap(model, schedule: Schedule, x0: Tensor, num_steps: int,
 
     For every strided ``t`` with ``s = prev(t)``: ``x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) eps``
     (image b's ``eps`` drawn from ``seeds[b]``: independent of batching), the true posterior
-    mean of ``q(x_s | x_t, x0)`` is :func:`hfedit.schedule.posterior_mean` with the true
+    mean of ``q(x_s | x_t, x0)`` is :func:`hfedit.diffusion.schedule.posterior_mean` with the true
     ``eps`` (its x0 estimate is x0 itself) and DDPM's variance (eta = 1); the model's uses
     ``model(x_t, t)``. The gap is the mean over (C, H, W) of their squared difference, averaged
     over the N steps. 0 exactly when the model predicts the true noise.
