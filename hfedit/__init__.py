@@ -4,9 +4,15 @@ Edit-friendly DDPM inversion (noise maps that replay an image exactly) joined wi
 rectifier (a hypernetwork that modulates the frozen U-Net's conv kernels per image and per
 step, trained per attribute with a directional CLIP loss).
 
-The public API (imported on first use, so ``import hfedit`` stays cheap)::
+The front door, PIL images in and out (:class:`~hfedit.pipeline.HFEditPipeline`)::
 
     import hfedit
+
+    pipe = hfedit.HFEditPipeline.from_pretrained("models")       # the pipeline's models/ folder
+    out = pipe("face.png", attributes=["reconstruction", "smiling"], seed=0)
+    out.images["smiling"][0].save("face_smiling.png")            # out.metrics: l1, ssim, psnr
+
+The building blocks underneath (imported on first use, so ``import hfedit`` stays cheap)::
 
     cfg = hfedit.load_config()                                  # params.yaml + profile
     denoiser = hfedit.load_backbone("models/backbone")          # folder or hub id
@@ -31,6 +37,8 @@ import importlib
 
 # public name -> the module that defines it
 _API = {
+    "HFEditPipeline": "hfedit.pipeline",
+    "EditOutput": "hfedit.pipeline",
     "load_config": "hfedit.config",
     "HfeditConfig": "hfedit.config",
     "Denoiser": "hfedit.models.backbone",
@@ -42,7 +50,7 @@ _API = {
     "InversionResult": "hfedit.diffusion.inversion",
     "ddim_invert": "hfedit.diffusion.inversion",
     "ddim_sample": "hfedit.diffusion.inversion",
-    "sdedit": "hfedit.diffusion.sdedit",
+    "sdedit": "hfedit.diffusion.sampling",
     "Editor": "hfedit.editing.editor",
     "load_editor": "hfedit.editing.editor",
     "load_image": "hfedit.data.images",

@@ -253,8 +253,13 @@ class _progress:
 
         self.bar = tqdm(total=self.total, desc=f"hfedit {self.args.command}", unit="pass",
                         disable=True if self.args.no_progress else None, leave=False)
-        self.hook = self.unet.register_forward_hook(lambda *_: self.bar.update(1))
+        self.hook = self.unet.register_forward_hook(self._advance)
         return self
+
+    def _advance(self, *_) -> None:
+        # A forward hook that returns a value replaces the module's output: return nothing
+        # (tqdm's update() returns True whenever it redraws, on a terminal).
+        self.bar.update(1)
 
     def __exit__(self, *exc) -> None:
         self.hook.remove()

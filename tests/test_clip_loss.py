@@ -88,7 +88,7 @@ def test_random_clip_warns_and_is_not_semantic(tiny_name, caplog):
     torch.manual_seed(123)
     before = torch.rand(3)
     torch.manual_seed(123)
-    with caplog.at_level(logging.WARNING, logger="hfedit.clip_loss"):
+    with caplog.at_level(logging.WARNING, logger="hfedit.models.clip"):
         with pytest.warns(RandomClipWarning, match="CLIP has random weights: edits are not sem"):
             clip = load_clip(ClipConfig(model=tiny_name, seed=3))
     assert torch.equal(torch.rand(3), before)  # the global RNG is untouched
@@ -206,4 +206,4 @@ def test_a_random_clip_is_announced_once_not_by_every_load(caplog):
     assert not seen and not caplog.records
     with caplog.at_level(logging.WARNING), pytest.warns(RandomClipWarning):
         load_clip(cfg)
-    assert [r.name for r in caplog.records] == ["hfedit.clip_loss"]
+    assert [r.name for r in caplog.records] == ["hfedit.models.clip"]

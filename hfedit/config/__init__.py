@@ -134,6 +134,8 @@ def load_config(
     cfg = _merge(cfg, cli, "command line")
     cfg.profile = chosen
     typed: HfeditConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    for attribute in typed.edits.attributes.values():  # steps 0: the profile's budget
+        attribute.steps = attribute.steps or typed.edits.steps
     check_config(typed, ConfigError)  # values the types cannot check (hfedit/validation.py)
     return typed
 

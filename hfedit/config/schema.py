@@ -294,7 +294,7 @@ class AttributeConfig:
     lr: float = 1e-3
     decay_every: int = 10
     decay: float = 0.9
-    steps: int = 40
+    steps: int = 0  # optimisation steps; 0 = the profile's edits.steps (load_config fills it in)
     num_images: int = 100
     batch_size: int = 4
     method: EditMethod = EditMethod.score_matching
@@ -334,6 +334,7 @@ class EditsConfig:
     """Stages ``train_edits`` (one Ray task per entry of ``attributes``) and ``edit_ablation``."""
 
     attributes: dict[str, AttributeConfig] = field(default_factory=dict)
+    steps: int = 40  # an attribute's optimisation steps when its own ``steps`` is 0 (profiles set it)
     markovian: MarkovianConfig = field(default_factory=MarkovianConfig)
     ablation: EditAblationConfig = field(default_factory=EditAblationConfig)
     log_every: int = 5

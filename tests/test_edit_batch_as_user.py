@@ -1,0 +1,139 @@
+"""Batch editing as a user runs it: pipelines/edit_batch.py as a process interrupted by a signal
+and finished by a rerun, and `ray job submit` exactly as the README writes it, against a real
+head node."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines import edit_batch as eb
+from tests.test_data import folder  # noqa: F401 - real faces, odd modes, broken files, bad links
+from tests.test_edit_batch import ATTRS, ROOT, STEPS, _scanned, models  # noqa: F401
+
+
+# ------------------------------------------------------------------- as a user runs it
+def _env(tmp_path: Path) -> dict:
+    venv_bin = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "HFEDIT_ROOT": str(ROOT),
+            "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PYTHONUNBUFFERED": "1"}
+
+
+def _cli_args(root, out, backbone, edits, *extra) -> list[str]:
+    return ["--input", str(root), "--out", str(out), "--backbone", str(backbone), "--edits", str(edits),
+            "--attributes", *ATTRS, "--steps", str(STEPS), "--no-progress", *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # the module fixtures run a Ray Data job in setup: minutes under load
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_job_is_finished_by_a_rerun(folder, models, tmp_path, sig):  # noqa: F811
+    root, expected = _scanned(folder)
+    backbone, edits = models
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "pipelines/edit_batch.py"),
+           *_cli_args(root, out, backbone, edits, "--actors", "1", "--batch-size", "2",
+                      "--steps", "20", "--no-track")]
+    proc = subprocess.Popen(cmd, env=_env(tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 200
+    while time.time() < deadline and proc.poll() is None:
+        logs = list((out / eb.LOG_DIR).glob("*.jsonl")) if (out / eb.LOG_DIR).exists() else []
+        if sum(p.read_text().count('"status": "ok"') for p in logs) >= 4:  # 2 images edited
+            proc.send_signal(sig)
+            break
+        time.sleep(0.1)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, log[-3000:]  # 130 Ctrl-C, 143 SIGTERM
+    assert f"stopped: interrupted ({sig.name})" in log  # the summary line
+    first = eb.read_manifest(out)
+    assert (first.reason == eb.NOT_PROCESSED).any(), "interrupted too late to test anything"
+    done_first = first[first.status == "ok"]
+    mtimes = {r.output: (out / r.output).stat().st_mtime_ns for r in done_first.itertuples()}
+
+    proc = subprocess.run([*cmd[:-1]], env=_env(tmp_path), cwd=ROOT, capture_output=True,
+                          text=True, timeout=240)  # the same command (tracked in MLflow)
+    assert proc.returncode == eb.EXIT_FAILED, proc.stdout[-3000:] + proc.stderr[-3000:]
+    second = eb.read_manifest(out)
+    n_ok = sum(v == "ok" for v in expected.values())
+    assert (second[second.status == "ok"].groupby("id").size() == len(ATTRS)).sum() == n_ok
+    assert not (second.reason == eb.NOT_PROCESSED).any()
+    # nothing done twice: what the first run finished kept its PNG and its row
+    assert {o: (out / o).stat().st_mtime_ns for o in mtimes} == mtimes
+    kept = second.set_index(["id", "attribute"]).loc[done_first.set_index(["id", "attribute"]).index]
+    assert (kept.run == done_first.run.iloc[0]).all()
+    assert f"{n_ok} edited" in proc.stdout and "failed" in proc.stdout
+
+
+README_FOLDERS = "MODELS=$PWD/models PHOTOS=$PWD/photos OUT=$PWD/outputs/photos"
+
+
+def _readme_cluster_commands() -> str:
+    """Step 2 of the README's batch-editing block, as written."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("# 2. on a cluster"):text.index("# 3. as the DVC stage")]
+    assert README_FOLDERS in block, "the README's first line of step 2 changed: update this test"
+    return block
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ray_job_submit_exactly_as_the_readme_writes_it(folder, models, tmp_path):  # noqa: F811
+    """The README's commands (its folders line pointed at the test's) on a fresh head node with
+    free ports: absolute model folders, a non-image file ignored, outputs without double
+    extensions, and the MLflow store beside the outputs, not in Ray's uploaded copy."""
+    root, _ = folder
+    backbone, edits = models
+    photos, out = tmp_path / "photos", tmp_path / "results" / "photos"
+    (photos / "sub").mkdir(parents=True)
+    for name in ("astronaut.jpg", "astronaut.png", "lfw_0.png"):
+        shutil.copy(root / "faces" / name, photos / name)
+    shutil.copy(root / "faces/lfw_1.png", photos / "sub" / "lfw_1.png")
+    (photos / "readme.txt").write_text("faces from scikit-image\n")
+    script = _readme_cluster_commands().replace(
+        README_FOLDERS, f"MODELS={backbone.parent} PHOTOS={photos} OUT={out}")
+    temp = tempfile.mkdtemp(prefix="rayrd", dir="/tmp")  # this cluster's own Ray temp dir
+    env = {k: v for k, v in _env(tmp_path).items()
+           if k not in ("HFEDIT_ROOT", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE")}
+    env["RAY_TMPDIR"] = temp
+    try:
+        prelude = "trap 'kill $HEAD 2> /dev/null || true' EXIT\nset -e\n"  # stop it on failure too
+        proc = subprocess.run(["bash", "-c", prelude + script], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=800)
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, log[-5000:]
+        assert "succeeded" in log.lower() and "1 other files ignored" in log, log[-3000:]
+    finally:
+        for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:  # only this cluster
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if temp.encode() in cmdline and pid != os.getpid():
+                with __import__("contextlib").suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+    result = eb.read_manifest(out)
+    ids = ["astronaut.jpg", "astronaut.png", "lfw_0.png", "sub/lfw_1.png"]
+    assert sorted(set(result.id)) == ids and (result.status == "ok").all()
+    outputs = set(result.output)
+    for a in ATTRS:
+        assert {f"{a}/astronaut.png", f"{a}/astronaut.jpg.png", f"{a}/lfw_0.png",
+                f"{a}/sub/lfw_1.png"} <= outputs
+    assert all((out / o).is_file() for o in outputs)
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")  # beside the results
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.tags["hfedit.stage"] == "edit_batch"
+    assert (out / "mlartifacts").is_dir() and any((out / "mlartifacts").rglob("manifest.parquet"))
