@@ -52,7 +52,7 @@ def main() -> None:
     from hfedit.evaluation import metrics as M
     from hfedit.evaluation.reconstruction import (
         _model,
-        per_image_posterior_gap,
+        noise_mse,
         posterior_mean_gaps,
     )
     from hfedit.diffusion.inversion import ddim_invert, ddim_sample
@@ -85,7 +85,7 @@ def main() -> None:
             x = ddim_sample(model, denoiser.schedule,
                             ddim_invert(model, denoiser.schedule, held, args.n), args.n)
         rec = {"l1": float(M.l1(held, x.clamp(-1, 1)).mean())}
-        gap = float(per_image_posterior_gap(denoiser, held, rect, num_t=20).mean())
+        gap = float(noise_mse(denoiser, held, rect, num_t=20).mean())
         rows = posterior_mean_gaps(denoiser, held, [args.n], rect)  # backbone row first
         pmg = rows[-1]["mean"]  # the rectified model's (the backbone's when rect is None)
         return {"l1": rec["l1"], "gap": gap, "pmg": pmg}

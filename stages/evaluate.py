@@ -74,7 +74,8 @@ def held_out(cfg: HfeditConfig, data: Path) -> torch.Tensor:
 def evaluate_reconstruction(cfg: HfeditConfig, denoiser, rectifier, images) -> dict[str, Any]:
     from hfedit.evaluation import metrics as M
     from hfedit.evaluation.reconstruction import (
-        posterior_gaps,
+        mean_std,
+        noise_mse,
         posterior_mean_gaps,
         reconstruction_table,
     )
@@ -84,8 +85,10 @@ def evaluate_reconstruction(cfg: HfeditConfig, denoiser, rectifier, images) -> d
     rows = reconstruction_table(denoiser, images, cfg.evaluate.steps, rectifier,
                                 eta=cfg.inversion.eta, seed=cfg.inversion.seed, batch_size=bs,
                                 with_lpips=with_lpips)
-    gaps = posterior_gaps(denoiser, images, rectifier, cfg.inversion.seed, bs,
-                          cfg.evaluate.gap_timesteps)
+    models = {"backbone": None, **({"rectifier": rectifier} if rectifier is not None else {})}
+    gaps = {name: mean_std(noise_mse(denoiser, images, rect, cfg.inversion.seed, bs,
+                                     cfg.evaluate.gap_timesteps))
+            for name, rect in models.items()}
     mean_gaps = posterior_mean_gaps(denoiser, images, cfg.evaluate.steps, rectifier,
                                     cfg.inversion.seed, bs)
     return {"rows": rows, "gap": {m: g["mean"] for m, g in gaps.items()},

@@ -61,10 +61,10 @@ def test_psnr_of_identical_images_is_capped_at_100db(astronaut):
     assert out.tolist() == [metrics.PSNR_MAX_DB] == [100.0]
 
 
-def test_posterior_gap_is_mean_squared_difference():
+def test_squared_difference_is_the_mean_squared_difference_per_sample():
     eps = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     pred = eps + torch.tensor([0.0, 0.5, 2.0]).view(3, 1, 1, 1)
-    assert torch.allclose(metrics.posterior_gap(eps, pred), torch.tensor([0.0, 0.25, 4.0]))
+    assert torch.allclose(metrics.squared_difference(eps, pred), torch.tensor([0.0, 0.25, 4.0]))
 
 
 def test_metrics_refuse_mismatched_shapes():

@@ -15,8 +15,10 @@ computes there, as the paper's Table 1 does:
            use_sample_covariance=False, data_range=1, channel_axis=...)``
 - ``lpips`` only when its weights are on disk (:func:`lpips_available`); never downloads.
 
-``posterior_gap(eps_true, eps_pred)`` is the paper's ||Delta e||^2, the mean squared difference
-between the true noise and the predicted one, per sample (no [0, 1] mapping: it is noise).
+``squared_difference(a, b)`` is the mean squared difference per sample on the values as given
+(no [0, 1] mapping): of the true and the predicted noise it is the paper's ||Delta e||^2 at one t
+(:func:`hfedit.evaluation.reconstruction.noise_mse`), of two posterior means PDAE's gap at one
+step (:func:`hfedit.evaluation.reconstruction.posterior_mean_gap`).
 Identity similarity lives in :mod:`hfedit.evaluation.identity`; the CLIP directional similarity is
 ``DirectionalClipLoss.clip_directional_similarity`` in :mod:`hfedit.models.clip`.
 """
@@ -122,13 +124,12 @@ def ssim(reference: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     return s.flatten(1).mean(1)
 
 
-def posterior_gap(eps_true: torch.Tensor, eps_pred: torch.Tensor) -> torch.Tensor:
-    """The paper's ||Delta e||^2: mean over (C, H, W) of (eps_true - eps_pred)^2, per sample.
-
-    (B, C, H, W) x 2 -> (B,); the caller averages over samples and timesteps.
-    """
-    _check_pair(eps_true, eps_pred)
-    return (eps_true - eps_pred).square().flatten(1).mean(1)
+def squared_difference(reference: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """Mean over (C, H, W) of (reference - result)^2 on the values as given, per sample:
+    (B, C, H, W) x 2 -> (B,). Of the true noise and the predicted one: the paper's
+    ||Delta e||^2 at one t; the caller averages over timesteps and samples."""
+    _check_pair(reference, result)
+    return (reference - result).square().flatten(1).mean(1)
 
 
 # ------------------------------------------------------------------------------------- LPIPS

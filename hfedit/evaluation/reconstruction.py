@@ -5,7 +5,7 @@ With edit-friendly maps every model reconstructs exactly by construction, so fid
 DDIM sampling back, at N steps, with the plain backbone or the backbone rectified by ``R``
 conditioned on the source; plus two gaps on held-out images:
 
-* ``gap`` (:func:`posterior_gap`): the noise gap ``||eps - eps_model(x_t, t)||^2`` averaged over
+* ``gap`` (:func:`noise_mse`): the noise gap ``||eps - eps_model(x_t, t)||^2`` averaged over
   evenly spaced ``t`` (every t weighted alike);
 * ``posterior_mean_gap`` (:func:`posterior_mean_gap`): PDAE's gap between the true posterior
   mean ``mu~(x_t, x0)`` of ``q(x_s | x_t, x0)`` and the model's ``mu_theta(x_t)``, along the
@@ -41,20 +41,33 @@ def _model(denoiser: Denoiser, rectifier: Optional[torch.nn.Module], x0: Tensor)
 
 
 @torch.no_grad()
-def posterior_gap(denoiser: Denoiser, rectifier: Optional[torch.nn.Module], x0: Tensor,
-                  num_t: int = 20, seed: int = 0) -> Tensor:
-    """Per-image mean over ``num_t`` evenly spaced t of ``mean((eps - eps_model(x_t, t))^2)``."""
+def noise_mse(denoiser: Denoiser, x0: Tensor, rectifier: Optional[torch.nn.Module] = None,
+              seed: int = 0, batch_size: int = 8, num_t: int = 20) -> Tensor:
+    """The noise gap of the backbone (``rectifier`` None) or the rectified model, per image of
+    ``x0`` (N, C, H, W): (N,) on the CPU.
+
+    ``mean_t mean_{C,H,W} (eps - eps_model(x_t, t))^2`` over ``num_t`` evenly spaced t in
+    [0, T-1] (every t weighted alike), ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``. Runs
+    in batches of ``batch_size``; each batch draws its ``eps`` from a CPU generator seeded
+    ``seed`` (the same draws on every device; an image's draw depends on its place in its batch).
+    """
+    return torch.cat([_noise_mse_batch(denoiser, rectifier, x0[i:i + batch_size], num_t, seed)
+                      for i in range(0, x0.shape[0], batch_size)])
+
+
+def _noise_mse_batch(denoiser: Denoiser, rectifier: Optional[torch.nn.Module], x0: Tensor,
+                     num_t: int, seed: int) -> Tensor:
     gen = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on every device
     x0 = x0.to(denoiser.device)
     model = _model(denoiser, rectifier, x0)
     T = denoiser.schedule.num_train_timesteps
-    gaps = []
+    mse = []
     for t in torch.linspace(0, T - 1, num_t).long().tolist():
         eps = torch.randn(x0.shape, generator=gen).to(x0.device)
         tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
         x_t = q_sample(denoiser.schedule, x0, tt, eps)
-        gaps.append(M.posterior_gap(eps, model(x_t, t)))
-    return torch.stack(gaps).mean(0)
+        mse.append(M.squared_difference(eps, model(x_t, t)))
+    return torch.stack(mse).mean(0).cpu()
 
 
 @torch.no_grad()
@@ -78,7 +91,7 @@ def posterior_mean_gap(model, schedule: Schedule, x0: Tensor, num_steps: int,
         tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
         x_t = q_sample(schedule, x0, tt, noise[i])
         mu_true = posterior_mean(coef, x_t, noise[i])
-        gaps.append(M.posterior_gap(mu_true, posterior_mean(coef, x_t, model(x_t, t))))
+        gaps.append(M.squared_difference(mu_true, posterior_mean(coef, x_t, model(x_t, t))))
     return torch.stack(gaps).mean(0)
 
 
@@ -117,11 +130,13 @@ def reconstruction_report(denoiser: Denoiser, x0: Tensor, num_steps: int,
                           rectifier: Optional[torch.nn.Module] = None, seed: int = 0,
                           batch_size: int = 8, gap_timesteps: int = 20) -> dict[str, float]:
     """Means over ``x0`` (B, C, H, W) of L1, L2, SSIM, PSNR of the DDIM reconstruction at
-    ``num_steps`` and of the posterior gap, for the backbone or the rectified model; plus the
-    edit-friendly reconstruction's max error at the same N (exact for any model)."""
+    ``num_steps`` and of the noise gap (``gap``: :func:`noise_mse`), for the backbone or the
+    rectified model; plus the edit-friendly reconstruction's max error at the same N (exact for
+    any model)."""
     both = reconstruct(denoiser, x0, num_steps, rectifier, seed=seed, batch_size=batch_size)
     report = {k: both["ddim"][k] for k in ("l1", "l2", "ssim", "psnr")}
-    report["gap"] = mean_posterior_gap(denoiser, x0, rectifier, seed, batch_size, gap_timesteps)
+    report["gap"] = float(noise_mse(denoiser, x0, rectifier, seed, batch_size,
+                                    gap_timesteps).mean())
     report["edit_friendly_max_error"] = both["edit_friendly"]["max_error"]
     return report
 
@@ -178,27 +193,3 @@ def reconstruction_table(denoiser: Denoiser, x0: Tensor, steps: Sequence[int],
             rows += [{"steps": int(n), "model": name, "inversion": kind, **both[kind]}
                      for kind in INVERSIONS]
     return rows
-
-
-def per_image_posterior_gap(denoiser: Denoiser, x0: Tensor,
-                            rectifier: Optional[torch.nn.Module] = None, seed: int = 0,
-                            batch_size: int = 8, num_t: int = 20) -> Tensor:
-    """:func:`posterior_gap` at ``num_t`` timesteps of every image of ``x0``, in batches: (N,)."""
-    return torch.cat([posterior_gap(denoiser, rectifier, x0[i:i + batch_size], num_t, seed).cpu()
-                      for i in range(0, x0.shape[0], batch_size)])
-
-
-def mean_posterior_gap(denoiser: Denoiser, x0: Tensor, rectifier: Optional[torch.nn.Module] = None,
-                       seed: int = 0, batch_size: int = 8, num_t: int = 20) -> float:
-    """:func:`posterior_gap` at ``num_t`` timesteps averaged over ``x0``, in batches."""
-    return float(per_image_posterior_gap(denoiser, x0, rectifier, seed, batch_size, num_t).mean())
-
-
-def posterior_gaps(denoiser: Denoiser, x0: Tensor, rectifier: Optional[torch.nn.Module] = None,
-                   seed: int = 0, batch_size: int = 8, num_t: int = 20
-                   ) -> dict[str, dict[str, float]]:
-    """``{model: {mean, std, images}}`` of :func:`posterior_gap` for the backbone and (when
-    given) the rectified model."""
-    models = {"backbone": None, **({"rectifier": rectifier} if rectifier is not None else {})}
-    return {name: mean_std(per_image_posterior_gap(denoiser, x0, rect, seed, batch_size, num_t))
-            for name, rect in models.items()}
