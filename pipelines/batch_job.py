@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 from hfedit.models.checkpoint import file_digest, fingerprint
 from hfedit.config import HfeditConfig, InversionConfig, to_flat_dict
+from hfedit.data.batch_manifest import MANIFEST
 from hfedit.data.manifest import SPLITS, DatasetError, id_digest, load_manifest, printable
 from hfedit.data.images import ImageError
 from hfedit.data.sources import iter_folder
@@ -28,7 +29,7 @@ from hfedit.editing.editor import RECONSTRUCTION, available_edits
 from hfedit.validation import UsageError, check_list_file  # bad arguments: exit status 2
 
 EXIT_OK, EXIT_CRASHED, EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-MANIFEST, LOG_DIR, COMPACTED = "manifest.parquet", "_log", "0-compacted.jsonl"
+LOG_DIR, COMPACTED = "_log", "0-compacted.jsonl"
 EDIT_FAILED = "edit_failed"  # the image decoded but inversion/edit/writing raised
 NOT_PROCESSED = "not_processed"  # the job stopped (crash, interrupt) before reaching it
 WORKER_CRASHED = "worker_crashed"  # its worker process died edit_batch.max_attempts times on it

@@ -62,6 +62,7 @@ import pandas as pd
 
 from hfedit.files import atomic_write_bytes, atomic_write_json
 from hfedit.config import ConfigError, HfeditConfig, load_config
+from hfedit.data.batch_manifest import read_manifest
 from hfedit.data.manifest import SPLITS
 from hfedit.device import DeviceUnavailable
 from hfedit.editing.editor import RECONSTRUCTION
@@ -350,10 +351,6 @@ def _write_manifest(df: pd.DataFrame, out: Path) -> Path:
     df.to_parquet(buf, index=False)
     atomic_write_bytes(out / MANIFEST, buf.getvalue())
     return out / MANIFEST
-
-
-def read_manifest(out: str | os.PathLike) -> pd.DataFrame:
-    return pd.read_parquet(Path(out) / MANIFEST)
 
 
 def _compact_logs(out: Path, done: DoneIndex) -> None:
