@@ -45,7 +45,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 @dataclass
 class Entry:
     """One input. ``id``: POSIX path relative to the root (or the prepared id); ``input``: the
-    file (``<folder>/<split>#<index>`` for a prepared split); ``signature``: size and mtime,
+    file (``<folder>/<split>#<index>`` for a prepared split); ``signature``: size and content digest,
     which change when the file does; ``error``: set when it must not be opened."""
 
     id: str
@@ -84,11 +84,17 @@ def output_names(ids: list[str]) -> dict[str, str]:
 
 
 def _signature(path: Path) -> str:
+    """``<size>:<sha256 prefix>`` of the file's bytes: what the input is, not when it was written,
+    so a copied or moved project (new mtimes, same content) redoes nothing. One read of each
+    input per run (the images are then decoded from the page cache)."""
+    import hashlib
+
     try:
-        st = path.stat()
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+            return f"{os.fstat(f.fileno()).st_size}:{digest}"
     except OSError:
         return ""
-    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def list_inputs(source: str | os.PathLike, split: Optional[str] = None,
@@ -123,7 +129,7 @@ def _split_entries(folder: Path, split: str) -> list[Entry]:
     except (FileNotFoundError, DatasetError) as err:
         raise UsageError(f"--input {folder} --split {split}: {err}") from None
     path = folder / split  # "<folder>/<split>#<index>": a row of the prepared split
-    sig = _signature(folder / "dataset.json")
+    sig = f"prepared:{PreparedData(folder).digest}"  # the split's content, wherever it lies
     return [Entry(r.id, f"{path}#{r.index}", sig, index=r.index)
             for r in manifest.rows if r.split == split]
 

@@ -28,7 +28,7 @@ quantisation: batched CPU kernels are not bit-invariant).
 Resume: as soon as an image's PNGs are in place its rows are appended (one write, fsync) to
 ``<out>/_log/<run>-<pid>-*.jsonl``. A rerun skips every (input, attribute) whose logged row matches
 the job's fingerprint (backbone, rectifier, inversion and preprocessing settings) and the input
-file's size and mtime, and whose PNG exists; an actor retrying a batch after a crash skips the
+file's size and content digest (sha256), and whose PNG exists; an actor retrying a batch after a crash skips the
 images already logged. Ray Data restarts a dead actor and retries its batch; an image on which
 workers died ``edit_batch.max_attempts`` times becomes a ``worker_crashed`` row instead of
 killing workers forever.

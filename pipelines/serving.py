@@ -18,9 +18,11 @@ is the model, as code: nothing is pickled) with:
   (base64 PNG), ``width``, ``height``, ``error``; params ``num_steps``, ``skip``, ``eta``.
 
 Registered as ``<prefix>-edit-<attribute>`` (edit rectifiers), ``<prefix>-rectifier`` (the
-reconstruction rectifier) and ``<prefix>-backbone``. The version just trained by the pipeline
-gets the alias ``champion`` (``models:/hfedit-edit-smiling@champion`` is always the pipeline's
-latest), and tags on the version and on the registered model say what it is:
+reconstruction rectifier) and ``<prefix>-backbone``. Every new version gets the alias ``latest``
+(and ``exp-<name>`` under ``dvc exp run``); ``champion``, what serving and batch jobs use, moves
+only on a promotion: ``runtime.mlflow.promote=true`` for a run, or afterwards
+``python -m pipelines.serving promote hfedit-edit-smiling latest`` (a model's first version is its
+champion), and tags on the version and on the registered model say what it is:
 ``hfedit.attribute``, ``hfedit.semantic`` (``false`` when CLIP had random weights: the offline
 default), the edit method, the fingerprint and the backbone.
 """
@@ -37,7 +39,8 @@ from hfedit.config import HfeditConfig, InversionConfig, to_flat_dict
 
 log = logging.getLogger("hfedit.serving")
 MODEL_FILE = Path(__file__).with_name("serving_model.py")
-CHAMPION = "champion"
+CHAMPION = "champion"  # what serving and batch jobs use; moved only by a promotion
+LATEST = "latest"  # the newest version of every model
 BACKBONE = "backbone"
 RECONSTRUCTION = "reconstruction"  # hfedit.editing.editor.RECONSTRUCTION (not imported: no torch here)
 # The distributions the model's code imports; pinned to this environment's versions.
@@ -72,24 +75,23 @@ def requirements() -> list[str]:
 
 
 def registered_backbone(cfg: HfeditConfig, folder: Path) -> str | None:
-    """``models:/<prefix>-backbone/<version>`` when the registry's champion backbone holds the
+    """``models:/<prefix>-backbone/<version>``: the newest registered backbone version holding the
     weights of ``folder`` (same digest), else None (registration off, none registered, or
     another backbone: the model then carries its own copy)."""
     import mlflow
 
     if not cfg.runtime.mlflow.register:
         return None
-    name = f"{cfg.runtime.mlflow.registry_prefix}-{BACKBONE}"
-    try:
-        mv = mlflow.MlflowClient().get_model_version_by_alias(name, CHAMPION)
-    except mlflow.exceptions.MlflowException:
-        return None
     from hfedit.models.checkpoint import model_reference
 
     digest = model_reference(folder).get("sha256")
-    if not digest or mv.tags.get("hfedit.backbone_sha256") != digest:
+    name = f"{cfg.runtime.mlflow.registry_prefix}-{BACKBONE}"
+    try:
+        versions = mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
+    except mlflow.exceptions.MlflowException:
         return None
-    return f"models:/{name}/{mv.version}"
+    same = [int(mv.version) for mv in versions if digest and mv.tags.get("hfedit.backbone_sha256") == digest]
+    return f"models:/{name}/{max(same)}" if same else None
 
 
 def log_backbone_model(cfg: HfeditConfig, run_id: str, folder: str | Path) -> str | None:
@@ -159,15 +161,51 @@ def log_rectifier_model(cfg: HfeditConfig, run_id: str, backbone: str | Path,
     for key, value in all_tags.items():
         client.set_model_version_tag(model_name, version, key, value)
         client.set_registered_model_tag(model_name, key, value)
-    client.set_registered_model_alias(model_name, CHAMPION, version)
+    aliases = new_version_aliases(client, model_name, mc.promote)
+    for alias in aliases:
+        client.set_registered_model_alias(model_name, alias, version)
     client.update_registered_model(
         model_name, description=(
             f"hfedit {'rectifier' if rectifier_dir else 'backbone'} ({attribute}) as a pyfunc "
             "model: base64 image in, base64 PNG "
             f"out. Serve: mlflow models serve -m models:/{model_name}@{CHAMPION} "
             "--env-manager local"))
-    log.info("registered %s version %s (@%s)", model_name, version, CHAMPION)
+    log.info("registered %s version %s (@%s)", model_name, version, ", @".join(aliases))
     return version
+
+
+def new_version_aliases(client, model_name: str, promote: bool) -> list[str]:
+    """The aliases a newly registered version gets: ``latest`` always; ``exp-<name>`` under
+    ``dvc exp run`` (a trial); ``champion`` only when promoted (``runtime.mlflow.promote``, or
+    :func:`promote` later) or when the model has no champion yet and this is not a trial."""
+    import re
+
+    import mlflow
+
+    aliases = [LATEST]
+    trial = os.environ.get("DVC_EXP_NAME")
+    if trial:
+        aliases.append("exp-" + re.sub(r"[^A-Za-z0-9_-]", "-", trial))
+    try:
+        client.get_model_version_by_alias(model_name, CHAMPION)
+        has_champion = True
+    except mlflow.exceptions.MlflowException:
+        has_champion = False
+    if promote or (not has_champion and not trial):
+        aliases.append(CHAMPION)
+    return aliases
+
+
+def promote(model_name: str, version_or_alias: str, tracking_uri: str | None = None) -> str:
+    """Point ``champion`` of ``model_name`` at a version (a number or another alias, e.g.
+    ``latest`` or ``exp-<name>``); returns the version."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    version = (version_or_alias if version_or_alias.isdigit() else
+               client.get_model_version_by_alias(model_name, version_or_alias).version)
+    client.set_registered_model_alias(model_name, CHAMPION, str(version))
+    return str(version)
 
 
 def backbone_folder(uri: str, dest: str | Path) -> Path:
@@ -218,3 +256,29 @@ def fetch_model(uri: str, dest: str | Path) -> tuple[Path, str]:
     shutil.rmtree(dest / ".download", ignore_errors=True)
     backbone = places["backbone"] if "backbone" in paths else conf["backbone_source"]
     return backbone, attribute
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipelines.serving promote <model> <version|alias>``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipelines.serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("promote", help="point a registered model's champion alias at a version")
+    p.add_argument("model", help="registered model name, e.g. hfedit-edit-smiling")
+    p.add_argument("version", help="a version number or an alias (latest, exp-<name>)")
+    args = parser.parse_args(argv)
+    from hfedit.config import load_config
+    from pipelines.tracking import tracking_uri
+
+    try:
+        version = promote(args.model, args.version, tracking_uri(load_config()))
+    except Exception as err:  # an unknown model, version or alias: one line, exit 2
+        print(f"promote: {err}", file=__import__("sys").stderr)
+        return 2
+    print(f"{args.model}@{CHAMPION} -> version {version}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

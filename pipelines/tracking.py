@@ -153,16 +153,52 @@ def artifact_location(uri: str) -> str | None:
     return (Path(path).expanduser().resolve().parent / "mlartifacts").as_uri()
 
 
+# The MLflow UI opens an experiment of this kind on its training runs (not the GenAI overview).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _experiment_id(mlflow, cfg: HfeditConfig) -> str:
     name = cfg.runtime.mlflow.experiment
     exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    artifacts = artifact_location(mlflow.get_tracking_uri())
-    try:
-        return mlflow.create_experiment(name, artifact_location=artifacts)
-    except Exception:  # created concurrently by another stage process
-        return mlflow.get_experiment_by_name(name).experiment_id
+    if exp is None:
+        artifacts = artifact_location(mlflow.get_tracking_uri())
+        try:
+            exp_id = mlflow.create_experiment(name, artifact_location=artifacts, tags=EXPERIMENT_KIND)
+        except Exception:  # created concurrently by another stage process
+            exp_id = mlflow.get_experiment_by_name(name).experiment_id
+        return exp_id
+    for key, value in EXPERIMENT_KIND.items():
+        if exp.tags.get(key) != value:
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
+    _follow_moved_store(mlflow.get_tracking_uri(), exp)
+    return exp.experiment_id
+
+
+def _follow_moved_store(uri: str, exp) -> None:
+    """A SQLite store copied or moved with its project still names the old ``mlartifacts/``
+    (MLflow records artifact locations as absolute URIs): re-point the experiment and its runs
+    at the ``mlartifacts/`` beside this database, so a copy neither writes into the original nor
+    loses its artifacts. Only for local SQLite stores whose recorded folder is not this one."""
+    import sqlite3
+    from urllib.parse import unquote, urlparse
+
+    here = artifact_location(uri)
+    old = exp.artifact_location
+    if here is None or not old or old == here or not old.startswith("file:"):
+        return
+    if not uri.startswith("sqlite:///") or unquote(urlparse(old).path) == unquote(urlparse(here).path):
+        return
+    database = uri.split(":///", 1)[1].split("?", 1)[0]
+    with contextlib.closing(sqlite3.connect(database)) as con, con:
+        con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                    (here, int(exp.experiment_id)))
+        for table, column in (("runs", "artifact_uri"), ("logged_models", "artifact_location"),
+                              ("model_versions", "storage_location"), ("model_versions", "source")):
+            con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "  # noqa: S608
+                        f"WHERE substr({column}, 1, ?) = ?",
+                        (here, len(old) + 1, len(old) + 1, old + "/"))
+    log.warning("MLflow store %s was moved: artifacts of experiment %s now at %s (were %s)",
+                database, exp.name, here, old)
 
 
 class StageRun:
@@ -285,9 +321,11 @@ def stage_run(cfg: HfeditConfig, stage: str, tags: dict[str, Any] | None = None,
         run_tags["mlflow.parentRunId"] = parent
     if owned:
         mlflow.MlflowClient().update_run(parent, status="RUNNING")
-    status = "FAILED"
+    status, run_id = "FAILED", None
     try:
-        with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=run_tags) as run:
+        with _killed_on_sigterm(), \
+                mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=run_tags) as run:
+            run_id = run.info.run_id
             tracker = StageRun(run, mlflow.MlflowClient())
             tracker.log_params(stage_params(cfg, stage))
             with tempfile.TemporaryDirectory() as tmp:
@@ -299,11 +337,43 @@ def stage_run(cfg: HfeditConfig, stage: str, tags: dict[str, Any] | None = None,
             log.info("MLflow run %s (%s) in %s", run.info.run_id, stage, mlflow.get_tracking_uri())
             yield tracker
             status = "FINISHED"
+    except (Terminated, KeyboardInterrupt):
+        status = "KILLED"
+        raise
     finally:
+        client = mlflow.MlflowClient()
+        if status == "KILLED" and run_id:  # start_run's exit marked it FAILED
+            client.set_terminated(run_id, status)
         if owned:
-            client = mlflow.MlflowClient()
             client.set_tag(parent, "hfedit.last_stage", stage)
             client.set_terminated(parent, status)
+
+
+class Terminated(SystemExit):
+    """SIGTERM (``kill``, a scheduler, DVC stopping a stage) as an exception, so runs end KILLED
+    and ``finally`` blocks run; the process exits 143 as it would have."""
+
+
+@contextlib.contextmanager
+def _killed_on_sigterm() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`Terminated` (only when nobody else handles
+    SIGTERM and this is the main thread; edit_batch installs its own handler)."""
+    import signal
+    import threading
+
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated(128 + signum)
+
+    signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def experiment_id(cfg: HfeditConfig) -> str:

@@ -127,6 +127,33 @@ def test_seeds_and_output_names_depend_on_the_id_alone():
         eb.output_relpath("smiling", "../escape.png")
 
 
+def test_a_copied_project_has_the_same_input_signatures(tmp_path):
+    """Skips are by content: a copy (new mtimes, another path) of a folder or of a prepared
+    split signs every input as the original does; a changed byte changes its signature."""
+    from pipelines.batch_job import list_inputs
+    from tests.conftest import prepared_faces
+
+    src = tmp_path / "a" / "photos"
+    src.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(src / f"p{i}.png")
+    prepared = prepared_faces(tmp_path / "a" / "prepared", 6)
+    time.sleep(0.01)
+    copy = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", copy, copy_function=shutil.copy)  # mtimes not kept
+    for original, copied in ((list_inputs(src), list_inputs(copy / "photos")),
+                             (list_inputs(prepared, split="val"),
+                              list_inputs(copy / "prepared", split="val"))):
+        assert [e.id for e in original] == [e.id for e in copied] and original
+        assert [e.signature for e in original] == [e.signature for e in copied]
+    assert {e.input for e in list_inputs(copy / "photos")}.isdisjoint(
+        {e.input for e in list_inputs(src)})
+    with open(copy / "photos" / "p1.png", "ab") as f:
+        f.write(b"\0")
+    changed = {e.id: e.signature for e in list_inputs(copy / "photos")}
+    assert changed["p1.png"] != {e.id: e.signature for e in list_inputs(src)}["p1.png"]
+
+
 def test_list_file_refuses_paths_that_leave_the_root(folder, tmp_path):  # noqa: F811
     root, expected = folder
     listing = tmp_path / "inputs.txt"

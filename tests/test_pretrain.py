@@ -102,7 +102,7 @@ def test_checkpoint_for_another_backbone_is_refused(random_denoiser, tmp_path):
 def test_sampling_through_the_rectified_model(trained_denoiser, faces):
     d = trained_denoiser
     untrained = ModulatedDenoiser(d, build_rectifier(SMALL, d.unet)).conditioned(faces)
-    x_T = ddim_invert(d, d.schedule, faces, 10)
+    x_T = ddim_invert(d, d.schedule, faces, 10).xts[0]
     assert torch.allclose(ddim_sample(untrained, d.schedule, x_T, 10),
                           ddim_sample(d, d.schedule, x_T, 10), atol=1e-4)
     rectified = ModulatedDenoiser(d, _perturbed_rectifier(d)).conditioned(faces)
@@ -191,7 +191,14 @@ def test_torch_trainer_survives_a_killed_worker_and_resumes(tmp_path, random_den
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     champion = client.get_model_version_by_alias("hfedit-rectifier", "champion")
-    assert str(champion.version) == "2" and champion.tags["hfedit.kind"] == "reconstruction"
+    latest = client.get_model_version_by_alias("hfedit-rectifier", "latest")
+    # the rerun registered version 2 (@latest); champion stays on 1 until promoted
+    assert (champion.version, latest.version) == ("1", "2")
+    assert latest.tags["hfedit.kind"] == "reconstruction"
+    from pipelines.serving import promote
+
+    assert promote("hfedit-rectifier", "latest", f"sqlite:///{tmp_path}/mlflow.db") == "2"
+    assert client.get_model_version_by_alias("hfedit-rectifier", "champion").version == "2"
 
     # The streamed batches are a function of the seed: a run that was never interrupted sees,
     # on every rank and at every step, the images the killed-and-resumed run saw (the resumed

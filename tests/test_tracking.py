@@ -105,3 +105,78 @@ def test_a_nested_run_in_another_process_keeps_the_stages_source_and_commit(tmp_
     assert tags["mlflow.source.name"] == "pipelines/train_edits.py"
     assert tags["mlflow.source.git.commit"] == "0123abcd" * 5
     assert tags["mlflow.parentRunId"] == parent.info.run_id
+
+
+def _cfg_in(project: Path, monkeypatch):
+    (project / "params.yaml").write_text("{}\n")
+    monkeypatch.setenv("HFEDIT_ROOT", str(project))
+    monkeypatch.delenv("HFEDIT_PARENT_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = Path(__file__).resolve().parents[1]
+    return load_config(params=root / "params.yaml", conf_dir=root / "conf")
+
+
+def test_a_copied_project_writes_into_its_own_store_and_opens_on_its_runs(tmp_path, monkeypatch):
+    """MLflow records absolute artifact locations: the copy's runs must not write into the
+    original's mlartifacts/, and the original's artifacts must be readable in the copy."""
+    import shutil
+
+    import mlflow
+
+    first, copy = tmp_path / "first", tmp_path / "copy"
+    first.mkdir()
+    cfg = _cfg_in(first, monkeypatch)
+    with stage_run(cfg, "prepare") as tracker:
+        tracker.log_text("before the move\n", "note.txt")
+        old_run = tracker.run_id
+    shutil.copytree(first, copy)
+    shutil.rmtree(first / "mlartifacts")  # the original is gone (moved, or cleaned up)
+
+    cfg = _cfg_in(copy, monkeypatch)
+    with stage_run(cfg, "backbone") as tracker:
+        tracker.log_text("after the move\n", "note.txt")
+        new_uri = tracker.run.info.artifact_uri
+    assert new_uri.startswith((copy / "mlartifacts").as_uri() + "/")
+    assert not (first / "mlartifacts").exists()
+    client = mlflow.MlflowClient(f"sqlite:///{copy}/mlflow.db")
+    got = Path(client.download_artifacts(old_run, "note.txt", str(tmp_path / "dl")))
+    assert got.read_text() == "before the move\n"
+    exp = client.get_experiment_by_name(cfg.runtime.mlflow.experiment)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # training runs view
+
+
+def test_a_stage_stopped_by_sigterm_ends_killed(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+
+    (tmp_path / "params.yaml").write_text("{}\n")
+    root = Path(__file__).resolve().parents[1]
+    child = (
+        "import time\n"
+        "from hfedit.config import load_config\n"
+        "from pipelines.tracking import stage_run\n"
+        f"cfg = load_config(params={str(root / 'params.yaml')!r}, conf_dir={str(root / 'conf')!r})\n"
+        "with stage_run(cfg, 'evaluate'):\n"
+        "    print('running', flush=True)\n"
+        "    time.sleep(120)\n")
+    env = {**os.environ, "HFEDIT_ROOT": str(tmp_path), "MLFLOW_TRACKING_URI":
+           f"sqlite:///{tmp_path}/mlflow.db", "PYTHONPATH": str(root)}
+    env.pop("HFEDIT_PARENT_RUN_ID", None)
+    proc = subprocess.Popen([sys.executable, "-c", child], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    while not lines or lines[-1].strip() != "running":  # MLflow logs its set-up first
+        lines.append(proc.stdout.readline())
+        assert lines[-1], "".join(lines)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "KILLED"

@@ -157,9 +157,12 @@ class RectifierTrunk(str, Enum):
 
 
 class ModulationMode(str, Enum):
-    """How a conv runs with per-sample kernels ``theta * (1 + Delta_b)`` (hfedit/models/modulation.py).
+    """How a conv runs with per-sample kernels ``theta * (1 + Delta_b)``
+    (:mod:`hfedit.models.modulation`).
 
-    All are exact; ``auto`` picks the fastest measured one for the device and batch size.
+    All are exact (they differ by float rounding only). ``auto`` is ``grouped`` on every device
+    and batch size (:func:`hfedit.models.modulation.resolve_mode`); ``lowrank`` builds no
+    per-sample kernels, for when those do not fit in memory; ``loop`` is the reference.
     """
 
     auto = "auto"
@@ -266,9 +269,9 @@ class EditMethod(str, Enum):
 
 class LargeT(str, Enum):
     """What Algorithm 1 does about large t, where ``x0_edit = P_t[eps~]`` divides the
-    rectifier's noise error by ``sqrt(abar_t)`` (up to ~158x at t = 999), so CLIP sees images
-    far outside [-1, 1] and the largest t dominate the gradient (README "Algorithm 1 at large
-    t" has the measurement, ``benchmarks/edit_large_t.py``).
+    rectifier's noise error by ``sqrt(abar_t)`` (1/sqrt(abar_999) ~ 157 for the linear
+    schedule), so CLIP sees images far outside [-1, 1] and the largest t dominate the gradient
+    (``benchmarks/edit_large_t.py`` measures it).
 
     ``none``: the paper's objective as written. ``clamp``: CLIP sees ``x0_edit`` clamped to
     [-1, 1] (the L1 term still sees it unclamped). ``weight``: each image's loss weighted by
@@ -300,7 +303,7 @@ class AttributeConfig:
     method: EditMethod = EditMethod.score_matching
     seed: int = 0
     # Algorithm 1 at large t (LargeT): none (the paper as written) | clamp | weight | range
-    large_t: LargeT = LargeT.clamp  # chosen by the edit metrics (README, study large_t)
+    large_t: LargeT = LargeT.clamp
     t_max: int = 1000  # large_t=range: t ~ U{0..t_max-1}
 
 
@@ -339,8 +342,9 @@ class EditsConfig:
     ablation: EditAblationConfig = field(default_factory=EditAblationConfig)
     log_every: int = 5
     # true: edit rectifiers keep the reconstruction rectifier's trunk (ResNet + time MLP) frozen
-    # and store only their per-target branches and heads, with a reference to it (31% of the
-    # bytes). Off by default: it changed the edits measured (README "Rectifier size").
+    # and store only their per-target branches and heads, with a reference to it (a smaller
+    # file). Off by default: the paper trains the whole rectifier per attribute, and a frozen
+    # trunk gives other edits.
     share_trunk: bool = False
 
 
@@ -383,6 +387,9 @@ class MlflowConfig:
     # <registry_prefix>-rectifier and <registry_prefix>-edit-<attribute>.
     register: bool = True
     registry_prefix: str = "hfedit"
+    # Point the alias champion (what serving uses) at the versions this run registers; off: only
+    # a model's first version becomes champion, the rest get latest (and exp-<name> in trials).
+    promote: bool = False
 
 
 @dataclass
