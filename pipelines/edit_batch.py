@@ -552,5 +552,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 if __name__ == "__main__":
     # Run as the importable module, so actors unpickle pipelines.batch_actor.EditImages by name.
     from pipelines.edit_batch import main as _main
+    from pipelines.entry import run_main
 
-    sys.exit(_main())
+    run_main("edit_batch", _main)

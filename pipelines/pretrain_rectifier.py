@@ -16,11 +16,9 @@ without the rectifier (``<metrics>``), and logs both.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -42,11 +40,12 @@ from hfedit.models.checkpoint import (
     save_rectifier,
     unflatten_optimizer,
 )
-from hfedit.config import ConfigError, HfeditConfig, load_config, project_root, to_flat_dict
+from hfedit.config import ConfigError, HfeditConfig, project_root, to_flat_dict
 from hfedit.data.prepared import PreparedData, data_location, load_split, pixels_to_tensor
-from hfedit.device import DeviceUnavailable, check_precision, placement, wants_gpu
+from hfedit.device import check_precision, placement, wants_gpu
 from hfedit.files import replace_folder
 from hfedit.training.augment import augment
+from pipelines.entry import parse_and_load, run_main, stage_parser
 from pipelines.ray_runtime import cluster_gpus, init_ray, split_dataset
 from pipelines.tracking import stage_run
 from pipelines.serving import log_rectifier_model
@@ -404,19 +403,15 @@ def evaluate(cfg: HfeditConfig, backbone: Path, data: Path, rectifier_dir: Path)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="Rectifier reconstruction pretraining (Ray Train).")
+    parser = stage_parser("Rectifier reconstruction pretraining (Ray Train).", data=True)
     parser.add_argument("--backbone", type=Path, default=Path("models/backbone"))
-    parser.add_argument("--data", type=data_location, default=data_location("data/prepared"),
-                        help="prepared folder: a path, or a URI every node sees (s3://, file://)")
     parser.add_argument("--out", type=Path, default=Path("models/rectifier"))
     parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints/rectifier"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics/pretrain_rectifier.json"))
     parser.add_argument("--pid-dir", default="", help="workers write rank<k>.pid here")
     parser.add_argument("--batch-log", default="", help="workers append '<step> <batch sum>' "
                         "lines to rank<k>.txt here (which images each step saw)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    cfg = load_config(overrides=args.overrides)
+    args, cfg = parse_and_load(parser, argv)
     init_ray(cfg)
     from pipelines.tracking import tracking_uri
 
@@ -446,7 +441,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DeviceUnavailable) as err:
-        sys.exit(f"pretrain_rectifier: {err}")
+    run_main("pretrain_rectifier", main)

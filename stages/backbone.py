@@ -12,19 +12,16 @@ all logged to MLflow.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
-
-import torch
 
 from hfedit.models.backbone import BackboneUnavailable, describe, load_backbone, save_backbone
 from hfedit.training.backbone import sample_grid, train_backbone
-from hfedit.config import ConfigError, HfeditConfig, load_config
+from hfedit.config import HfeditConfig
 from hfedit.data.grids import make_grid_png
-from hfedit.data.prepared import data_location, load_split
-from hfedit.device import DeviceUnavailable, placement
+from hfedit.data.prepared import load_split
+from hfedit.device import placement
 from hfedit.files import atomic_write_csv
+from pipelines.entry import parse_and_load, run_main, stage_parser
 from pipelines.serving import log_backbone_model
 from pipelines.tracking import stage_run
 
@@ -62,24 +59,15 @@ def run(cfg: HfeditConfig, data: Path, out: Path, checkpoints: Path, plots: Path
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="Resolve or train the backbone (DVC stage).")
-    parser.add_argument("--data", type=data_location, default=data_location("data/prepared"),
-                        help="prepared folder: a path, or a URI every node sees (s3://, file://)")
+    parser = stage_parser("Resolve or train the backbone (DVC stage).", data=True)
     parser.add_argument("--out", type=Path, default=Path("models/backbone"))
     parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints/backbone"))
     parser.add_argument("--plots", type=Path, default=Path("plots/backbone"))
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    cfg = load_config(overrides=args.overrides)
-    if cfg.runtime.torch_threads:
-        torch.set_num_threads(cfg.runtime.torch_threads)
+    args, cfg = parse_and_load(parser, argv)
     meta = run(cfg, args.data, args.out, args.checkpoints, args.plots)
     print(f"backbone: {meta['parameters']:,} parameters, {meta['sample_size']}px -> {args.out}")
     return meta
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, BackboneUnavailable, DeviceUnavailable, ValueError) as err:
-        sys.exit(f"backbone: {err}")
+    run_main("backbone", main, failures=(BackboneUnavailable, ValueError))

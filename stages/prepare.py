@@ -11,8 +11,6 @@ shards it completed. Settings: ``data`` in params.yaml.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 # Only the standard library at the top: prepare's decode processes import this file again (it
@@ -21,18 +19,15 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None):
     """Parse arguments, load the config, prepare the dataset; returns the manifest."""
-    from hfedit.config import load_config
     from hfedit.data.prepared import prepare_dataset
     from hfedit.validation import check_output_folder
+    from pipelines.entry import parse_and_load, stage_parser
     from pipelines.tracking import stage_run
 
-    parser = argparse.ArgumentParser(description="Prepare the image dataset (DVC stage).")
+    parser = stage_parser("Prepare the image dataset (DVC stage).")
     parser.add_argument("--out", type=Path, required=True, help="output folder (dvc.yaml outs)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="config override, e.g. data.resolution=64")
-    args = parser.parse_args(argv)
+    args, cfg = parse_and_load(parser, argv)
     check_output_folder(args.out)
-    cfg = load_config(overrides=args.overrides)
     with stage_run(cfg, "prepare") as tracker:
         manifest = prepare_dataset(cfg.data, args.out)
         counts = manifest.counts
@@ -47,14 +42,7 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    from hfedit.config import ConfigError
     from hfedit.data.manifest import DatasetError
-    from hfedit.validation import UsageError
+    from pipelines.entry import run_main
 
-    try:
-        main()
-    except (ConfigError, UsageError) as err:  # bad arguments or settings: nothing done
-        print(f"prepare: {err}", file=sys.stderr)
-        sys.exit(2)
-    except DatasetError as err:
-        sys.exit(f"prepare: {err}")
+    run_main("prepare", main, failures=(DatasetError,))

@@ -9,9 +9,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ("hfedit", "pipelines", "stages")
-# Edges that record, serve or start Ray and never change a stage's outputs (dvc.yaml says so).
+# Edges that record, serve, start Ray or start the process (arguments, logging, exit status) and
+# never change a stage's outputs (dvc.yaml says so).
 EDGES = {"hfedit/__init__.py", "pipelines/__init__.py", "stages/__init__.py",
-         "pipelines/tracking.py", "pipelines/serving.py", "pipelines/ray_runtime.py"}
+         "pipelines/tracking.py", "pipelines/serving.py", "pipelines/ray_runtime.py",
+         "pipelines/entry.py"}
 
 
 def _module_file(name: str) -> Path | None:
