@@ -23,9 +23,7 @@ Markovian (own), Markovian (full), backbone on the full DDIM interval).
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -33,55 +31,42 @@ from typing import Any, Optional
 import torch
 
 from hfedit.files import atomic_write_json
-from hfedit.config import ConfigError, EditMethod, HfeditConfig, load_config, to_flat_dict
+from hfedit.config import ConfigError, EditMethod, HfeditConfig, to_flat_dict
 from hfedit.data.prepared import data_location
-from hfedit.device import DeviceUnavailable
+from hfedit.evaluation.comparisons import held_out, image_seeds
+from hfedit.evaluation.identity import identity_scorer
+from hfedit.evaluation.report import ABLATION_REFERENCE
+from hfedit.models.clip import NOT_SEMANTIC
+from pipelines.entry import parse_and_load, run_main, stage_parser
 from pipelines.tracking import finite, nest_metrics
 from pipelines.train_edits import (
-    NOT_SEMANTIC,
     announce_random_clip,
     clip_tags,
     config_dict,
     config_from_dict,
+    driver_tags,
     load_inputs,
     mlflow_child,
     summarise,
     task_error,
+    task_tracking,
     train_logged,
 )
 
 log = logging.getLogger("hfedit.edit_ablation")
 STAGE = "edit_ablation"
 METHODS = (EditMethod.score_matching, EditMethod.markovian)
-REFERENCE = "reconstruction_rectifier"
 
 
 class AblationFailed(RuntimeError):
     pass
 
 
-def identity_scorer(min_face_px: int, resolution: int):
-    """``(IdentityScorer or None, note)``: None with the reason when faces cannot be scored."""
-    if resolution < min_face_px:
-        return None, (f"identity not scored: images are {resolution} px, smaller than "
-                      f"edits.ablation.min_face_px={min_face_px} (dlib needs larger faces)")
-    try:
-        from hfedit.evaluation.identity import IdentityScorer
-
-        return IdentityScorer(min_face_px=min_face_px), ""
-    except Exception as err:  # dlib or its model files missing
-        return None, f"identity not scored: {type(err).__name__}: {err}"
-
-
-def held_out(cfg: HfeditConfig, data: Path) -> tuple[torch.Tensor, list[int]]:
-    """The first ``eval_images`` val images and their seeds (``inversion.seed + index``)."""
-    from hfedit.data.prepared import load_split
-
-    images = load_split(data, "val")[: cfg.edits.ablation.eval_images]
-    if images.shape[0] == 0:
-        raise ValueError(f"{data}: the val split holds no images: nothing to evaluate on "
-                         "(raise data.val_fraction)")
-    return images, [cfg.inversion.seed + i for i in range(images.shape[0])]
+def held(cfg: HfeditConfig, data: Path) -> tuple[torch.Tensor, list[int]]:
+    """The first ``edits.ablation.eval_images`` val images and their seeds
+    (``inversion.seed + index``)."""
+    images = held_out(data, cfg.edits.ablation.eval_images)
+    return images, image_seeds(cfg.inversion.seed, images.shape[0])
 
 
 def intervals(cfg: HfeditConfig, schedule) -> dict:
@@ -91,18 +76,19 @@ def intervals(cfg: HfeditConfig, schedule) -> dict:
     return ablation_intervals(cfg.inversion, cfg.edits.markovian.t0, schedule)
 
 
-def evaluate(cfg: HfeditConfig, denoiser, clip, rectifier, data: Path, interval=None, held=None):
+def evaluate(cfg: HfeditConfig, denoiser, clip, rectifier, data: Path, interval=None,
+             images_seeds=None):
     """Edit the held-out images through ``rectifier`` (None: the backbone alone) on
     ``interval`` (an :class:`hfedit.evaluation.edits.EditInterval`; None: ``cfg.inversion`` as
-    it is) and score them (see the module doc). ``held``: ``(images, seeds)`` when already
-    loaded."""
+    it is) and score them (see the module doc). ``images_seeds``: ``(images, seeds)`` when
+    already loaded (else :func:`held` of ``data``)."""
     from hfedit.models.clip import DirectionalClipLoss
     from hfedit.evaluation.edits import evaluate_edit
     from hfedit.editing.editor import RECONSTRUCTION, Editor
 
     ab = cfg.edits.ablation
     attr = cfg.edits.attributes[ab.attribute]
-    images, seeds = held if held is not None else held_out(cfg, data)  # on the CPU
+    images, seeds = images_seeds if images_seeds is not None else held(cfg, data)  # on the CPU
     scorer, note = identity_scorer(ab.min_face_px, int(images.shape[-1]))
     inversion = cfg.inversion if interval is None else interval.inversion(cfg.inversion)
     name = RECONSTRUCTION if rectifier is None else ab.attribute
@@ -116,35 +102,6 @@ def interval_summary(ev, interval) -> dict:
     """An evaluation's summary with the interval it ran on."""
     return {**ev.summary(), "interval": interval.label, "mode": interval.mode,
             "start": interval.start, "skip": interval.skip, "num_steps": interval.num_steps}
-
-
-def ablation_markdown(ab: dict) -> list[str]:
-    """The ablation's table (evaluate's results.md): every method on its own and the full
-    interval, the backbone alone, the reconstruction rectifier; mean ± std over the images."""
-    def pm(r: dict, key: str, fmt: str = ".4f", sign: str = "") -> str:
-        v, sd = r.get(key), r.get(f"{key}_std")
-        if not isinstance(v, float) or v != v:
-            return "n/a"
-        return f"{v:{sign}{fmt}}" + ("" if not isinstance(sd, float) or sd != sd else f" ± {sd:{fmt}}")
-
-    lines = [f"Edit training, score matching vs Markovian ({ab['attribute']}, {ab['steps']} "
-             "steps each), each on its own interval and on the full one (Fig. 6), beside the "
-             "backbone alone; mean ± std over the images:", "",
-             "| method | interval | images | CLIP direction | L1 to source | SSIM |",
-             "|---|---|---|---|---|---|"]
-    rows = []
-    for m in ("score_matching", "markovian"):
-        for which, r in (ab.get(m, {}).get("intervals") or {"own": ab.get(m, {})}).items():
-            rows.append((m, f"{which}: {r.get('interval', '')}", r))
-    for which, r in (ab.get("backbone") or {}).items():
-        rows.append(("no rectifier (backbone)", f"{which}: {r.get('interval', '')}", r))
-    if isinstance(ab.get(REFERENCE), dict):
-        rows.append(("reconstruction rectifier", ab[REFERENCE].get("interval", ""), ab[REFERENCE]))
-    for m, where, r in rows:
-        if "clip_direction" in r:
-            lines.append(f"| {m} | {where} | {r.get('images', '')} | "
-                         f"{pm(r, 'clip_direction', '.4f', '+')} | {pm(r, 'l1')} | {pm(r, 'ssim')} |")
-    return lines
 
 
 def run_method(spec: dict) -> dict:
@@ -166,13 +123,13 @@ def run_method(spec: dict) -> dict:
                                for k, v in to_flat_dict(cfg.edits.markovian).items()})
                 run.log_params(params)
             result = train_logged(loaded, ab.attribute, run, method=method, steps=spec["steps"])
-            held = held_out(cfg, spec["data"])
+            images_seeds = held(cfg, spec["data"])
             spans = intervals(cfg, loaded.denoiser.schedule)[method.value]
             evs = {"own": evaluate(cfg, loaded.denoiser, loaded.clip, result.rectifier, None,
-                                   spans["own"], held)}
+                                   spans["own"], images_seeds)}
             evs["full"] = (evs["own"] if spans["full"] == spans["own"] else
                            evaluate(cfg, loaded.denoiser, loaded.clip, result.rectifier, None,
-                                    spans["full"], held))
+                                    spans["full"], images_seeds))
             ev = evs["own"]
             summary = {**summarise(result, method), **interval_summary(ev, spans["own"]),
                        "intervals": {k: interval_summary(e, spans[k]) for k, e in evs.items()}}
@@ -216,8 +173,9 @@ def ablation_metrics(report: dict) -> dict[str, float]:
         out[f"{STAGE}/{m.value}/training/final_loss"] = r.get("final_loss")  # (times: report)
     for which, v in (report.get("backbone") or {}).items():
         out.update({f"{STAGE}/backbone/{which}/{k}": v.get(k) for k in keys})
-    if isinstance(report.get(REFERENCE), dict):
-        out.update({f"{STAGE}/{REFERENCE}/own/{k}": report[REFERENCE].get(k) for k in keys})
+    ref = report.get(ABLATION_REFERENCE)
+    if isinstance(ref, dict):
+        out.update({f"{STAGE}/{ABLATION_REFERENCE}/own/{k}": ref.get(k) for k in keys})
     for k, v in (report.get("comparison") or {}).items():
         out[f"{STAGE}/score_matching_minus_markovian/{k.removesuffix('_difference')}"] = v
     return {k: float(v) for k, v in out.items() if finite(v)}
@@ -271,18 +229,18 @@ def run_stage(cfg: HfeditConfig, backbone: Path, rectifier: Path, data: Path, pl
     spec = {"cfg": config_dict(cfg), "backbone": str(backbone), "rectifier": str(rectifier),
             "data": str(data)}
     loaded = load_inputs(spec, work="evaluation")
-    held = held_out(cfg, data)
+    images_seeds = held(cfg, data)
     spans = intervals(cfg, loaded.denoiser.schedule)
     ref_ev = evaluate(cfg, loaded.denoiser, loaded.clip, loaded.reconstruction, data,
-                      spans["score_matching"]["own"], held)
-    report[REFERENCE] = interval_summary(ref_ev, spans["score_matching"]["own"])
-    backbone = {k: evaluate(cfg, loaded.denoiser, loaded.clip, None, data, iv, held)
+                      spans["score_matching"]["own"], images_seeds)
+    report[ABLATION_REFERENCE] = interval_summary(ref_ev, spans["score_matching"]["own"])
+    backbone = {k: evaluate(cfg, loaded.denoiser, loaded.clip, None, data, iv, images_seeds)
                 for k, iv in spans["backbone"].items()}
     report["backbone"] = {k: interval_summary(e, spans["backbone"][k]) for k, e in backbone.items()}
     report["intervals"] = {m: {k: iv.label for k, iv in v.items()} for m, v in spans.items()}
     if len(results) == len(METHODS):
         report["comparison"] = compare(report["score_matching"], report["markovian"])
-    images, _ = held
+    images, _ = images_seeds
     rows, labels = [images, ref_ev.edited], ["source", "reconstruction rectifier"]
     for m in METHODS:
         if m in results:
@@ -304,32 +262,21 @@ def run_stage(cfg: HfeditConfig, backbone: Path, rectifier: Path, data: Path, pl
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="Score matching vs Markovian edit training.")
+    parser = stage_parser("Score matching vs Markovian edit training.", data=True)
     parser.add_argument("--backbone", type=Path, default=Path("models/backbone"))
     parser.add_argument("--rectifier", type=Path, default=Path("models/rectifier"))
-    parser.add_argument("--data", type=data_location, default=data_location("data/prepared"),
-                        help="prepared folder: a path, or a URI every node sees (s3://, file://)")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/edit_ablation.json"))
     parser.add_argument("--plots", type=Path, default=Path("plots/edit_ablation"))
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("hfedit").setLevel(logging.INFO)  # not open_clip's INFO chatter
-    cfg = load_config(overrides=args.overrides)
+    args, cfg = parse_and_load(parser, argv)
     from pipelines.ray_runtime import init_ray
-    from pipelines.tracking import stage_run, tracking_uri
+    from pipelines.tracking import stage_run
 
-    random_clip = not cfg.clip.weights.strip()
-    tags = {"hfedit.clip_semantic": str(not random_clip).lower()}
-    if random_clip:
-        tags["hfedit.warning"] = NOT_SEMANTIC
     start = time.perf_counter()
     if cfg.edits.ablation.enabled:
         init_ray(cfg)
-    with stage_run(cfg, STAGE, tags=tags) as tracker:
-        info = {"uri": tracking_uri(cfg), "experiment_id": tracker.run.info.experiment_id,
-                "parent_run_id": tracker.run_id}
-        report = run_stage(cfg, args.backbone, args.rectifier, args.data, args.plots, tracker, info)
+    with stage_run(cfg, STAGE, tags=driver_tags(cfg)) as tracker:
+        report = run_stage(cfg, args.backbone, args.rectifier, args.data, args.plots, tracker,
+                           task_tracking(cfg, tracker))
         report["seconds"] = round(time.perf_counter() - start, 1)
         # DVC metrics: numbers only; the whole report (stds, intervals, settings, notes) beside
         # the grid, where evaluate reads it for its results table.
@@ -342,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not report["enabled"]:
             print("edit_ablation: disabled (edits.ablation.enabled=false)")
             return report
-        for name in [m.value for m in METHODS] + [REFERENCE]:
+        for name in [m.value for m in METHODS] + [ABLATION_REFERENCE]:
             r = report[name]
             if "error" in r:
                 print(f"edit_ablation: {name}: FAILED ({r['error']})")
@@ -366,7 +313,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DeviceUnavailable, AblationFailed) as err:
-        sys.exit(str(err))
+    run_main(STAGE, main, failures=(AblationFailed,))

@@ -22,7 +22,6 @@ the stage says so in its log (a warning), as an MLflow tag on every run, and in 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -45,10 +44,12 @@ from hfedit.models.checkpoint import (
     model_reference,
     save_rectifier,
 )
-from hfedit.config import ConfigError, EditMethod, HfeditConfig, load_config, to_flat_dict
+from hfedit.config import ConfigError, EditMethod, HfeditConfig, to_flat_dict
 from hfedit.data.prepared import PreparedData, Split, data_location
-from hfedit.device import DeviceUnavailable, placement
+from hfedit.device import placement
 from hfedit.files import is_temporary, replace_folder
+from hfedit.models.clip import NOT_SEMANTIC
+from pipelines.entry import parse_and_load, run_main, stage_parser
 
 log = logging.getLogger("hfedit.train_edits")
 
@@ -58,8 +59,6 @@ STATUS_FILE = "status.json"
 # The library code whose behaviour an edit rectifier depends on (part of every fingerprint).
 CODE_MODULES = ("hfedit.training.edits", "hfedit.training.reconstruction", "hfedit.models.rectifier",
                 "hfedit.models.modulation", "hfedit.models.clip", "hfedit.diffusion.schedule")
-NOT_SEMANTIC = ("edits are not semantic: CLIP has random weights (clip.weights=''); set "
-                "clip.weights to an open_clip tag or a local weights file for real edits")
 
 
 class AttributesFailed(RuntimeError):
@@ -157,10 +156,28 @@ def load_inputs(spec: dict, work: str = "training") -> Loaded:
 
 
 def clip_tags(clip) -> dict[str, str]:
+    """A task's MLflow tags about the CLIP it loaded."""
     tags = {"hfedit.clip_model": clip.name, "hfedit.clip_semantic": str(clip.semantic).lower()}
     if not clip.semantic:
         tags["hfedit.warning"] = NOT_SEMANTIC
     return tags
+
+
+def driver_tags(cfg: HfeditConfig) -> dict[str, str]:
+    """The stage run's MLflow tags about CLIP, from the config alone (the driver loads none)."""
+    random_clip = not cfg.clip.weights.strip()
+    tags = {"hfedit.clip_semantic": str(not random_clip).lower()}
+    if random_clip:
+        tags["hfedit.warning"] = NOT_SEMANTIC
+    return tags
+
+
+def task_tracking(cfg: HfeditConfig, tracker) -> dict:
+    """What a task needs to open its MLflow run nested under the stage's (:func:`mlflow_child`)."""
+    from pipelines.tracking import tracking_uri
+
+    return {"uri": tracking_uri(cfg), "experiment_id": tracker.run.info.experiment_id,
+            "parent_run_id": tracker.run_id}
 
 
 def train_logged(loaded: Loaded, name: str, tracker, method: Optional[EditMethod] = None,
@@ -371,30 +388,19 @@ def failure_message(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="Edit rectifiers, one Ray task per attribute.")
+    parser = stage_parser("Edit rectifiers, one Ray task per attribute.", data=True)
     parser.add_argument("--backbone", type=Path, default=Path("models/backbone"))
     parser.add_argument("--rectifier", type=Path, default=Path("models/rectifier"))
-    parser.add_argument("--data", type=data_location, default=data_location("data/prepared"),
-                        help="prepared folder: a path, or a URI every node sees (s3://, file://)")
     parser.add_argument("--out", type=Path, default=Path("models/edits"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics/train_edits.json"))
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("hfedit").setLevel(logging.INFO)  # not open_clip's INFO chatter
-    cfg = load_config(overrides=args.overrides)
+    args, cfg = parse_and_load(parser, argv)
     from pipelines.ray_runtime import init_ray
-    from pipelines.tracking import metrics_file, stage_run, tracking_uri
+    from pipelines.tracking import metrics_file, stage_run
 
     init_ray(cfg)
-    random_clip = not cfg.clip.weights.strip()
-    tags = {"hfedit.clip_semantic": str(not random_clip).lower()}
-    if random_clip:
-        tags["hfedit.warning"] = NOT_SEMANTIC
-    with stage_run(cfg, STAGE, tags=tags) as tracker:
-        info = {"uri": tracking_uri(cfg), "experiment_id": tracker.run.info.experiment_id,
-                "parent_run_id": tracker.run_id}
-        report = run_stage(cfg, args.backbone, args.rectifier, args.data, args.out, tracker, info)
+    with stage_run(cfg, STAGE, tags=driver_tags(cfg)) as tracker:
+        report = run_stage(cfg, args.backbone, args.rectifier, args.data, args.out, tracker,
+                           task_tracking(cfg, tracker))
         atomic_write_json(args.metrics, metrics_file(report))  # DVC metrics: numbers only
         tracker.log_artifact(args.metrics)
         tracker.log_artifact(args.out / STATUS_FILE)
@@ -409,7 +415,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DeviceUnavailable, AttributesFailed) as err:
-        sys.exit(str(err) if str(err).startswith("train_edits") else f"train_edits: {err}")
+    run_main(STAGE, main, failures=(AttributesFailed,))

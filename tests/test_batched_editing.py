@@ -250,7 +250,7 @@ def test_evaluate_reports_both_conditionings_and_both_modes_side_by_side(random_
 
     from hfedit.models.clip import load_clip
     from hfedit.config import load_config
-    from stages.evaluate import evaluate_edits
+    from hfedit.evaluation.comparisons import evaluate_edits
 
     cfg = load_config(overrides=["evaluate.steps=[3,4]", "clip.model=ViT-S-32"])
     with warnings.catch_warnings():

@@ -36,7 +36,8 @@ def test_each_method_on_its_own_and_the_full_interval_beside_the_backbone(random
     import ray
 
     import pipelines.ray_runtime as rr
-    from pipelines.edit_ablation import ablation_metrics, ablation_markdown, run_stage
+    from hfedit.evaluation.report import ablation_markdown
+    from pipelines.edit_ablation import ablation_metrics, run_stage
 
     monkeypatch.setattr(ray, "remote", _Inline)
     monkeypatch.setattr(ray, "get", lambda ref: ref)

@@ -85,7 +85,7 @@ def test_sdedit_with_an_untrained_rectifier_is_the_backbones_and_a_trained_one_d
     rectifier (the backbone itself) gives the backbone's SDEdit exactly."""
     from hfedit.evaluation import metrics as M
     from hfedit.editing.editor import Editor
-    from stages.evaluate import evaluate_sdedit
+    from hfedit.evaluation.comparisons import evaluate_sdedit
 
     cfg = load_config(overrides=["evaluate.sdedit_strengths=[0.3,0.6]"])
     torch.manual_seed(0)

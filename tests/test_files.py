@@ -74,7 +74,7 @@ def test_only_the_writers_own_temporaries_are_removed(tmp_path):
 
 def test_csvs_and_plots_of_evaluate_are_written_whole(tmp_path):
     """A value that fails half-way through a CSV used to leave a truncated file."""
-    from stages.evaluate import write_editing_csvs, write_reconstruction_csv
+    from hfedit.evaluation.plots import write_editing_csvs, write_reconstruction_csv
 
     class Unprintable(float):
         def __str__(self) -> str:

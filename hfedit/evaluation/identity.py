@@ -153,3 +153,16 @@ class IdentityScorer:
         return self.score(reference, result).similarity
 
     __call__ = similarity
+
+
+def identity_scorer(min_face_px: int, resolution: int) -> tuple[Optional[IdentityScorer], str]:
+    """``(IdentityScorer, "")`` for images of ``resolution`` px, or ``(None, note)`` with the
+    reason when faces cannot be scored: images smaller than ``min_face_px``
+    (``edits.ablation.min_face_px``), or dlib or its model files missing."""
+    if resolution < min_face_px:
+        return None, (f"identity not scored: images are {resolution} px, smaller than "
+                      f"edits.ablation.min_face_px={min_face_px} (dlib needs larger faces)")
+    try:
+        return IdentityScorer(min_face_px=min_face_px), ""
+    except Exception as err:  # dlib or its model files missing
+        return None, f"identity not scored: {type(err).__name__}: {err}"

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 Texts = Union[str, Sequence[str]]
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 RANDOM_NOTE = "CLIP has random weights: edits are not semantic"
+# What the stages say (log, MLflow tags, reports) when they train or score with random CLIP.
+NOT_SEMANTIC = ("edits are not semantic: CLIP has random weights (clip.weights=''); set "
+                "clip.weights to an open_clip tag or a local weights file for real edits")
 
 
 class ClipWeightsError(RuntimeError):
