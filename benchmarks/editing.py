@@ -57,11 +57,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hfedit.models.backbone import load_backbone, new_denoiser  # noqa: E402
 from hfedit.models.clip import DirectionalClipLoss, RandomClipWarning, load_clip  # noqa: E402
 from hfedit.config import ClipConfig, InversionConfig, load_config  # noqa: E402
+from hfedit.diffusion.inversion import ddim_invert  # noqa: E402
 from hfedit.training.edits import (
     EditLoss,
     MarkovianObjective,
     ScoreMatchingObjective,
-    ddim_invert_to,
+    chain_timesteps,
     edit_rectifier_from,
     edit_step_markovian,
     edit_step_score_matching,
@@ -115,7 +116,8 @@ def training_cases(cfg, denoiser, recon, clip_model: str, batch: int) -> dict[st
     loss = EditLoss(DirectionalClipLoss(clip, attr.source, attr.target))
     src = loss.source_embedding(x0)
     mk = cfg.edits.markovian
-    x_t0 = ddim_invert_to(denoiser, x0, mk.t0, mk.inversion_steps)
+    x_t0 = ddim_invert(denoiser, denoiser.schedule, x0,
+                       timesteps=chain_timesteps(mk.t0, mk.inversion_steps)).xts[0]
     T = denoiser.schedule.num_train_timesteps
     cases = {}
     for method in ("score matching", f"markovian ({mk.train_steps} steps)"):

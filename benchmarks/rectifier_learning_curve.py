@@ -83,7 +83,7 @@ def main() -> None:
         with torch.no_grad():
             model = _model(denoiser, rect, held)
             x = ddim_sample(model, denoiser.schedule,
-                            ddim_invert(model, denoiser.schedule, held, args.n), args.n)
+                            ddim_invert(model, denoiser.schedule, held, args.n).xts[0], args.n)
         rec = {"l1": float(M.l1(held, x.clamp(-1, 1)).mean())}
         gap = float(noise_mse(denoiser, held, rect, num_t=20).mean())
         rows = posterior_mean_gaps(denoiser, held, [args.n], rect)  # backbone row first

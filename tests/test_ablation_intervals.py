@@ -10,7 +10,7 @@ import torch
 
 from hfedit.config import EditMode, load_config
 from hfedit.evaluation.edits import ablation_intervals
-from hfedit.diffusion.inversion import ddim_inversion
+from hfedit.diffusion.inversion import ddim_invert
 from hfedit.diffusion.schedule import Schedule
 
 
@@ -51,7 +51,7 @@ def test_the_backbone_on_the_markovian_interval_samples_ddim_from_t0(random_deno
     iv = intervals(cfg, d.schedule)["backbone"]["markovian"]
     ev = evaluate(cfg, d, clip, None, None, iv, (x0, [0, 1]))
     ts = d.schedule.timesteps(10)
-    x = ddim_inversion(d, d.schedule, x0, 10).xts[iv.skip]
+    x = ddim_invert(d, d.schedule, x0, 10).xts[iv.skip]
     assert ts[iv.skip] == 300
     for t, s in list(zip(ts, Schedule.prev_timesteps(ts)))[iv.skip:]:
         x = posterior_mean(d.schedule.step_coefficients(t, s, 0.0), x, d(x, t))

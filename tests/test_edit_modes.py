@@ -9,7 +9,7 @@ import torch
 
 from hfedit.config import Conditioning, EditMode, InversionConfig, RectifierConfig, RectifierTrunk
 from hfedit.editing.editor import Editor
-from hfedit.diffusion.inversion import ddim_inversion, ddim_invert, ddim_sample, replay
+from hfedit.diffusion.inversion import ddim_invert, ddim_sample, replay
 from hfedit.models.rectifier import ModulatedDenoiser, build_rectifier
 from hfedit.diffusion.schedule import Schedule, posterior_mean
 from tests.conftest import perturbed
@@ -33,7 +33,7 @@ def _editor(d, rects, mode, skip=0, condition=Conditioning.trajectory):
 def test_ddim_mode_with_an_untrained_rectifier_is_the_backbones_ddim_reconstruction(
         trained_denoiser, untrained, faces, condition):
     d, x0 = trained_denoiser, faces[:2]
-    reference = ddim_sample(d, d.schedule, ddim_invert(d, d.schedule, x0, N), N)
+    reference = ddim_sample(d, d.schedule, ddim_invert(d, d.schedule, x0, N).xts[0], N)
     batch = _editor(d, {"smiling": untrained}, EditMode.ddim, condition=condition).edit(
         x0, SEEDS, ("smiling", "reconstruction"))
     # DDIM is not exact (else the test could not tell the modes apart) ...
@@ -61,7 +61,7 @@ def test_ddim_mode_edits_through_the_rectifier_conditioned_on_the_source(random_
     ``skip`` starts from the DDIM state at ``timesteps[skip]``."""
     d, x0 = random_denoiser, faces[:2]
     rect = perturbed(untrained, 0.05, seed=1)
-    inv = ddim_inversion(d, d.schedule, x0, N)
+    inv = ddim_invert(d, d.schedule, x0, N)
     plain = ddim_sample(d, d.schedule, inv.xts[0], N)
     for skip in (0, 2):
         live = _editor(d, {"a": rect}, EditMode.ddim, skip=skip,
@@ -80,9 +80,9 @@ def test_ddim_mode_edits_through_the_rectifier_conditioned_on_the_source(random_
 
 def test_ddim_inversion_states_replay_as_ddim_sampling(random_denoiser, faces):
     d, x0 = random_denoiser, faces[:2]
-    inv = ddim_inversion(d, d.schedule, x0, N)
+    inv = ddim_invert(d, d.schedule, x0, N)
     assert inv.eta == 0.0 and inv.timesteps == tuple(d.schedule.timesteps(N))
-    assert torch.equal(inv.xts[0], ddim_invert(d, d.schedule, x0, N))
+    assert torch.equal(inv.xts[0], ddim_invert(d, d.schedule, x0, N).xts[0])
     assert torch.equal(replay(d, d.schedule, inv), ddim_sample(d, d.schedule, inv.xts[0], N))
 
 
@@ -108,7 +108,7 @@ def test_cli_edit_mode_ddim_writes_the_ddim_edit(random_denoiser, untrained, tmp
     assert "ddim" in capsys.readouterr().out
     d = random_denoiser
     x0 = to_tensor(load_image(tmp_path / "astro.png", 10**8).image, d.sample_size)[None]
-    ref = ddim_sample(d, d.schedule, ddim_invert(d, d.schedule, x0, N), N).clamp(-1, 1)
+    ref = ddim_sample(d, d.schedule, ddim_invert(d, d.schedule, x0, N).xts[0], N).clamp(-1, 1)
     ref8 = ((ref[0] + 1) * 127.5).round().permute(1, 2, 0).numpy()
     png = np.asarray(Image.open(tmp_path / "out" / "astro_zero.png"), dtype=np.int16)
     src = np.asarray(Image.open(tmp_path / "out" / "astro_input.png"), dtype=np.int16)
@@ -142,7 +142,7 @@ def test_edit_batch_mode_ddim_reconstructs_as_ddim(random_denoiser, tmp_path):
     d = random_denoiser
     for row in result.manifest.itertuples():
         x0 = to_tensor(load_image(tmp_path / "in" / row.id, 10**8).image, d.sample_size)[None]
-        ref = ddim_sample(d, d.schedule, ddim_invert(d, d.schedule, x0, N), N).clamp(-1, 1)
+        ref = ddim_sample(d, d.schedule, ddim_invert(d, d.schedule, x0, N).xts[0], N).clamp(-1, 1)
         ref8 = ((ref[0] + 1) * 127.5).round().permute(1, 2, 0).numpy()
         png = np.asarray(Image.open(tmp_path / "out" / row.output), dtype=np.int16)
         assert np.abs(png - ref8).max() <= 1 and row.max_error > 1e-2

@@ -30,14 +30,14 @@ from hfedit.training.edits import (
     MarkovianObjective,
     ScoreMatchingObjective,
     chain_timesteps,
-    ddim_invert_to,
     edit_rectifier_from,
     edit_step_markovian,
     edit_step_score_matching,
     train_edit,
 )
 from hfedit.editing.editor import Editor, load_edit_rectifiers
-from hfedit.diffusion.sdedit import sdedit
+from hfedit.diffusion.inversion import ddim_invert
+from hfedit.diffusion.sampling import sdedit
 from hfedit.models.rectifier import ModulatedDenoiser, Rectifier, build_rectifier
 from hfedit.diffusion.schedule import Schedule, posterior_mean, predict_x0, q_sample
 from hfedit.training.reconstruction import make_optimizer
@@ -121,7 +121,8 @@ def test_an_edit_step_changes_only_rectifier_parameters(random_denoiser, recon, 
         stats = edit_step_score_matching(ScoreMatchingObjective(model, loss), opt, faces,
                                          torch.Generator().manual_seed(0), 1000)
     else:
-        x_t0 = ddim_invert_to(random_denoiser, faces, 300, 3)
+        x_t0 = ddim_invert(random_denoiser, random_denoiser.schedule, faces,
+                           timesteps=chain_timesteps(300, 3)).xts[0]
         stats = edit_step_markovian(MarkovianObjective(model, loss, 300, 2), opt, faces, x_t0)
     assert np.isfinite(stats.loss) and stats.delta_rms > 0
     for name, ref in [("backbone", backbone), ("clip", clip_w), ("reconstruction", recon_w)]:
@@ -153,7 +154,8 @@ def test_markovian_chain_with_zero_offsets_is_plain_ddim(random_denoiser, clip, 
                                    EditLoss(DirectionalClipLoss(clip, ATTR.source, ATTR.target)),
                                    400, 3)
     assert objective.timesteps == [400, 200, 0]
-    x_t0 = ddim_invert_to(random_denoiser, faces, 400, 5)
+    x_t0 = ddim_invert(random_denoiser, random_denoiser.schedule, faces,
+                       timesteps=chain_timesteps(400, 5)).xts[0]
     with torch.no_grad():
         _, out = objective(faces, x_t0)
         x, s = x_t0, objective.timesteps
@@ -196,7 +198,8 @@ def test_markovian_gradient_runs_through_every_step_of_the_chain(random_denoiser
                                    EditLoss(DirectionalClipLoss(clip64, ATTR.source, ATTR.target),
                                             lambda_clip=1.0, lambda_recon=0.0), 300, 3)
     x0 = faces[:2].double()
-    x_t0 = ddim_invert_to(d, x0, 300, 3).requires_grad_(True)
+    x_t0 = ddim_invert(d, d.schedule, x0, timesteps=chain_timesteps(300, 3)).xts[0]
+    x_t0.requires_grad_(True)
     with torch.no_grad():
         objective(x0, x_t0)  # records P_t along the chain
     rect.replay = True

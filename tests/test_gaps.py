@@ -70,7 +70,7 @@ def test_reconstruction_rows_carry_std_and_image_count(random_denoiser, faces):
 
     d, x0 = random_denoiser, faces[:3]
     out = reconstruct(d, x0, 4, batch_size=2)
-    rec = ddim_sample(d, d.schedule, ddim_invert(d, d.schedule, x0, 4), 4).clamp(-1, 1)
+    rec = ddim_sample(d, d.schedule, ddim_invert(d, d.schedule, x0, 4).xts[0], 4).clamp(-1, 1)
     l1 = M.l1(x0, rec)
     assert out["ddim"]["images"] == 3
     assert out["ddim"]["l1"] == pytest.approx(float(l1.mean()), rel=1e-4)

@@ -80,7 +80,7 @@ def test_model_evaluations_are_n_and_n_minus_skip(random_denoiser, faces):
 def test_ddim_inversion_error_is_larger(trained_denoiser, faces):
     d = trained_denoiser
     for n in (10, 50):
-        x_T = ddim_invert(d, d.schedule, faces, n)
+        x_T = ddim_invert(d, d.schedule, faces, n).xts[0]
         ddim_err = (ddim_sample(d, d.schedule, x_T, n) - faces).abs().mean().item()
         inv = invert(d, d.schedule, faces, n, generator=torch.Generator().manual_seed(0))
         ef_err = (replay(d, d.schedule, inv) - faces).abs().mean().item()

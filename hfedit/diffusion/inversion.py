@@ -7,9 +7,12 @@ Pure tensor functions over any ``denoiser(x_t, t) -> eps`` and a :class:`Schedul
   (ALGORITHMS.md section 1). Cost: N denoiser evaluations.
 * :func:`replay` runs DDPM sampling with given maps through *any* denoiser (the backbone, or the
   backbone modulated by a rectifier): with a changed model this is an edit. Cost: N - skip.
-* :func:`ddim_invert` / :func:`ddim_sample`: the deterministic baseline (section 2);
-  :func:`ddim_inversion` keeps every state, and :func:`replay` of it is DDIM sampling.
+* :func:`ddim_invert` / :func:`ddim_sample`: the deterministic baseline (section 2).
+  :func:`ddim_invert` returns every state as an :class:`InversionResult` with zero maps, and
+  :func:`replay` of it is DDIM sampling. Cost: N evaluations each.
 * :func:`shift_maps`, :func:`colour_offset`: manipulations of the maps themselves.
+
+Sampling with fresh noise (generation, SDEdit) is :mod:`hfedit.diffusion.sampling`.
 """
 
 from __future__ import annotations
@@ -161,84 +164,74 @@ def replay(
     return x_t
 
 
-@torch.no_grad()
-def ddim_inversion(
-    denoiser: DenoiserFn, schedule: Schedule, x0: Tensor, num_steps: int, progress: Progress = None
-) -> InversionResult:
-    """Deterministic DDIM inversion x0 -> x_T (eta = 0, run backwards), N evaluations, as an
-    :class:`InversionResult` that :func:`replay` turns into DDIM sampling.
-
-    Each step evaluates the model at the *next* (noisier) timestep on the current sample:
-    ``x_t = sqrt(abar_t) x0_hat(x_s) + sqrt(1 - abar_t) eps_theta(x_s, t)``.
-    ``xts[i]`` is the state at the descending ``timesteps[i]`` (``xts[0] = x_T``; ``skip=i``
-    starts the sampling there, DiffusionCLIP's partial inversion to ``t0``); ``zs`` are zeros and
-    ``eta = 0``, so ``replay`` adds nothing to each posterior mean: it *is* DDIM sampling.
-    ``eps`` is None: the inversion evaluated the model at ``(x_s, t)``, not at the stored
-    ``(x_t, t)``, so a trajectory-conditioned edit computes ``P_t`` of the states itself.
-    """
-    ascending = schedule.timesteps(num_steps)[::-1]
-    prevs = Schedule.prev_timesteps(schedule.timesteps(num_steps))[::-1]
-    states = []
-    x = x0
-    for i, (t, s) in enumerate(zip(ascending, prevs)):
-        eps = denoiser(x, t)
-        a_s, a_t = schedule.abar(s), schedule.abar(t)
-        x0_hat = (x - (1.0 - a_s) ** 0.5 * eps) / a_s**0.5
-        x = a_t**0.5 * x0_hat + (1.0 - a_t) ** 0.5 * eps
-        states.append(x)
-        if progress is not None:
-            progress(i + 1, num_steps)
-    xts = torch.stack(states[::-1])  # (N, B, C, H, W), descending t
-    zs = x0.new_zeros((1, *x0.shape)).expand(num_steps, *x0.shape)  # no memory per step
-    return InversionResult(xts=xts, zs=zs, timesteps=tuple(schedule.timesteps(num_steps)),
-                           eta=0.0, eps=None)
+def _ddim_up(schedule: Schedule, x_s: Tensor, eps: Tensor, s: int, t: int) -> Tensor:
+    """One DDIM inversion step from level ``s`` up to the noisier ``t`` (``s = -1``: x0):
+    ``x_t = sqrt(abar_t) x0_hat + sqrt(1 - abar_t) eps`` with
+    ``x0_hat = (x_s - sqrt(1 - abar_s) eps) / sqrt(abar_s)`` and ``eps = eps_theta(x_s, t)``."""
+    a_s, a_t = schedule.abar(s), schedule.abar(t)
+    x0_hat = (x_s - (1.0 - a_s) ** 0.5 * eps) / a_s**0.5
+    return a_t**0.5 * x0_hat + (1.0 - a_t) ** 0.5 * eps
 
 
 @torch.no_grad()
 def ddim_invert(
-    denoiser: DenoiserFn, schedule: Schedule, x0: Tensor, num_steps: int, progress: Progress = None
-) -> Tensor:
-    """``x_T`` of :func:`ddim_inversion` (deterministic DDIM inversion, N evaluations)."""
-    return ddim_inversion(denoiser, schedule, x0, num_steps, progress).xts[0]
+    denoiser: DenoiserFn,
+    schedule: Schedule,
+    x0: Tensor,
+    num_steps: Optional[int] = None,
+    progress: Progress = None,
+    *,
+    timesteps: Optional[Sequence[int]] = None,
+) -> InversionResult:
+    """Deterministic DDIM inversion x0 -> x_T (eta = 0, run backwards), N evaluations, as an
+    :class:`InversionResult` that :func:`replay` turns into DDIM sampling (section 2).
+
+    Inverts through ``schedule.timesteps(num_steps)``, or through the given descending
+    ``timesteps`` (e.g. the Markovian baseline's levels down from its ``t0``,
+    :func:`hfedit.training.edits.chain_timesteps`); give exactly one of the two.
+    Each step evaluates the model at the *next* (noisier) timestep on the current sample:
+    ``x_t = sqrt(abar_t) x0_hat(x_s) + sqrt(1 - abar_t) eps_theta(x_s, t)``.
+    ``xts[i]`` (N, B, C, H, W) is the state at the descending ``timesteps[i]`` (``xts[0] = x_T``,
+    the end of the inversion; ``skip=i`` starts the sampling there, DiffusionCLIP's partial
+    inversion to ``t0``); ``zs`` are zeros (no memory per step) and ``eta = 0``, so ``replay``
+    adds nothing to each posterior mean: it *is* DDIM sampling. ``eps`` is None: the inversion
+    evaluated the model at ``(x_s, t)``, not at the stored ``(x_t, t)``, so a
+    trajectory-conditioned edit computes ``P_t`` of the states itself.
+    """
+    if (num_steps is None) == (timesteps is None):
+        raise ValueError(f"ddim_invert: give num_steps ({num_steps}) or timesteps ({timesteps}), "
+                         "not both and not neither")
+    if timesteps is None:
+        timesteps = schedule.timesteps(num_steps)
+    timesteps = [int(t) for t in timesteps]
+    T = schedule.num_train_timesteps
+    if not timesteps or any(not 0 <= t < T for t in timesteps) \
+            or any(a <= b for a, b in zip(timesteps, timesteps[1:])):
+        raise ValueError(f"timesteps={timesteps} must be strictly descending, in [0, {T})")
+    n = len(timesteps)
+    ascending = timesteps[::-1]
+    prevs = Schedule.prev_timesteps(timesteps)[::-1]  # level s each step starts from
+    states = []
+    x = x0
+    for i, (t, s) in enumerate(zip(ascending, prevs)):
+        x = _ddim_up(schedule, x, denoiser(x, t), s, t)
+        states.append(x)
+        if progress is not None:
+            progress(i + 1, n)
+    xts = torch.stack(states[::-1])  # (N, B, C, H, W), descending t
+    zs = x0.new_zeros((1, *x0.shape)).expand(n, *x0.shape)  # no memory per step
+    return InversionResult(xts=xts, zs=zs, timesteps=tuple(timesteps), eta=0.0, eps=None)
 
 
 @torch.no_grad()
 def ddim_sample(
     denoiser: DenoiserFn, schedule: Schedule, x_T: Tensor, num_steps: int, progress: Progress = None
 ) -> Tensor:
-    """Deterministic DDIM sampling (eta = 0) from ``x_T``."""
+    """Deterministic DDIM sampling (eta = 0) from ``x_T`` (B, C, H, W); N evaluations."""
     timesteps = schedule.timesteps(num_steps)
     x = x_T
     for i, (t, s) in enumerate(zip(timesteps, Schedule.prev_timesteps(timesteps))):
         x = posterior_mean(schedule.step_coefficients(t, s, 0.0), x, denoiser(x, t))
-        if progress is not None:
-            progress(i + 1, num_steps)
-    return x
-
-
-@torch.no_grad()
-def ddpm_sample(
-    denoiser: DenoiserFn,
-    schedule: Schedule,
-    shape: Sequence[int],
-    num_steps: int,
-    eta: float = 1.0,
-    generator: Optional[torch.Generator] = None,
-    device: str | torch.device = "cpu",
-    progress: Progress = None,
-    clip_x0: bool = True,
-) -> Tensor:
-    """Ancestral sampling from pure noise with fresh Gaussian maps (the generative model);
-    ``clip_x0`` clips each step's x0 estimate to the data range, as diffusers' DDPM does."""
-    gen_device = generator.device if generator is not None else device
-    x = torch.randn(tuple(shape), generator=generator, device=gen_device).to(device)
-    timesteps = schedule.timesteps(num_steps)
-    for i, (t, s) in enumerate(zip(timesteps, Schedule.prev_timesteps(timesteps))):
-        coef = schedule.step_coefficients(t, s, eta)
-        x = posterior_mean(coef, x, denoiser(x, t), clip_x0=clip_x0)
-        if coef.sigma > 0:
-            z = torch.randn(tuple(shape), generator=generator, device=gen_device).to(device)
-            x = x + coef.sigma * z
         if progress is not None:
             progress(i + 1, num_steps)
     return x

@@ -7,37 +7,38 @@ rectifier conditioned on the source image (N - skip evaluations each). ``inversi
 
 * ``edit_friendly`` (default): edit-friendly maps, replayed by DDPM sampling. With no rectifier
   the replay is the exact reconstruction.
-* ``ddim``: DDIM inversion to ``x_T`` (:func:`hfedit.diffusion.inversion.ddim_inversion`), then DDIM
-  sampling (eta = 0): the protocol of DiffusionCLIP / Asyrp and, most likely, the paper's. With
-  no rectifier (or an untrained one) the result is the backbone's DDIM reconstruction, which is
-  not exact. ``skip`` starts from the DDIM state at ``timesteps[skip]``.
+* ``ddim``: DDIM inversion to ``x_T`` (:func:`hfedit.diffusion.inversion.ddim_invert`), then
+  DDIM sampling (eta = 0): the protocol of DiffusionCLIP / Asyrp and, most likely, the paper's.
+  With no rectifier (or an untrained one) the result is the backbone's DDIM reconstruction,
+  which is not exact. ``skip`` starts from the DDIM state at ``timesteps[skip]``.
 
 Both modes share everything below: the DDIM inversion is an :class:`InversionResult` with
-zero maps and eta = 0, which :func:`hfedit.diffusion.inversion.replay` samples deterministically. Every front end (CLI, Ray Data
-batch job, evaluation) calls :class:`Editor`; :func:`load_editor` builds one from the pipeline's
-folders (``models/backbone``, ``models/edits/<attribute>/``, ``models/rectifier``).
+zero maps and eta = 0, which :func:`hfedit.diffusion.inversion.replay` samples
+deterministically. Every front end (CLI, Ray Data batch job, evaluation) calls
+:class:`Editor`; :func:`load_editor` builds one from the pipeline's folders
+(``models/backbone``, ``models/edits/<attribute>/``, ``models/rectifier``).
 
 B images x K attributes are one replay: the B images are inverted once (one batch) and the
 K*B (attribute, image) pairs are replayed as one batch of K*B samples (sample ``k * B + b`` is
 image b under attribute k), every sample with the kernels of its own attribute's rectifier
 (per-sample modulation); each rectifier runs on its own B images. A name without a rectifier
 (``reconstruction``) is the backbone's own replay of the B images: in ``edit_friendly`` mode it
-retraces the inversion's chain bit for bit, so the reconstruction stays exact. How the rectifier is conditioned (``inversion.condition``,
-:class:`hfedit.config.Conditioning`):
+retraces the inversion's chain bit for bit, so the reconstruction stays exact. How the
+rectifier is conditioned (``inversion.condition``, :class:`hfedit.config.Conditioning`):
 
 * ``trajectory``: on ``P_t`` of the inversion's own ``x_t`` (the backbone's estimates, kept by
-  :func:`hfedit.diffusion.inversion.invert`: no extra evaluation; the DDIM inversion evaluates the model
-  at other points, so in ``ddim`` mode one batched plain pass per step computes them). Every
-  step's offsets depend on the inversion alone, so they are computed ahead of the replay, a
-  window of steps at a time: one batched hypernetwork call per rectifier over the window's
-  (step, image) pairs (all N - skip steps in one window when (N - skip) * B <= 512), then one
-  modulated U-Net pass per step and no plain pass.
+  :func:`hfedit.diffusion.inversion.invert`: no extra evaluation; the DDIM inversion evaluates
+  the model at other points, so in ``ddim`` mode one batched plain pass per step computes
+  them). Every step's offsets depend on the inversion alone, so they are computed ahead of the
+  replay, a window of steps at a time: one batched hypernetwork call per rectifier over the
+  window's (step, image) pairs (all N - skip steps in one window when (N - skip) * B <= 512),
+  then one modulated U-Net pass per step and no plain pass.
 * ``live``: on ``P_t`` of the edited trajectory's current ``x_t``: per step a plain pass over the
   K*B samples, each rectifier on its B, and a modulated pass that reuses the plain pass's down
   path (:func:`hfedit.models.modulation.record_prefix`).
 
 Also SDEdit-style image-to-image translation with a rectifier (the paper's "Image to Image
-Translation"): :func:`sdedit` / :meth:`Editor.translate`.
+Translation"): :func:`hfedit.diffusion.sampling.sdedit` / :meth:`Editor.translate`.
 """
 
 from __future__ import annotations
@@ -50,21 +51,11 @@ from torch import Tensor
 
 from hfedit.models.backbone import Denoiser
 from hfedit.config import Conditioning, EditMode, InversionConfig
-from hfedit.diffusion.inversion import (
-    InversionResult,
-    ddim_inversion,
-    invert,
-    per_image_noise,
-    replay,
-)
-
-
-
-from hfedit.diffusion.sdedit import sdedit
+from hfedit.diffusion.inversion import InversionResult, ddim_invert, invert, per_image_noise, replay
+from hfedit.diffusion.sampling import sdedit
 from hfedit.editing.joint import JointRectifier, PassCount
 
 RECONSTRUCTION = "reconstruction"
-
 
 
 @dataclass
@@ -110,7 +101,7 @@ class Editor:
         if len(seeds) != x0.shape[0]:
             raise ValueError(f"{len(seeds)} seeds for a batch of {x0.shape[0]} images")
         if self.mode is EditMode.ddim:
-            return ddim_inversion(self.denoiser, self.denoiser.schedule, x0, self.cfg.num_steps)
+            return ddim_invert(self.denoiser, self.denoiser.schedule, x0, self.cfg.num_steps)
         noise = per_image_noise(seeds, self.cfg.num_steps, x0.shape[1:])
         return invert(self.denoiser, self.denoiser.schedule, x0, self.cfg.num_steps,
                       eta=self.cfg.eta, noise=noise)
@@ -167,15 +158,14 @@ class Editor:
     def translate(self, x0: Tensor, seeds: Sequence[int], strength: float,
                   name: str = RECONSTRUCTION, num_steps: Optional[int] = None) -> Tensor:
         """SDEdit through the model of ``name`` (the reconstruction rectifier by default, the
-        paper's setting; the plain backbone when there is none): see :func:`sdedit`."""
+        paper's setting; the plain backbone when there is none): see
+        :func:`hfedit.diffusion.sampling.sdedit`."""
         if len(seeds) != x0.shape[0]:
             raise ValueError(f"{len(seeds)} seeds for a batch of {x0.shape[0]} images")
         n = num_steps or self.cfg.num_steps
         noise = per_image_noise(seeds, n + 1, x0.shape[1:])  # (N + 1, B, C, H, W)
         return sdedit(self._replayer(name, x0), self.denoiser.schedule, x0, strength, n,
                       eta=self.cfg.eta, noise=noise)
-
-
 
 
 # -------------------------------------------------------------------------------- loading

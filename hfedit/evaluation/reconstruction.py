@@ -156,7 +156,8 @@ def reconstruct(denoiser: Denoiser, x0: Tensor, n: int, rectifier: Optional[torc
     for start in range(0, x0.shape[0], batch_size):
         xb = x0[start:start + batch_size].to(denoiser.device)  # one move per batch
         model = _model(denoiser, rectifier, xb)
-        ddim = ddim_sample(model, denoiser.schedule, ddim_invert(model, denoiser.schedule, xb, n), n)
+        x_T = ddim_invert(model, denoiser.schedule, xb, n).xts[0]
+        ddim = ddim_sample(model, denoiser.schedule, x_T, n)
         seeds = list(range(seed + start, seed + start + xb.shape[0]))
         inv = invert(model, denoiser.schedule, xb, n, eta=eta,
                      noise=per_image_noise(seeds, n, xb.shape[1:]))

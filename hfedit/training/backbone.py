@@ -31,7 +31,7 @@ from hfedit.models.checkpoint import (
 )
 from hfedit.config import BackboneConfig, to_flat_dict
 from hfedit.data.prepared import Split
-from hfedit.diffusion.inversion import ddpm_sample
+from hfedit.diffusion.sampling import ddpm_sample
 from hfedit.diffusion.schedule import q_sample
 
 # log(metrics, step) — the tracking edge (MLflow) plugs in here.

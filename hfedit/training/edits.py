@@ -19,10 +19,12 @@ rectifier; the backbone and CLIP stay frozen. Both methods minimise, per image,
   One rectified step (two U-Net passes and the hypernetwork) per training step.
 
 * **Markovian** (DiffusionCLIP-style): ``x_t0`` = DDIM inversion of ``x0`` to ``t0`` by the
-  backbone (once per training image, no gradients), then the modulated DDIM chain
-  ``t0 -> ... -> 0 -> x0_edit`` in ``train_steps`` steps, gradients through every step (each
-  step's ``x_t`` carries the previous steps' graph, so deviations compound: the error
-  accumulation the paper avoids). ``train_steps`` rectified steps per training step.
+  backbone through the levels of :func:`chain_timesteps`
+  (:func:`hfedit.diffusion.inversion.ddim_invert`; once per training image, no gradients),
+  then the modulated DDIM chain ``t0 -> ... -> 0 -> x0_edit`` in ``train_steps`` steps,
+  gradients through every step (each step's ``x_t`` carries the previous steps' graph, so
+  deviations compound: the error accumulation the paper avoids). ``train_steps`` rectified
+  steps per training step.
 
 Nothing here knows about Ray or MLflow (``pipelines/train_edits.py`` wraps it).
 """
@@ -43,6 +45,7 @@ from hfedit.models.clip import ClipModel, DirectionalClipLoss, directional_loss
 from hfedit.config import AttributeConfig, EditMethod, LargeT, MarkovianConfig
 from hfedit.models.modulation import ConvFactors
 from hfedit.models.rectifier import ModulatedDenoiser, Rectifier, rectified_step
+from hfedit.diffusion.inversion import ddim_invert
 from hfedit.diffusion.schedule import Schedule, posterior_mean, predict_x0, q_sample
 from hfedit.training.reconstruction import make_optimizer, sample_training_inputs
 
@@ -159,27 +162,6 @@ def chain_timesteps(t0: int, num_steps: int) -> list[int]:
     if num_steps == 1:
         return [t0]
     return [round(t0 * (num_steps - 1 - i) / (num_steps - 1)) for i in range(num_steps)]
-
-
-@torch.no_grad()
-def ddim_invert_to(denoiser: Denoiser, x0: Tensor, t0: int, num_steps: int,
-                   batch_size: int = 32) -> Tensor:
-    """Deterministic DDIM inversion of ``x0`` (N, C, H, W) to ``x_{t0}`` through the levels of
-    :func:`chain_timesteps` by the plain backbone (the Markovian baseline's start; same update
-    as :func:`hfedit.diffusion.inversion.ddim_invert`, which goes to x_T): from level ``s`` to ``t``,
-    ``x_t = sqrt(abar_t) x0_hat + sqrt(1 - abar_t) eps_theta(x_s, t)``."""
-    schedule: Schedule = denoiser.schedule
-    levels = chain_timesteps(t0, num_steps)[::-1]  # ascending
-    out = []
-    for i in range(0, x0.shape[0], batch_size):
-        x, s = x0[i:i + batch_size], -1
-        for t in levels:
-            eps = denoiser(x, t)
-            a_s, a_t = schedule.abar(s), schedule.abar(t)
-            x0_hat = (x - (1.0 - a_s) ** 0.5 * eps) / a_s**0.5
-            x, s = a_t**0.5 * x0_hat + (1.0 - a_t) ** 0.5 * eps, t
-        out.append(x)
-    return torch.cat(out)
 
 
 class MarkovianObjective(nn.Module):
@@ -320,7 +302,9 @@ def train_edit(cfg: AttributeConfig, denoiser: Denoiser, reconstruction: Rectifi
     src_emb = loss.source_embedding(x0)  # (N, D), once
     if method is EditMethod.markovian:
         objective: nn.Module = MarkovianObjective(model, loss, markovian.t0, markovian.train_steps)
-        latents = ddim_invert_to(denoiser, x0, markovian.t0, markovian.inversion_steps)  # once
+        levels = chain_timesteps(markovian.t0, markovian.inversion_steps)
+        latents = torch.cat([ddim_invert(denoiser, denoiser.schedule, x, timesteps=levels).xts[0]
+                             for x in x0.split(32)])  # x_{t0} (N, C, H, W), once, 32 at a time
     else:
         objective = ScoreMatchingObjective(model, loss, cfg.large_t)
     result = EditTrainResult(rectifier, setup_seconds=time.perf_counter() - setup,
@@ -359,7 +343,6 @@ __all__ = [
     "MarkovianObjective",
     "ScoreMatchingObjective",
     "chain_timesteps",
-    "ddim_invert_to",
     "delta_rms",
     "edit_rectifier_from",
     "edit_step_markovian",
