@@ -41,6 +41,7 @@ from hfedit.models.checkpoint import (
     unflatten_optimizer,
 )
 from hfedit.config import ConfigError, HfeditConfig, project_root, to_flat_dict
+from hfedit.progress import progress
 from hfedit.data.prepared import PreparedData, data_location, load_split, pixels_to_tensor
 from hfedit.device import check_precision, placement, wants_gpu
 from hfedit.files import replace_folder
@@ -215,7 +216,10 @@ def train_loop_per_worker(config: dict) -> None:
     T = denoiser.schedule.num_train_timesteps
     window: dict[str, list[float]] = {}
 
+    bar = progress(total=pc.steps, initial=start, desc="pretrain (rank 0)", unit="step",
+                   disable=rank != 0)
     for step in range(start, pc.steps):
+        bar.update(1)
         gen = _step_generator(pc.seed, rank, step)
         x0 = next(batches)
         if not pc.augment.off:  # drawn from this step's generator: a resumed run draws the same
@@ -253,6 +257,7 @@ def train_loop_per_worker(config: dict) -> None:
                 # Ray Train only hears of checkpoints (each report logs a line per worker);
                 # the curves go to MLflow directly, above
                 ray.train.report(metrics, checkpoint=ckpt)
+    bar.close()
 
 
 def _resume_point(committed, config: dict):

@@ -183,26 +183,32 @@ def task_tracking(cfg: HfeditConfig, tracker) -> dict:
 def train_logged(loaded: Loaded, name: str, tracker, method: Optional[EditMethod] = None,
                  steps: Optional[int] = None, prefix: str = "edit_training/"):
     """:func:`train_edit` for attribute ``name``, logging every ``edits.log_every`` steps."""
+    from hfedit.progress import progress
     from hfedit.training.edits import train_edit
 
     cfg = loaded.cfg
     every = max(1, cfg.edits.log_every)
     total = steps if steps is not None else cfg.edits.attributes[name].steps
 
+    # one bar per attribute (and method), in the driver's log via Ray: a line every 30 s
+    bar = progress(total=total, desc=f"{name}" + (f" ({method.value})" if method else ""),
+                   unit="step")
+
     def on_step(step: int, stats, lr: float) -> None:
-        if not (step % every == 0 or step == total or step == 1):
-            return
-        print(f"{name}: step {step}/{total} loss {stats.loss:.4f} (direction {stats.direction:.4f}, "
-              f"L1 {stats.l1:.4f}) lr {lr:.2e}", flush=True)  # reaches the driver's log via Ray
-        if tracker is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats.loss:.4f}", direction=f"{stats.direction:.4f}",
+                        l1=f"{stats.l1:.4f}", refresh=False)
+        if tracker is not None and (step % every == 0 or step == total or step == 1):
             tracker.log_metrics({f"{prefix}loss": stats.loss, f"{prefix}direction": stats.direction,
                                  f"{prefix}l1": stats.l1, f"{prefix}delta_rms": stats.delta_rms,
                                  f"{prefix}lr": lr}, step=step)
 
-    return train_edit(cfg.edits.attributes[name], loaded.denoiser, loaded.reconstruction,
-                      loaded.clip, loaded.images, cfg.edits.markovian, method=method, steps=steps,
-                      on_step=on_step, checkpoint=cfg.runtime.activation_checkpointing,
-                      share_trunk=cfg.edits.share_trunk)
+    with bar:
+        return train_edit(cfg.edits.attributes[name], loaded.denoiser, loaded.reconstruction,
+                          loaded.clip, loaded.images, cfg.edits.markovian, method=method,
+                          steps=steps, on_step=on_step,
+                          checkpoint=cfg.runtime.activation_checkpointing,
+                          share_trunk=cfg.edits.share_trunk)
 
 
 def summarise(result, method: EditMethod) -> dict[str, Any]:

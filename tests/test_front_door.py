@@ -120,13 +120,17 @@ for command in ("reconstruct", "invert", "shift", "colour", "edit", "translate")
 
 def test_every_cli_subcommand_runs_in_a_terminal_with_its_progress_bar(project, tmp_path):
     """A real pseudo-terminal: tqdm draws (and returns True from update()) only on a TTY."""
+    import fcntl
     import pty
+    import struct
+    import termios
 
     face = tmp_path / "face.png"
     save_png(real_faces(1)[0], face)
     args = [str(face), "--steps", "4", "--backbone", "models/backbone", "--out",
             str(tmp_path / "out")]
     leader, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns
     proc = subprocess.Popen([sys.executable, "-c", PTY_CHILD, *args], cwd=project, env=_env(),
                             stdin=child, stdout=child, stderr=child, close_fds=True)
     os.close(child)
