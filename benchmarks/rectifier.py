@@ -333,7 +333,7 @@ def main() -> None:
             elif name in ("rectified step fwd", "rectified step fwd+bwd"):
                 goal = "<= 2.5"
             rows.append((f"B={bsz}", name, f"{v:.1f}", f"{v / ref:.2f}x", goal))
-        auto = resolve_mode(ModulationMode.auto, device, bsz).value
+        auto = resolve_mode(ModulationMode.auto).value
         best_f = min(PATHS, key=lambda p: ms[f"modulated {p} fwd"])
         best_fb = min(PATHS, key=lambda p: ms[f"modulated {p} fwd+bwd"])
         rows.append((f"B={bsz}", f"fastest: fwd {best_f}, fwd+bwd {best_fb}; auto -> {auto}",

@@ -24,7 +24,9 @@ Three exact ways to run a conv with per-sample kernels (:class:`ModulationMode`)
   with the shared weight ``theta[:, :, h, w]`` of the per-input-channel scaled input, scaled per
   output channel.
 
-``auto`` picks by device and batch size from the measurements noted in :func:`resolve_mode`.
+``auto`` is ``grouped`` (:func:`resolve_mode`). Memory: ``grouped`` and ``loop`` build the
+per-sample kernels, B x (the targets' kernel sizes) floats, and keep them for backward;
+``lowrank`` builds none, at about twice the conv FLOPs plus per-tap elementwise work.
 """
 
 from __future__ import annotations
@@ -149,11 +151,9 @@ class _ModulatedKernels(torch.autograd.Function):
         # the k = kh*kw taps, then times theta in place: two passes over the B kernels, both
         # contiguous. ``e[b, s, i, t] = A_b[s, i]`` if s == t else 0, so
         # ``(B_b^T e_b)[o, (i, t)] = B_b[t, o] A_b[t, i] = Delta_b[o, i, t]`` (the other k - 1
-        # terms are exact zeros). The broadcasting elementwise form (theta * B) * A took 11.1 ms
-        # for the tiny U-Net's 24 kernels at B = 8 against 2.4 ms (1 thread): in the conv's
-        # layout its innermost loop is a 3-element tap row. The modulated
-        # pass of the tiny U-Net went from 1.36x to 1.21x a plain pass at B = 8 (1.28x to 1.25x
-        # at B = 1; one interleaved A/B run, 1 thread, idle 2-core CPU).
+        # terms are exact zeros). Cost O(B * C_out * C_in * k^2) multiply-adds, k times the
+        # elementwise form's, but in GEMM kernels: the broadcasting form (theta * B) * A runs,
+        # in the conv's layout, an innermost loop over a kw-element tap row only.
         bsz, kh, kw, c_in = a.shape
         c_out, k = b.shape[-1], kh * kw
         # no autocast: Delta must not be rounded to bf16 before the 1 is added (as the
@@ -317,25 +317,14 @@ _PATHS = {
 }
 
 
-def resolve_mode(mode: ModulationMode | str, device: torch.device, batch: int) -> ModulationMode:
-    """The concrete path for ``auto``: ``grouped`` on every device and batch size.
+def resolve_mode(mode: ModulationMode | str) -> ModulationMode:
+    """The concrete path of ``mode``: ``auto`` is ``grouped``, on every device and batch size.
 
-    Measured with ``benchmarks/rectifier.py`` on the 2-core CPU (tiny 32x32 backbone, 24
-    targets, 1 thread, best of interleaved runs, idle, 2026-11-30), ratio to the plain backbone
-    pass (fwd) or to a plain training step (fwd+bwd):
-
-        path      B=1 fwd  B=1 fwd+bwd  B=8 fwd  B=8 fwd+bwd   B=8 step memory
-        grouped    1.19x      1.03x      1.23x      1.20x         97 MB
-        loop       1.19x      1.01x      1.70x      1.67x        106 MB
-        lowrank    2.54x      2.59x      2.90x      3.07x        116 MB
-
-    At B=1 ``grouped`` runs the very conv the loop runs (one sample, one kernel); from B=2 on it
-    beats the loop, and the loop is never chosen (DESIGN.md: no Python loop over the batch).
-    ``lowrank`` does twice the conv FLOPs plus per-tap elementwise work, but never builds the
-    (B, C_out, C_in, kh, kw) kernels that ``grouped`` keeps for backward (B x 74.5M floats for
-    the CelebA-HQ-256 U-Net's 63 targets, 2.4 GB at B=8): choose it explicitly when those do
-    not fit. CUDA: not measured (no GPU here); ``grouped`` (cuDNN grouped conv, one launch per
-    layer) until the benchmark says otherwise.
+    ``grouped`` runs the convs as batched library calls (one grouped conv, or one ``bmm`` for a
+    1x1 conv, per target; at B = 1 the very conv the loop runs), not a Python loop over the
+    batch. Its per-sample kernels ((B, C_out, C_in, kh, kw) per target, kept for backward:
+    B x 74.5M floats for the CelebA-HQ-256 U-Net's 63 targets) are what ``lowrank`` avoids:
+    choose ``lowrank`` explicitly when they do not fit in memory.
     """
     mode = ModulationMode(mode)
     if mode is not ModulationMode.auto:
@@ -347,7 +336,7 @@ def modulated_conv(conv: nn.Conv2d, x: Tensor, f: ConvFactors, mode: ModulationM
                    name: str = "conv") -> Tensor:
     """``conv`` applied to ``x`` with the per-sample kernels ``theta * (1 + Delta_b)``."""
     _check(conv, x, f, name)
-    return _PATHS[resolve_mode(mode, x.device, x.shape[0])](conv, x, f)
+    return _PATHS[resolve_mode(mode)](conv, x, f)
 
 
 # ------------------------------------------------------------------------------ attach/detach
