@@ -18,8 +18,8 @@ is the model, as code: nothing is pickled) with:
   (base64 PNG), ``width``, ``height``, ``error``; params ``num_steps``, ``skip``, ``eta``.
 
 Registered as ``<prefix>-edit-<attribute>`` (edit rectifiers), ``<prefix>-rectifier`` (the
-reconstruction rectifier) and ``<prefix>-backbone``. Every new version gets the alias ``latest``
-(and ``exp-<name>`` under ``dvc exp run``); ``champion``, what serving and batch jobs use, moves
+reconstruction rectifier) and ``<prefix>-backbone``. ``models:/<name>/latest`` is the newest version
+(under ``dvc exp run`` it also gets the alias ``exp-<name>``); ``champion``, what serving and batch jobs use, moves
 only on a promotion: ``runtime.mlflow.promote=true`` for a run, or afterwards
 ``python -m pipelines.serving promote hfedit-edit-smiling latest`` (a model's first version is its
 champion), and tags on the version and on the registered model say what it is:
@@ -40,7 +40,7 @@ from hfedit.config import HfeditConfig, InversionConfig, to_flat_dict
 log = logging.getLogger("hfedit.serving")
 MODEL_FILE = Path(__file__).with_name("serving_model.py")
 CHAMPION = "champion"  # what serving and batch jobs use; moved only by a promotion
-LATEST = "latest"  # the newest version of every model
+LATEST = "latest"  # models:/<name>/latest: the newest version (a name MLflow reserves)
 BACKBONE = "backbone"
 RECONSTRUCTION = "reconstruction"  # hfedit.editing.editor.RECONSTRUCTION (not imported: no torch here)
 # The distributions the model's code imports; pinned to this environment's versions.
@@ -170,19 +170,21 @@ def log_rectifier_model(cfg: HfeditConfig, run_id: str, backbone: str | Path,
             "model: base64 image in, base64 PNG "
             f"out. Serve: mlflow models serve -m models:/{model_name}@{CHAMPION} "
             "--env-manager local"))
-    log.info("registered %s version %s (@%s)", model_name, version, ", @".join(aliases))
+    log.info("registered %s version %s (aliases: %s)", model_name, version,
+             ", ".join(aliases) or "none; models:/%s/latest" % model_name)
     return version
 
 
 def new_version_aliases(client, model_name: str, promote: bool) -> list[str]:
-    """The aliases a newly registered version gets: ``latest`` always; ``exp-<name>`` under
+    """The aliases a newly registered version gets (``models:/<name>/latest`` names the newest
+    version without one): ``exp-<name>`` under
     ``dvc exp run`` (a trial); ``champion`` only when promoted (``runtime.mlflow.promote``, or
     :func:`promote` later) or when the model has no champion yet and this is not a trial."""
     import re
 
     import mlflow
 
-    aliases = [LATEST]
+    aliases = []  # models:/<name>/latest is the newest version already (MLflow reserves it)
     trial = os.environ.get("DVC_EXP_NAME")
     if trial:
         aliases.append("exp-" + re.sub(r"[^A-Za-z0-9_-]", "-", trial))
@@ -202,8 +204,13 @@ def promote(model_name: str, version_or_alias: str, tracking_uri: str | None = N
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
-    version = (version_or_alias if version_or_alias.isdigit() else
-               client.get_model_version_by_alias(model_name, version_or_alias).version)
+    if version_or_alias.isdigit():
+        version = version_or_alias
+    elif version_or_alias == LATEST:
+        version = str(max(int(mv.version) for mv in
+                          client.search_model_versions(f"name = '{model_name}'")))
+    else:
+        version = client.get_model_version_by_alias(model_name, version_or_alias).version
     client.set_registered_model_alias(model_name, CHAMPION, str(version))
     return str(version)
 

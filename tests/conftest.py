@@ -13,9 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from hfedit.models.backbone import Denoiser, new_denoiser
-from hfedit.config import HfeditConfig
+from hfedit.config import HfeditConfig, RectifierConfig, RectifierTrunk
 
 RES = 32
+# The tests' rectifier: a ResNet-18 trunk and narrow branches, fast on the CPU.
+SMALL_RECTIFIER = RectifierConfig(trunk=RectifierTrunk.resnet18, branch_channels=16,
+                                  time_embed_dim=32)
 # torch's thread count in a fresh process of this environment (conftest is imported before any
 # test): a model served by another process computes with it, and CPU convolutions round
 # differently with another count (the plain tiny U-Net's eps by ~1e-6 between 1 and 2 threads)
@@ -66,6 +69,36 @@ def perturbed(rect, scale: float = 0.05, seed: int = 0):
             head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * scale)
             head.bias.copy_(torch.randn(head.bias.shape, generator=gen) * scale)
     return rect
+
+
+def perturbed_rectifier(denoiser: Denoiser, scale: float = 0.05, seed: int = 0):
+    """A :data:`SMALL_RECTIFIER` on ``denoiser``'s U-Net, built after ``torch.manual_seed(seed)``,
+    its A heads then :func:`perturbed` by ``scale`` with ``seed``: a stand-in for a trained
+    (reconstruction or edit) rectifier."""
+    from hfedit.models.rectifier import build_rectifier
+
+    torch.manual_seed(seed)
+    return perturbed(build_rectifier(SMALL_RECTIFIER, denoiser.unet), scale, seed)
+
+
+def tiny_models(folder, denoiser, attributes=("smiling", "old")):
+    """``folder`` laid out as the pipeline's models/ after ``./dev run``: ``backbone/``,
+    ``edits/<attribute>/`` (rectifiers perturbed so that an edit moves the image: stand-ins for
+    trained ones) and ``rectifier/`` (an untrained reconstruction rectifier). Returns ``folder``."""
+    from pathlib import Path
+
+    from hfedit.models.backbone import save_backbone
+    from hfedit.models.checkpoint import save_rectifier
+    from hfedit.models.rectifier import build_rectifier
+
+    folder = Path(folder)
+    save_backbone(denoiser, folder / "backbone")
+    cfg = HfeditConfig().rectifier
+    for seed, name in enumerate(attributes):
+        rect = perturbed(build_rectifier(cfg, denoiser.unet), scale=0.2, seed=seed)
+        save_rectifier(folder / "edits" / name, rect, {"attribute": name})
+    save_rectifier(folder / "rectifier", build_rectifier(cfg, denoiser.unet))
+    return folder
 
 
 def briefly_trained(backbone_cfg, images: torch.Tensor, steps: int) -> Denoiser:

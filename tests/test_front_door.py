@@ -1,6 +1,5 @@
-"""The everyday paths: the README's Python example run verbatim, the front door against the CLI
-(same pixels), save/load round trips, and every CLI subcommand in a real pseudo-terminal with
-its progress bar on."""
+"""The Python front door: the README's example run verbatim, against the CLI (same pixels),
+save/load round trips, settings checked before any work."""
 
 from __future__ import annotations
 
@@ -15,11 +14,7 @@ import pytest
 from PIL import Image
 
 from hfedit.config import HfeditConfig
-from hfedit.models.backbone import save_backbone
-from hfedit.models.checkpoint import save_rectifier
-from hfedit.models.rectifier import build_rectifier
-from hfedit.data.images import save_png
-from tests.conftest import perturbed, real_faces
+from tests.conftest import tiny_models
 
 ROOT = Path(__file__).resolve().parents[1]
 GRACE = "grace_hopper.jpg"
@@ -34,14 +29,9 @@ def readme_python() -> str:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, random_denoiser):
-    """A folder laid out as after ``./dev run``: models/backbone and models/edits/<attr>, the
-    edit rectifiers perturbed so that an edit moves the image (stand-ins for trained ones)."""
+    """A folder laid out as after ``./dev run`` (models/ only)."""
     folder = tmp_path_factory.mktemp("project")
-    save_backbone(random_denoiser, folder / "models" / "backbone")
-    cfg = HfeditConfig().rectifier
-    for seed, name in enumerate(("smiling", "old")):
-        rect = perturbed(build_rectifier(cfg, random_denoiser.unet), scale=0.2, seed=seed)
-        save_rectifier(folder / "models" / "edits" / name, rect, {"attribute": name})
+    tiny_models(folder / "models", random_denoiser)
     return folder
 
 
@@ -104,52 +94,3 @@ def test_bad_settings_fail_with_the_key_before_any_work(project):
                                                  inversion=HfeditConfig().inversion)
     with pytest.raises(ConfigError, match="inversion.skip"):
         pipe(np.zeros((8, 8, 3), np.uint8), num_steps=4, skip=4)
-
-
-PTY_CHILD = r"""
-import sys
-from hfedit.cli import main
-args = sys.argv[1:]
-for command in ("reconstruct", "invert", "shift", "colour", "edit", "translate"):
-    extra = {"edit": ["--attribute", "smiling", "--edits", "models/edits"],
-             "translate": ["--rectifier", "none", "--strength", "0.5"]}.get(command, [])
-    rc = main([command, *args, *extra])
-    print(f"RESULT {command} {rc}", flush=True)
-"""
-
-
-def test_every_cli_subcommand_runs_in_a_terminal_with_its_progress_bar(project, tmp_path):
-    """A real pseudo-terminal: tqdm draws (and returns True from update()) only on a TTY."""
-    import fcntl
-    import pty
-    import struct
-    import termios
-
-    face = tmp_path / "face.png"
-    save_png(real_faces(1)[0], face)
-    args = [str(face), "--steps", "4", "--backbone", "models/backbone", "--out",
-            str(tmp_path / "out")]
-    leader, child = pty.openpty()
-    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns
-    proc = subprocess.Popen([sys.executable, "-c", PTY_CHILD, *args], cwd=project, env=_env(),
-                            stdin=child, stdout=child, stderr=child, close_fds=True)
-    os.close(child)
-    chunks = []
-    while True:
-        try:
-            data = os.read(leader, 4096)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    proc.wait(timeout=300)
-    os.close(leader)
-    text = b"".join(chunks).decode(errors="replace")
-    results = dict(re.findall(r"RESULT (\w+) (\d+)", text))
-    assert results == {c: "0" for c in ("reconstruct", "invert", "shift", "colour", "edit",
-                                         "translate")}, text[-3000:]
-    assert "hfedit reconstruct" in text and "pass" in text  # the bar was drawn on the terminal
-    assert (tmp_path / "out" / "face_smiling.png").is_file()
-    recon = np.asarray(Image.open(tmp_path / "out" / "face_reconstruction.png")).astype(int)
-    assert np.abs(recon - np.asarray(Image.open(face)).astype(int)).max() <= 1

@@ -29,7 +29,7 @@ from hfedit.training.reconstruction import (
     make_optimizer,
     reconstruction_step,
 )
-from tests.conftest import perturbed, prepared_faces, real_faces
+from tests.conftest import perturbed_rectifier, prepared_faces, real_faces
 
 SMALL = RectifierConfig(trunk=RectifierTrunk.resnet18, branch_channels=16, time_embed_dim=32)
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,13 +72,8 @@ def test_image_space_losses_are_selectable(random_denoiser, faces, kind):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.rectifier.parameters())
 
 
-def _perturbed_rectifier(denoiser, seed=0):
-    torch.manual_seed(seed)
-    return perturbed(build_rectifier(SMALL, denoiser.unet), scale=0.02, seed=seed)
-
-
 def test_rectifier_checkpoint_round_trip(random_denoiser, faces, tmp_path):
-    rect = _perturbed_rectifier(random_denoiser)
+    rect = perturbed_rectifier(random_denoiser, 0.02)
     save_rectifier(tmp_path, rect, {"step": 7})
     loaded, meta = load_rectifier(tmp_path, random_denoiser.unet)
     assert meta["step"] == 7 and meta["target_names"] == list(rect.target_names)
@@ -92,7 +87,7 @@ def test_checkpoint_for_another_backbone_is_refused(random_denoiser, tmp_path):
     from hfedit.models.backbone import build_unet
     from hfedit.config import UNetConfig
 
-    save_rectifier(tmp_path, _perturbed_rectifier(random_denoiser))
+    save_rectifier(tmp_path, perturbed_rectifier(random_denoiser, 0.02))
     other = build_unet(UNetConfig(block_out_channels=[32, 64], down_block_types=["DownBlock2D"] * 2,
                                   up_block_types=["UpBlock2D"] * 2), 32)
     with pytest.raises(ValueError, match="other target convs"):
@@ -105,7 +100,7 @@ def test_sampling_through_the_rectified_model(trained_denoiser, faces):
     x_T = ddim_invert(d, d.schedule, faces, 10).xts[0]
     assert torch.allclose(ddim_sample(untrained, d.schedule, x_T, 10),
                           ddim_sample(d, d.schedule, x_T, 10), atol=1e-4)
-    rectified = ModulatedDenoiser(d, _perturbed_rectifier(d)).conditioned(faces)
+    rectified = ModulatedDenoiser(d, perturbed_rectifier(d, 0.02)).conditioned(faces)
     inv = invert(rectified, d.schedule, faces, 10, generator=torch.Generator().manual_seed(0))
     assert (replay(rectified, d.schedule, inv) - faces).abs().max() <= 1e-5
     assert (replay(d, d.schedule, inv) - faces).abs().max() > 1e-3  # a different model edits
@@ -191,10 +186,9 @@ def test_torch_trainer_survives_a_killed_worker_and_resumes(tmp_path, random_den
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     champion = client.get_model_version_by_alias("hfedit-rectifier", "champion")
-    latest = client.get_model_version_by_alias("hfedit-rectifier", "latest")
-    # the rerun registered version 2 (@latest); champion stays on 1 until promoted
-    assert (champion.version, latest.version) == ("1", "2")
-    assert latest.tags["hfedit.kind"] == "reconstruction"
+    latest = client.get_model_version("hfedit-rectifier", "2")
+    # the rerun registered version 2; champion stays on 1 until promoted
+    assert champion.version == "1" and latest.tags["hfedit.kind"] == "reconstruction"
     from pipelines.serving import promote
 
     assert promote("hfedit-rectifier", "latest", f"sqlite:///{tmp_path}/mlflow.db") == "2"
