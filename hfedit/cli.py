@@ -116,12 +116,16 @@ class _Job:
 
         self.args = args
         check_output_folder(args.out)
+        _check_output_names(args)
         flags = {"num_steps": args.steps, "eta": args.eta, "skip": args.skip, "seed": args.seed,
                  "mode": getattr(args, "mode", None)}
         runtime = [f"runtime.{k}={v}" for k, v in (("device", args.device),
                                                    ("precision", args.precision)) if v]
         cfg = load_config(overrides=[*args.overrides, *runtime, *(f"inversion.{k}={v}" for k, v in
                                                                   flags.items() if v is not None)])
+        from hfedit.device import set_threads
+
+        set_threads(cfg.runtime.torch_threads)
         self.inv_cfg = cfg.inversion  # checked by load_config: N >= 1, 0 <= skip < N, eta >= 0
         device, precision = placement(cfg.runtime.device, cfg.runtime.precision, "editing")
         loaded = load_image(args.image, cfg.data.max_pixels)  # the input, before any model
@@ -230,6 +234,25 @@ class _Job:
             print(f"note: '{args.attribute}' was trained with random CLIP weights: the edit is not "
                   "semantic", file=sys.stderr)
         return 0
+
+
+def _check_output_names(args) -> None:
+    """The longest name this command may write, checked before any model runs: a name over 255
+    bytes (a long input name) cannot be created (``UsageError``, exit 2)."""
+    import os
+
+    from hfedit.files import NAME_MAX
+    from hfedit.validation import UsageError
+
+    stem = args.image.stem
+    tails = ["input.png", "maps.safetensors", "reconstruction.png", "colour.png",
+             f"{getattr(args, 'attribute', '')}_pair.png",
+             f"translate_{getattr(args, 'strength', 1):g}.png",
+             f"shift_{getattr(args, 'dx', 0)}_{getattr(args, 'dy', 0)}.png"]
+    longest = max((f"{stem}_{t}" for t in tails), key=lambda n: len(os.fsencode(n)))
+    if len(os.fsencode(longest)) > NAME_MAX:
+        raise UsageError(f"--image {args.image.name[:40]}...: outputs such as {longest[:40]}... would "
+                         f"have names over {NAME_MAX} bytes; rename the image (a shorter name)")
 
 
 def _evaluations(args, steps: int, skip: int) -> int | None:

@@ -8,9 +8,8 @@ returns float32 noise estimates whatever the precision (:class:`hfedit.models.ba
 edit-friendly maps are computed in float32 from whatever the model predicted, and a replay
 through the same model reproduces the input exactly under every precision.
 
-Which precision is allowed for which work is decided by measurement (README, "Devices and
-precision"; ``benchmarks/precision.py``): :data:`ALLOWED` encodes it and :func:`check_precision`
-enforces it with a message naming the setting.
+Which precision is allowed for which work is :data:`ALLOWED`; :func:`check_precision` enforces
+it with a message naming the setting (``benchmarks/precision.py`` compares the precisions).
 """
 
 from __future__ import annotations
@@ -44,10 +43,11 @@ class DeviceUnavailable(RuntimeError):
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
-# work -> precisions allowed for it (README "Devices and precision", benchmarks/precision.py:
-# bf16's rectifier gradient is within 0.2% of fp32's in direction, fp16's 8% off; fp16 also has
-# 5 exponent bits and would need loss scaling, which hfedit's step functions do not do).
-# Editing and evaluation take all three: the maps stay float32, reconstruction is exact.
+# work -> precisions allowed for it. Training: fp32 and bf16, whose rectifier gradient points
+# where fp32's does (tests/test_device.py checks the cosine); not fp16, whose gradient direction
+# is further off and whose 5 exponent bits would need loss scaling, which hfedit's step
+# functions do not do. Editing and evaluation take all three: the maps stay float32, so
+# reconstruction is exact under every precision.
 ALLOWED = {
     "training": (Precision.fp32, Precision.bf16),
     "editing": (Precision.fp32, Precision.bf16, Precision.fp16),
@@ -111,7 +111,7 @@ def check_precision(precision: Precision | str, work: str, device: torch.device)
     if precision not in ALLOWED[work]:
         allowed = ", ".join(p.value for p in ALLOWED[work])
         raise ValueError(f"runtime.precision={precision.value} is not allowed for {work} "
-                         f"(allowed: {allowed}); see the README's 'Devices and precision'")
+                         f"(allowed: {allowed}); see docs/devices.md")
     return precision
 
 
@@ -135,3 +135,38 @@ def autocast(device: torch.device | str, precision: Precision | str):
 
 __all__ = ["ALLOWED", "DeviceUnavailable", "Precision", "autocast", "check_device_spec",
            "check_precision", "placement", "resolve_device", "wants_gpu"]
+
+
+def allotted_cpus() -> tuple[int, str]:
+    """The CPUs this process was given, and where that number comes from: ``OMP_NUM_THREADS``
+    when set (Ray sets it to a task's or actor's ``num_cpus``), else the cgroup's CPU quota when
+    one is set (a container), else the CPUs of this process's affinity mask."""
+    import math
+    import os
+
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp), "OMP_NUM_THREADS"
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            return max(1, min(cpus, math.floor(int(quota) / int(period)))), "the cgroup's cpu.max"
+    except (OSError, ValueError):
+        pass
+    return cpus, "the CPU affinity mask"
+
+
+def set_threads(requested: int = 0) -> int:
+    """Set torch's intra-op threads for this process: ``requested`` when positive
+    (``runtime.torch_threads``), else the CPUs it was allotted (:func:`allotted_cpus`), so that
+    processes sharing a machine (stages beside Ray workers, several tasks) do not each spin as
+    many threads as the machine has cores. Logs the choice; returns the count."""
+    import logging
+
+    import torch
+
+    count, why = (requested, "runtime.torch_threads") if requested > 0 else allotted_cpus()
+    torch.set_num_threads(count)
+    logging.getLogger(__name__).info("torch threads: %d (%s)", count, why)
+    return count

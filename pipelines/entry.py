@@ -59,17 +59,16 @@ def setup_logging() -> None:
 def parse_and_load(parser: argparse.ArgumentParser, argv: list[str] | None = None
                    ) -> tuple[argparse.Namespace, "HfeditConfig"]:
     """Parse ``argv`` (bad arguments: argparse exits 2), set up logging, load the config
-    (params.yaml, its profile, then ``--set`` overrides; raises ConfigError) and apply
-    ``runtime.torch_threads`` to this process when set."""
+    (params.yaml, its profile, then ``--set`` overrides; raises ConfigError) and set this
+    process's torch threads (:func:`hfedit.device.set_threads`)."""
     from hfedit.config import load_config
 
     args = parser.parse_args(argv)
     setup_logging()
     cfg = load_config(overrides=args.overrides)
-    if cfg.runtime.torch_threads:
-        import torch
+    from hfedit.device import set_threads
 
-        torch.set_num_threads(cfg.runtime.torch_threads)
+    set_threads(cfg.runtime.torch_threads)  # the CPUs this process was given, logged
     return args, cfg
 
 

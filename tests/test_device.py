@@ -139,3 +139,25 @@ def test_activation_checkpointing_same_gradients_less_saved_memory(random_denois
     assert torch.equal(results[False][0], results[True][0])
     assert torch.equal(results[False][1], results[True][1])
     assert results[True][2] < 0.8 * results[False][2], (results[True][2], results[False][2])
+
+
+def test_each_process_takes_the_cpus_it_was_given(monkeypatch):
+    """Thread policy: runtime.torch_threads when set, else OMP_NUM_THREADS (what Ray gives a
+    task or actor), else the process's CPUs; the count is applied to torch."""
+    import os
+
+    import torch
+
+    from hfedit.device import allotted_cpus, set_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert allotted_cpus() == (1, "OMP_NUM_THREADS")
+        assert set_threads(0) == 1 and torch.get_num_threads() == 1
+        assert set_threads(3) == 3 and torch.get_num_threads() == 3
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        count, why = allotted_cpus()
+        assert 1 <= count <= len(os.sched_getaffinity(0)) and why != "OMP_NUM_THREADS"
+    finally:
+        torch.set_num_threads(before)
