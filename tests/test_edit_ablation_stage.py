@@ -6,16 +6,11 @@ from __future__ import annotations
 
 import warnings
 
-import torch
-
 from hfedit.models.backbone import save_backbone
 from hfedit.models.checkpoint import save_rectifier
-from hfedit.config import DataConfig, RectifierConfig, RectifierTrunk, load_config
+from hfedit.config import DataConfig, load_config
 from hfedit.data.prepared import prepare_dataset
-from hfedit.models.rectifier import build_rectifier
-from tests.conftest import perturbed
-
-SMALL = RectifierConfig(trunk=RectifierTrunk.resnet18, branch_channels=16, time_embed_dim=32)
+from tests.conftest import perturbed_rectifier
 
 
 class _Inline:
@@ -43,8 +38,7 @@ def test_each_method_on_its_own_and_the_full_interval_beside_the_backbone(random
     monkeypatch.setattr(ray, "get", lambda ref: ref)
     monkeypatch.setattr(rr, "task_placement", lambda cfg: ("cpu", 0.0))
     save_backbone(random_denoiser, tmp_path / "bb")
-    torch.manual_seed(0)
-    save_rectifier(tmp_path / "rect", perturbed(build_rectifier(SMALL, random_denoiser.unet), 0.01))
+    save_rectifier(tmp_path / "rect", perturbed_rectifier(random_denoiser, 0.01))
     prepare_dataset(DataConfig(resolution=32, max_images=10, val_fraction=0.3), tmp_path / "data",
                     progress=False)
     cfg = load_config(overrides=[

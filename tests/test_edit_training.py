@@ -41,7 +41,7 @@ from hfedit.diffusion.sampling import sdedit
 from hfedit.models.rectifier import ModulatedDenoiser, Rectifier, build_rectifier
 from hfedit.diffusion.schedule import Schedule, posterior_mean, predict_x0, q_sample
 from hfedit.training.reconstruction import make_optimizer
-from tests.conftest import real_faces, perturbed
+from tests.conftest import perturbed, perturbed_rectifier, real_faces
 
 TINY_CLIP = "hfedit-test-tiny-clip-edits"
 SMALL = RectifierConfig(trunk=RectifierTrunk.resnet18, branch_channels=16, time_embed_dim=32)
@@ -80,8 +80,7 @@ def clip(tmp_path_factory):
 @pytest.fixture(scope="module")
 def recon(random_denoiser) -> Rectifier:
     """Stands in for the pretrained reconstruction rectifier (Delta != 0 already)."""
-    torch.manual_seed(0)
-    return perturbed(build_rectifier(SMALL, random_denoiser.unet), scale=0.01).eval()
+    return perturbed_rectifier(random_denoiser, 0.01).eval()
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

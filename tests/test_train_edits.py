@@ -16,9 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.conftest import perturbed, prepared_faces
+from tests.conftest import perturbed_rectifier, prepared_faces
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "edits.attributes.smiling.steps=2", "--set", "edits.attributes.old.steps=2",
@@ -35,16 +34,10 @@ def inputs(tmp_path_factory, random_denoiser):
     """models/backbone, models/rectifier, data/prepared of a tiny pipeline, in a temp folder."""
     from hfedit.models.backbone import save_backbone
     from hfedit.models.checkpoint import save_rectifier
-    from hfedit.config import RectifierConfig, RectifierTrunk
-    from hfedit.models.rectifier import build_rectifier
 
     root = tmp_path_factory.mktemp("pipeline")
     save_backbone(random_denoiser, root / "backbone")
-    torch.manual_seed(0)
-    rect = perturbed(build_rectifier(RectifierConfig(trunk=RectifierTrunk.resnet18,
-                                                     branch_channels=16, time_embed_dim=32),
-                                     random_denoiser.unet), scale=0.01)
-    save_rectifier(root / "rectifier", rect, {"step": 1})
+    save_rectifier(root / "rectifier", perturbed_rectifier(random_denoiser, 0.01), {"step": 1})
     prepared_faces(root / "data", 8, val_fraction=0.25)  # 6 train, 2 val
     return root
 
