@@ -25,9 +25,6 @@ from hfedit.models.rectifier import ModulatedDenoiser, RectifiedStep
 from hfedit.diffusion.schedule import predict_x0, q_sample
 
 
-ReconLoss = ReconLossKind
-
-
 @dataclass(frozen=True)
 class StepStats:
     loss: float
@@ -42,14 +39,17 @@ def delta_penalty(step: RectifiedStep) -> Tensor:
     return torch.stack(terms).mean()
 
 
-def reconstruction_loss(kind: ReconLoss | str, step: RectifiedStep, eps: Tensor, x_t: Tensor,
-                        t: Tensor, x0: Tensor, schedule, dw_weight: float = 0.1) -> Tensor:
-    kind = ReconLoss(kind)
-    if kind is ReconLoss.noise:
+def reconstruction_loss(kind: ReconLossKind | str, step: RectifiedStep, eps: Tensor,
+                        x_t: Tensor, t: Tensor, x0: Tensor, schedule,
+                        dw_weight: float = 0.1) -> Tensor:
+    """The loss ``kind`` (module docstring) of one rectified step, a scalar mean over the batch:
+    ``eps``, ``x_t``, ``x0`` (B, C, H, W) and ``t`` (B,) are the step's inputs."""
+    kind = ReconLossKind(kind)
+    if kind is ReconLossKind.noise:
         return F.mse_loss(step.eps_hat, eps)
     x0_hat = predict_x0(schedule, x_t, t, step.eps_hat)
     loss = F.l1_loss(x0_hat, x0)
-    if kind is ReconLoss.l1_dw:
+    if kind is ReconLossKind.l1_dw:
         loss = loss + dw_weight * delta_penalty(step)
     return loss
 
@@ -66,10 +66,10 @@ class ReconstructionObjective(nn.Module):
     one module, so data-parallel wrappers (DDP) see the rectifier's parameters in one forward.
     The backbone inside is frozen, so only rectifier parameters are trainable here."""
 
-    def __init__(self, model: ModulatedDenoiser, kind: ReconLoss | str = ReconLoss.noise,
+    def __init__(self, model: ModulatedDenoiser, kind: ReconLossKind | str = ReconLossKind.noise,
                  dw_weight: float = 0.1) -> None:
         super().__init__()
-        self.model, self.kind, self.dw_weight = model, ReconLoss(kind), dw_weight
+        self.model, self.kind, self.dw_weight = model, ReconLossKind(kind), dw_weight
 
     def forward(self, x0: Tensor, t: Tensor, eps: Tensor) -> tuple[Tensor, RectifiedStep]:
         schedule = self.model.schedule
