@@ -10,8 +10,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-
-
 from hfedit.models.backbone import Denoiser, schedule_from_scheduler
 
 

@@ -11,13 +11,11 @@ from typing import TYPE_CHECKING, Iterable, Optional
 import numpy as np
 from PIL import Image
 
-from hfedit.files import atomic_write
-
 from hfedit.data.images import tensor_to_u8
+from hfedit.files import atomic_write
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: decode workers never load it
     import torch
-
 
 
 def make_grid_png(tensors: torch.Tensor | Iterable[torch.Tensor], path: str | os.PathLike,

@@ -24,7 +24,6 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: decode workers ne
     import torch
 
 
-
 # reason code -> how the user fixes it (the message always names the file too)
 REASONS: dict[str, str] = {
     "empty": "the file has 0 bytes; copy it again from its source or delete it",
@@ -50,8 +49,6 @@ class ImageError(ValueError):
 
     def __reduce__(self):  # crosses process boundaries (prepare's decode processes, Ray)
         return (type(self), (self.reason, self.path, self.detail))
-
-
 
 
 @dataclass

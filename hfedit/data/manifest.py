@@ -10,25 +10,17 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Optional
-
+from typing import Iterable, Optional
 
 from hfedit.files import atomic_write_text
-
-if TYPE_CHECKING:  # torch is imported where tensors are made: decode workers never load it
-    pass
-
-
 
 # train: the backbone's images; rectifier: rectifier pretraining and edit training (the train
 # images again when data.rectifier_fraction is 0); val: held out from every training (evaluation)
 SPLITS = ("train", "rectifier", "val")
 
 
-
 class DatasetError(ValueError):
     """The source as a whole is unusable (missing folder, no good image)."""
-
 
 
 # -------------------------------------------------------------------------------- manifest

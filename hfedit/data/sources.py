@@ -9,18 +9,13 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image
 
-
 from hfedit.data.images import ImageError, LoadedImage, _square_u8, load_image, to_rgb
 from hfedit.data.manifest import DatasetError, ManifestRow
-
-if TYPE_CHECKING:  # torch is imported where tensors are made: decode workers never load it
-    pass
-
 
 
 # ---------------------------------------------------------------------------------- decode

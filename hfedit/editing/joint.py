@@ -13,19 +13,16 @@ from torch import Tensor
 
 from hfedit.models.backbone import Denoiser
 from hfedit.config import ModulationMode
-from hfedit.diffusion.inversion import (
-    InversionResult,
-)
+from hfedit.diffusion.inversion import InversionResult
 from hfedit.models.modulation import ConvFactors, record_prefix
 from hfedit.diffusion.schedule import predict_x0
-
-
 
 # (step, image) pairs per hypernetwork call of a trajectory-conditioned edit (rounded down to
 # whole steps, at least one): bounds the trunk's activations (a ResNet34 at 256 px holds ~15 MB
 # per sample) and the factors held (one window of steps); every pair is independent of the
 # others (GroupNorm), so the chunking changes nothing but float rounding.
 HYPERNETWORK_BATCH = 512
+
 
 @dataclass
 class PassCount:
@@ -35,7 +32,6 @@ class PassCount:
     plain: int = 0
     modulated: int = 0
     hypernetwork: int = 0
-
 
 
 # ------------------------------------------------------------------- K rectifiers, one batch
@@ -131,9 +127,9 @@ class JointRectifier:
         else:
             eps = self.denoiser(xts, t_flat)
             self.passes.plain += n
-        # per step with an int t (the inversion's own form of P_t); live's tensor-t form rounds
-        # differently by up to 1.5e-5 at large t, so one call over the window would change the
-        # committed edits' last digits
+        # P_t per step with an int t: the coefficients as float64 scalars, the inversion's own
+        # form. The tensor-t form (one call over the window, as live uses) takes abar in the
+        # sample's float32 before the square roots and rounds differently (most at large t).
         p_t = torch.cat([predict_x0(self.denoiser.schedule, x, t, e)  # (S'*B, C, H, W)
                          for x, t, e in zip(xts.split(bsz), ts, eps.split(bsz))])
         x0 = self.x0.repeat(n, 1, 1, 1)  # (S'*B, C, H, W)

@@ -196,12 +196,12 @@ def load_backbone(source: str | Path, device: str | torch.device = "cpu",
 
 def _aligned(module: nn.Module, alignment: int = 64) -> nn.Module:
     """Give every CPU parameter and buffer of ``module`` memory of its own, ``alignment``-byte
-    aligned. ``from_pretrained`` leaves the tensors at arbitrary offsets of the file's buffer
-    (all 152 of the tiny U-Net's at 4-56 bytes past a 64-byte boundary), and oneDNN picks other
-    kernels for unaligned weights: the loaded backbone's eps differed from the same weights in
-    memory by 1.3e-6, a 4-step edit by 2.7e-5, enough to flip an 8-bit pixel, so the same image
-    and seed gave other PNGs from a served model than from the library. Copied, both are bit
-    for bit the same (tests/test_backbone.py)."""
+    aligned. ``from_pretrained`` leaves the tensors at arbitrary offsets of the file's buffer,
+    and oneDNN picks other kernels for unaligned weights, which round differently: without the
+    copy a loaded backbone's ``eps`` differs from that of the same weights in fresh memory in
+    the last digits, enough to flip 8-bit pixels of an edit, so the same image and seed would
+    give other PNGs from a served model than from the library. Copied, the two are bit for bit
+    the same (tests/test_backbone.py checks it)."""
     for t in [*module.parameters(), *module.buffers()]:
         if t.device.type == "cpu" and t.data_ptr() % alignment:
             t.data = t.data.clone()

@@ -127,14 +127,12 @@ class Rectifier(nn.Module):
         return self.time_mlp(emb.to(self.branch_time.weight.dtype))
 
     def features(self, x: Tensor) -> Tensor:
-        """The trunk over ``x`` (B, 6, H, W). Its stem (7x7 conv, norm, ReLU, 3x3 max pool) runs
-        in channels-last memory: the CPU max pool with indices is not vectorised over NCHW (it
-        was 11% of a trajectory edit's batched hypernetwork call), and the 6-channel stem conv
-        is faster there too. Measured on the 2-core CPU, 1 thread, ResNet34 stem: forward of
-        160 x 32 px 36.9 -> 22.3 ms, of 4 x 256 px 38.2 -> 15.3 ms; a training step's forward +
-        backward into the stem's weights 4.6 -> 2.9 ms (16 x 32 px), 99.4 -> 83.5 ms (4 x 256
-        px). The values change by float rounding only (<= 1e-5). The layers after it stay NCHW,
-        where GroupNorm and the 3x3 convs of the small late maps are faster."""
+        """The trunk over ``x`` (B, 6, H, W) -> (B, 512, H/32, W/32). Its stem (7x7 conv, norm,
+        ReLU, 3x3 max pool) runs in channels-last memory, where the CPU's max pool with indices
+        is vectorised over channels (over NCHW it is not) and the 6-channel stem conv is
+        faster too; the layers after it stay NCHW, where GroupNorm and the 3x3 convs of the
+        small late maps are faster. The two layouts round differently (by up to ~1e-5), so
+        switching the stem's layout changes the offsets in their last digits."""
         stem, rest = self.trunk[:4], self.trunk[4:]
         h = stem(x.contiguous(memory_format=torch.channels_last))
         return rest(h.contiguous())
@@ -149,8 +147,8 @@ class Rectifier(nn.Module):
         n, c = self.num_targets, self.cfg.branch_channels
         feat = self.features(torch.cat([x0, p_t.clamp(-1.0, 1.0)], dim=1))  # (B, 512, H/32, W/32)
         # The branch bank runs in float32 even under autocast: it is tiny (1x1 to 4x4 maps), and
-        # torch 2.14's CPU bf16 gradient of its strided grouped conv on a 1x1 map (32 px images)
-        # is non-finite in 8 of 20 draws with one thread (tests/test_device.py caught it).
+        # torch's CPU bf16 gradient of its strided grouped conv on a 1x1 map (32 px images) can
+        # be non-finite (torch 2.14, one thread; tests/test_device.py trains under bf16).
         with torch.autocast(x0.device.type, enabled=False):
             feat = feat.to(self.branch_conv1.weight.dtype)
             temb = self.time_embedding(_timesteps(t, bsz, x0.device))  # (B, D)
