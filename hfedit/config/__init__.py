@@ -13,6 +13,10 @@ Values come, in increasing priority, from
 Every source is validated against the schema: an unknown key or a value of the wrong type raises
 :class:`ConfigError` naming the key and the file it came from; values out of range (a step count
 of 0, ...) raise it naming the key, the rule and the flag or file that sets it.
+
+Imports omegaconf and, of hfedit, only the top-level :mod:`hfedit.device` and
+:mod:`hfedit.validation`: no other subpackage, and no torch at import (prepare's decode
+processes read the config).
 """
 
 from __future__ import annotations
