@@ -9,11 +9,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ("hfedit", "pipelines", "stages")
-# Edges that record, serve, start Ray or start the process (arguments, logging, exit status) and
-# never change a stage's outputs (dvc.yaml says so).
+# Edges that record, serve, start Ray, start the process (arguments, logging, exit status) or
+# draw progress bars, and never change a stage's outputs (dvc.yaml says so).
 EDGES = {"hfedit/__init__.py", "pipelines/__init__.py", "stages/__init__.py",
          "pipelines/tracking.py", "pipelines/serving.py", "pipelines/ray_runtime.py",
-         "pipelines/entry.py"}
+         "pipelines/entry.py", "hfedit/progress.py"}
 
 
 def _module_file(name: str) -> Path | None:
