@@ -2,30 +2,30 @@
 
 A prepared folder (``data/prepared``) holds::
 
-    dataset.json            format, resolution, the shards, the split sizes and the split key
-    index.json              per split: its ids (sorted) and the shard and row of each
-    manifest.json           every input: prepared (split, index, shard, row) or refused (reason)
-    preview.png             the first training images
-    shards/00000.parquet    columns id (binary: the file name's bytes, so names that are not
-                            UTF-8 survive), key (binary: sha256(seed:id), 32 bytes, the split key) and
-                            pixels (binary: R*R*3 uint8, rows x columns x RGB)
-    shards/00000.json       the shard's record: its inputs, the decode settings and their
-                            manifest rows; written after the shard, so it marks it complete
+    dataset.json          format, resolution, the shards, the split sizes and the split key
+    index.json            per split: its ids (sorted) and the shard and row of each
+    manifest.json         every input: prepared (split, index, shard, row) or refused (reason)
+    preview.png           the first training images
+    shards/00000.parquet  columns id (binary: the file name's bytes, so names that are not UTF-8
+                          survive), key (binary: sha256(seed:id), the split key) and pixels
+                          (binary: R*R*3 uint8, rows x columns x RGB)
+    shards/00000.json     the shard's record: its inputs, the decode settings and their manifest
+                          rows; written after the shard, so it marks it complete
 
 Why Parquet: pyarrow reads single row groups of it, for random batches (:meth:`PreparedData.read`)
-and for Ray Data's tasks (``pipelines.ray_runtime.split_dataset``); any pyarrow filesystem
-serves it (a local or NFS path, ``s3://...``); and any Parquet reader (``ray.data.read_parquet``,
-pandas, DuckDB) opens it, the split chosen by a filter on ``key`` (:meth:`PreparedData.split_filter`). uint8 is 4x smaller than the float32 tensors; the ``[-1, 1]`` conversion happens
-per batch in the reader (:func:`pixels_to_tensor`), bit-identical to :func:`hfedit.data.images.to_tensor`.
+and for Ray Data's tasks (``pipelines.ray_runtime.split_dataset``); any pyarrow filesystem serves
+it (a local or NFS path, ``s3://...``); any Parquet reader (``ray.data.read_parquet``, pandas,
+DuckDB) opens it, a split chosen by a filter on ``key`` (:meth:`PreparedData.split_filter`).
+uint8 is 4x smaller than float32; the reader converts to [-1, 1] per batch
+(:func:`pixels_to_tensor`), bit-identical to :func:`hfedit.data.images.to_tensor`.
 
 Shard k holds the good images among inputs ``k*S .. (k+1)*S - 1`` (``S = data.shard_images``,
 inputs sorted by id), so shard boundaries and contents depend only on the inputs and settings:
 an interrupted prepare resumes and skips every shard whose record matches. The splits (train:
-the backbone's images; rectifier: the rectifier's own, ``data.rectifier_fraction``; val: held
-out) are drawn at the end over the good ids exactly as :func:`hfedit.data.manifest.split_roles` does;
-they need no rewrite of the shards: each is a range of ``key`` (val the ``n_val`` smallest keys,
-``key <= val_key_max``; the rectifier's the next ones, ``key <= rectifier_key_max``; train the
-rest).
+the backbone's images; rectifier: its own, ``data.rectifier_fraction``; val: held out) are drawn
+at the end over the good ids by :func:`hfedit.data.manifest.split_roles` and need no rewrite of
+the shards: each is a range of ``key`` (val the smallest keys, ``key <= val_key_max``; the
+rectifier's the next ones, ``key <= rectifier_key_max``; train the rest).
 """
 
 from __future__ import annotations
@@ -144,15 +144,11 @@ def _write_shard(out: Path, k: int, ids: list[str], settings: dict,
     return rows
 
 
-def _default_workers(cfg: DataConfig) -> int:
-    return cfg.workers if cfg.workers > 0 else max(1, os.cpu_count() or 1)
-
-
 def prepare_dataset(cfg: DataConfig, out_dir: str | os.PathLike, progress: bool = True) -> Manifest:
     """Decode every input of ``cfg.source`` ("bundled" or a folder) into uint8 Parquet shards of
     at most ``cfg.shard_images`` images under ``out_dir``, split the good ones
-    (:func:`hfedit.data.manifest.split_ids`) and write dataset.json, index.json, manifest.json and
-    preview.png.
+    (:func:`hfedit.data.manifest.split_roles`) and write dataset.json, index.json, manifest.json
+    and preview.png.
 
     Streams: at most one shard's pixels and a few decode items are in memory at a time. Decoding
     runs in ``cfg.workers`` processes (0 = one per CPU; a process pool rather than Ray Data:
@@ -167,7 +163,7 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | os.PathLike, progress: bool 
         raise ValueError(f"data.resolution={cfg.resolution}, data.max_pixels={cfg.max_pixels} and "
                          f"data.shard_images={cfg.shard_images} must be positive, "
                          f"data.max_images={cfg.max_images} >= 0 (0 = all)")
-    split_roles([], cfg.val_fraction, cfg.rectifier_fraction, cfg.seed)  # validates the fractions early
+    split_roles([], cfg.val_fraction, cfg.rectifier_fraction, cfg.seed)  # checks the fractions
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = _decode_settings(cfg)
@@ -190,7 +186,8 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | os.PathLike, progress: bool 
                initial=sum(len(chunks[k]) for k in rows_of))
     # The bundled faces (102 small images) decode faster than worker processes start.
     items = sum(-(-len(chunks[k]) // DECODE_ITEMS) for k in todo)
-    workers = 1 if cfg.source == "bundled" else max(1, min(_default_workers(cfg), items))
+    wanted = cfg.workers if cfg.workers > 0 else max(1, os.cpu_count() or 1)
+    workers = 1 if cfg.source == "bundled" else max(1, min(wanted, items))
     for k, rows in _decode_shards(out, chunks, todo, settings, workers, bar):
         rows_of[k] = rows
     bar.close()
@@ -495,5 +492,5 @@ def load_split(prepared: str | os.PathLike, split: str) -> Split:
     return PreparedData(prepared).split(split)
 
 
-__all__ = ["FORMAT", "PreparedData", "Split", "data_location", "list_inputs", "load_split", "pixels_to_tensor",
-           "pixels_to_u8", "prepare_dataset"]
+__all__ = ["FORMAT", "PreparedData", "Split", "data_location", "list_inputs", "load_split",
+           "pixels_to_tensor", "pixels_to_u8", "prepare_dataset"]
