@@ -141,6 +141,10 @@ def log_rectifier_model(cfg: HfeditConfig, run_id: str, backbone: str | Path,
     else:  # a hub id: the serving machine downloads it (HF_HUB_OFFLINE=0) or has it cached
         model_config["backbone_source"] = str(backbone)
     all_tags = {k: str(v) for k, v in (tags or {}).items()}
+    # the model's source is its run's (the stage script), not the process that logs it (a Ray
+    # task's default_worker.py): MLflow takes the given tags over the ones it infers
+    run_tags = mlflow.MlflowClient().get_run(run_id).data.tags
+    source = {k: v for k, v in run_tags.items() if k.startswith("mlflow.source.")}
     active = mlflow.active_run()
     started = active is None or active.info.run_id != run_id
     if started:
@@ -150,7 +154,8 @@ def log_rectifier_model(cfg: HfeditConfig, run_id: str, backbone: str | Path,
             name=name, python_model=str(MODEL_FILE), artifacts=artifacts,
             model_config=model_config, code_paths=[str(Path(hfedit.__file__).parent)],
             signature=signature(cfg.inversion), pip_requirements=requirements(),
-            registered_model_name=model_name if mc.register else None, tags=all_tags)
+            registered_model_name=model_name if mc.register else None,
+            tags={**all_tags, **source})
     finally:
         if started:
             mlflow.end_run()

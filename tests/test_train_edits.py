@@ -117,6 +117,11 @@ def test_two_attributes_train_in_parallel_and_unchanged_ones_are_skipped(inputs,
     for name, child in children.items():
         version = client.get_model_version_by_alias(f"hfedit-edit-{name}", "champion")
         assert version.run_id == child.info.run_id and version.tags["hfedit.semantic"] == "false"
+        # logged from a Ray task, the model names the stage script as its source
+        (model,) = client.search_logged_models([child.info.experiment_id],
+                                               filter_string=f"source_run_id = '{child.info.run_id}'")
+        source = model.tags["mlflow.source.name"]
+        assert source.endswith("train_edits.py") and "default_worker" not in source
 
     # rerun with one attribute changed: only that one trains, the other's files stay as they were
     rerun = tmp_path / "rerun"
