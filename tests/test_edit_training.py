@@ -268,12 +268,13 @@ def test_bad_attribute_settings_fail_early_and_name_the_value(random_denoiser, r
 
 
 # ----------------------------------------------------------------------------- editing
-@pytest.mark.parametrize("mode, tol", [("lowrank", 1e-6), ("grouped", 1e-4)])
+@pytest.mark.parametrize("mode, tol", [("lowrank", 1e-6), ("grouped", 5e-4)])
 def test_edit_with_zero_offsets_returns_the_input(random_denoiser, faces, mode, tol):
     """Edit-friendly replay through an untrained (Delta = 0) rectifier is the reconstruction, up
-    to float rounding of the modulated convs (measured: ~1e-9 on the lowrank path, the plain
-    conv plus exact zeros; ~1e-6 on the grouped one); with a trained rectifier the same maps
-    give a different image."""
+    to float rounding of the modulated convs: exact zeros on the lowrank path (the plain conv);
+    on the grouped path a grouped convolution, which oneDNN computes with other kernels than the
+    plain one (per pass ~1e-6, amplified over the replay's 8 steps: up to 1.3e-4 on some CPUs of
+    the same family). A trained rectifier's edit moves the image by far more."""
     torch.manual_seed(0)
     zero = build_rectifier(RectifierConfig(trunk=RectifierTrunk.resnet18, branch_channels=16,
                                            time_embed_dim=32, modulation=ModulationMode(mode)),
