@@ -22,7 +22,7 @@ to the rectifier is scaled by the same factor. For t buckets this prints, per re
 The edit rectifier is a stand-in for one in training: the untrained rectifier (Delta = 0) with
 its offset heads perturbed by ``--perturb`` (so eps~ != eps). CLIP is ViT-S-32 with random
 weights (offline): the directional loss is not semantic, but its gradient's scaling with t
-is the point here. Prints a markdown table; the README quotes it with the machine and load.
+is the point here. Prints a markdown table; docs/benchmarks.md quotes it with the machine and load.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ keeps for backward (hfedit.training.memory.saved_for_backward: the same on every
 
 Weights are random (the stand-in of google/ddpm-ema-celebahq-256 and of CLIP ViT-B-32): speed
 and memory are those of the real models, nothing else. Everything runs in this one process;
-``--json`` writes the rows for the README.
+``--json`` writes the rows for docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The results of several `./dev run`s side by side: each stage's wall time (from the runs'
-MLflow stores) and the README's results tables with their spread across the runs.
+MLflow stores) and docs/results.md's tables with their spread across the runs.
 
     .venv/bin/python benchmarks/run_spread.py /path/to/clone-a /path/to/clone-b [...]
 

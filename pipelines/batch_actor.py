@@ -11,7 +11,7 @@
 
 Every stage takes and returns a dict of numpy arrays (Ray Data's "numpy" batch format). Outputs
 depend on the batch only through float rounding: the same images in the same batches give
-identical PNGs, other batchings agree within 1e-5 before quantisation (README, "Determinism").
+identical PNGs, other batchings agree within 1e-5 before quantisation (docs/batch.md#determinism).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ Writes ``<out>/metrics.json`` (DVC metrics: the results table's means at the hea
 only), ``<out>/report.json`` (everything: every N, standard deviations, image counts, notes, the
 machine), ``<out>/reconstruction.csv`` and ``<out>/editing/<attribute>.csv`` (DVC plots),
 ``<out>/plots/*.png``, a labelled before/after grid per attribute in ``<out>/grids/`` (rows:
-source, then the edit at each N) and ``<out>/results.md`` (the README's results table).
+source, then the edit at each N) and ``<out>/results.md`` (the results table the README links to).
 Everything goes to the stage's MLflow run (``evaluate/<group>/n<N>/<metric>`` for every N, at
 step 0), the headline numbers (``evaluate/<group>/<metric>``) also to the pipeline run.
 

@@ -1,5 +1,5 @@
 """The evaluate stage's report as text and numbers: the results table (``results.md``, the
-README's), the ablation's table in it, and the metric names MLflow and DVC show.
+docs/results.md's), the ablation's table in it, and the metric names MLflow and DVC show.
 
 A report is the JSON-able dict the ``evaluate`` stage builds from
 :mod:`hfedit.evaluation.comparisons` (``images``, ``headline_steps``, ``reconstruction``,
@@ -63,7 +63,7 @@ def ablation_markdown(ab: dict) -> list[str]:
 
 
 def results_markdown(report: dict[str, Any]) -> str:
-    """The README's results table: this run beside the paper's numbers; every value is the
+    """The results table (eval/results.md, linked from the README): this run beside the paper's numbers; every value is the
     mean ± standard deviation over the images, whose count every table names."""
     pm = mean_std_text
     rec = report["reconstruction"]
