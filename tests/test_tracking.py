@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import pytest
 
 from hfedit.config import load_config
 from pipelines.tracking import artifact_location, stage_run
@@ -180,3 +183,52 @@ def test_a_stage_stopped_by_sigterm_ends_killed(tmp_path):
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "KILLED"
+
+
+@pytest.mark.timeout(300)
+def test_a_tracking_server_keeps_artifacts_in_s3(tmp_path, monkeypatch, s3_server):
+    """A shared `mlflow server --artifacts-destination s3://...` (boto3 is in the environment):
+    a stage's artifacts land in the bucket, through the server, with no local mlartifacts/."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import boto3
+
+    bucket = boto3.client("s3", endpoint_url=s3_server["endpoint"], region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    bucket.create_bucket(Bucket="hfedit-mlflow")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, **s3_server["env"], "MLFLOW_S3_ENDPOINT_URL": s3_server["endpoint"],
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1", "--backend-store-uri",
+         f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", "s3://hfedit-mlflow/art"],
+        env=env, cwd=tmp_path, stdout=open(tmp_path / "server.log", "wb"),
+        stderr=subprocess.STDOUT)
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+                time.sleep(0.2)
+        project = tmp_path / "project"
+        project.mkdir()
+        cfg = _cfg_in(project, monkeypatch)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+        with stage_run(cfg, "prepare") as tracker:
+            tracker.log_text("in the bucket\n", "note.txt")
+        keys = [o["Key"] for o in bucket.list_objects_v2(Bucket="hfedit-mlflow")["Contents"]]
+        (note,) = [k for k in keys if k.endswith("note.txt")]
+        body = bucket.get_object(Bucket="hfedit-mlflow", Key=note)["Body"].read()
+        assert body == b"in the bucket\n" and not (project / "mlartifacts").exists()
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
