@@ -74,6 +74,7 @@ def main() -> None:
 
         from pipelines.edit_batch import execute as executor
 
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind 127.0.0.1 as given
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=bool(os.environ.get("RAY_LOG")),
                  _node_ip_address="127.0.0.1", _temp_dir=tempfile.mkdtemp(prefix="rayk", dir="/tmp"),
                  runtime_env={"env_vars": {"HFEDIT_ROOT": str(ROOT), "HF_HUB_OFFLINE": "1",

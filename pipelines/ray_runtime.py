@@ -32,6 +32,8 @@ def start_local_ray(num_cpus: int | None = None, **init_kwargs):
     import psutil
     import ray
 
+    # binds --node-ip-address 127.0.0.1 as given (else Ray takes the machine's address); only
+    # for this private local cluster: set for a process that joins a cluster, Ray refuses it
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -60,7 +62,6 @@ def init_ray(cfg: HfeditConfig, num_cpus: int | None = None):
 
     if ray.is_initialized():
         return ray
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = cfg.runtime.ray.address or os.environ.get("RAY_ADDRESS") or None
     # Workers import hfedit/pipelines from the project even when started from elsewhere.
