@@ -1,7 +1,8 @@
 """Files written whole or not at all: the one atomic writer, and the temporaries it leaves.
 
 Every file hfedit writes for a user goes through :func:`atomic_write`: the content is written to a
-temporary sibling ``.<name>.<pid>-<8 hex>.hfedit.tmp``, given the mode a plain ``open()`` would
+temporary sibling ``.<name>.<pid>-<8 hex>.hfedit.tmp`` (a long name cut to a bounded
+length plus its hash), given the mode a plain ``open()`` would
 give it (``0666 & ~umask``: writers such as ``mkstemp`` and safetensors create 0600), and renamed
 over ``<name>`` (``os.replace``), so a reader sees the old file or the new one, never half of one.
 A folder is replaced the same way (:func:`replace_folder`).
@@ -39,8 +40,21 @@ def current_umask() -> int:
     return mask
 
 
+NAME_MAX = 255  # bytes in one path component (Linux, macOS)
+_KEEP = 180  # bytes of a long name a temporary keeps: 1 + 180 + 1 + 16 + the suffix's 30 < 255
+
+
 def _sibling(path: Path, kind: str = "tmp") -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.hfedit.{kind}")
+    """``.<name>.<pid>-<8 hex>.hfedit.<kind>``; a name over :data:`_KEEP` bytes is cut to its
+    first bytes plus ``~`` and 16 hex of its sha256, so every name a file may have (up to
+    :data:`NAME_MAX` bytes) has a temporary that is a valid name too."""
+    name = path.name
+    raw = os.fsencode(name)
+    if len(raw) > _KEEP:
+        import hashlib
+
+        name = os.fsdecode(raw[:_KEEP - 17]) + "~" + hashlib.sha256(raw).hexdigest()[:16]
+    return path.with_name(f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.hfedit.{kind}")
 
 
 def is_temporary(path: str | os.PathLike) -> bool:

@@ -16,6 +16,8 @@ identical PNGs, other batchings agree within 1e-5 before quantisation (docs/batc
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import os
 import time
@@ -24,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hfedit.data.images import ImageError, load_image, save_png, to_tensor
+from hfedit.data.images import ImageError, load_image, to_pil, to_tensor
+from hfedit.files import atomic_write_bytes
 from hfedit.data.prepared import Split, load_split
 from hfedit.editing.editor import RECONSTRUCTION, load_editor
 from hfedit.device import placement
@@ -110,7 +113,7 @@ def _decode(item: dict, job: Job, size: int) -> torch.Tensor:
             raise ValueError(f"{path} holds {x0.shape[-1]} px images; the backbone expects "
                              f"{size} px: rerun prepare with data.resolution={size}")
         return x0
-    loaded = load_image(str(item["input"]), job.max_pixels)
+    loaded = load_image(str(item["input"]), job.max_pixels, job.root or None)
     return to_tensor(loaded.image, size, job.center_crop)
 
 
@@ -245,10 +248,17 @@ def _write(source: np.ndarray, edited: np.ndarray, attribute: str, name: str, ou
                    "max_error": float((result - x0).abs().max()) if exact else math.nan}
         start = time.perf_counter()
         rel = output_relpath(attribute, name)
-        save_png(image[0], out / rel)  # temporary name + rename
-        return {"status": "ok", "output": rel, "write_s": time.perf_counter() - start, **metrics}
+        buf = io.BytesIO()
+        to_pil(image[0]).save(buf, format="PNG")
+        data = buf.getvalue()
+        atomic_write_bytes(out / rel, data)  # temporary name, fsync, rename: before its done entry
+        return {"status": "ok", "output": rel, "write_s": time.perf_counter() - start, **metrics,
+                "out_bytes": len(data), "out_sha256": hashlib.sha256(data).hexdigest()}
     except Exception as err:  # noqa: BLE001
         return error_row({}, EDIT_FAILED, err)
+
+
+CHECKED = ("out_bytes", "out_sha256")  # the PNG as written: done-log only (resume verifies it)
 
 
 def _plain(value):
@@ -257,7 +267,7 @@ def _plain(value):
 
 
 def _logged(row: dict) -> dict:
-    return {c: _plain(row.get(c)) for c in COLUMNS if row.get(c) is not None}
+    return {c: _plain(row.get(c)) for c in (*COLUMNS, *CHECKED) if row.get(c) is not None}
 
 
 def error_row(row: dict, reason: str, err: Exception, **extra) -> dict:

@@ -8,9 +8,11 @@ actors (:mod:`pipelines.batch_actor`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import stat
 import time
 import uuid
 from collections import Counter
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Optional
 
+from hfedit.files import NAME_MAX
 from hfedit.models.checkpoint import file_digest, fingerprint
 from hfedit.config import HfeditConfig, InversionConfig, to_flat_dict
 from hfedit.data.batch_manifest import MANIFEST
@@ -71,26 +74,32 @@ def is_image_name(id_: str) -> bool:
 def output_names(ids: list[str]) -> dict[str, str]:
     """``{id: output name}``: the id with its suffix replaced by ``.png`` (``a.png`` -> ``a.png``,
     ``faces/b.jpg`` -> ``faces/b.png``); ids whose short names collide (``a.jpg`` beside
-    ``a.png``) keep their suffix (``a.jpg.png``; ``a.png`` keeps ``a.png``)."""
+    ``a.png``, or ``x.jpg`` beside a folder ``x.png/`` whose outputs lie under ``x.png/``) keep
+    their suffix (``a.jpg.png``; ``a.png`` keeps ``a.png``). Names that still collide are left
+    out: :func:`list_inputs` refuses them (``name_collision``)."""
     short = {i: str(PurePosixPath(i).with_suffix(".png")) if PurePosixPath(i).suffix else f"{i}.png"
              for i in ids}
     users = Counter(short.values())
-    names = {i: n if users[n] == 1 or i == n else f"{i}.png" for i, n in short.items()}
-    clash = [n for n, k in Counter(names.values()).items() if k > 1]
-    if clash:
-        raise UsageError(f"inputs {sorted(i for i, n in names.items() if n in clash)} would all be "
-                         f"written as {clash[0]}; rename one of them")
-    return names
+    folders = {str(p) for n in short.values() for p in PurePosixPath(n).parents}
+    names = {i: n if (users[n] == 1 and n not in folders) or i == n else f"{i}.png"
+             for i, n in short.items()}
+    folders = {str(p) for n in names.values() for p in PurePosixPath(n).parents}
+    users = Counter(names.values())
+    return {i: n for i, n in names.items() if i == n or (users[n] == 1 and n not in folders)}
+
+
+def _too_long(name: str) -> bool:
+    return any(len(os.fsencode(part)) > NAME_MAX for part in PurePosixPath(name).parts)
 
 
 def _signature(path: Path) -> str:
     """``<size>:<sha256 prefix>`` of the file's bytes: what the input is, not when it was written,
     so a copied or moved project (new mtimes, same content) redoes nothing. One read of each
     input per run (the images are then decoded from the page cache)."""
-    import hashlib
-
-    try:
-        with open(path, "rb") as f:
+    try:  # never blocks on a FIFO; reads regular files only
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return ""
             digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
             return f"{os.fstat(f.fileno()).st_size}:{digest}"
     except OSError:
@@ -116,7 +125,15 @@ def list_inputs(source: str | os.PathLike, split: Optional[str] = None,
         unique.setdefault(entry.id, entry)
     names = output_names(list(unique))
     for entry in unique.values():
-        entry.name = names[entry.id]
+        entry.name = names.get(entry.id, "")
+        if entry.error is not None or entry.index >= 0:
+            continue
+        if not entry.name:
+            entry.error = ImageError("name_collision", entry.input, "its output name is also the "
+                                     "name of another input's output or of a folder of outputs")
+        elif _too_long(entry.name):
+            entry.error = ImageError("name_too_long", entry.input, f"its output name {entry.name!r} "
+                                     f"is over {NAME_MAX} bytes")
     return sorted(unique.values(), key=lambda e: e.id)
 
 
@@ -151,8 +168,10 @@ def _listed_entries(list_file: Path, root: Path) -> list[Entry]:
             entries.append(Entry(text, str(path), error=ImageError(
                 "outside_root", path, f"listed path is outside the root {root_abs} (set --root)")))
             continue
-        real, error = path.resolve(), None
-        if not real.is_relative_to(real_root):
+        real, error = resolved(path), None
+        if real is None:
+            error = ImageError("broken_link", path, "a symlink loop")
+        elif not real.is_relative_to(real_root):
             error = ImageError("outside_root", path,
                                f"leads to {real}, outside {real_root}; not followed")
         elif path.is_symlink() and not real.exists():
@@ -163,6 +182,15 @@ def _listed_entries(list_file: Path, root: Path) -> list[Entry]:
             error = ImageError("not_a_file", path, "a folder or special file, not a regular file")
         entries.append(Entry(id_, str(path), _signature(path), error=error))
     return entries
+
+
+def resolved(path: str | os.PathLike) -> Optional[Path]:
+    """``Path(path).resolve()``, or None for a symlink loop (Python < 3.13 raises RuntimeError,
+    later versions OSError(ELOOP))."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError):
+        return None
 
 
 def image_seed(global_seed: int, id_: str) -> int:
@@ -238,6 +266,7 @@ class Job:
     precision: str = "fp32"
     pid_dir: str = ""
     max_attempts: int = 2
+    root: str = ""  # a folder or list file's root: decoding refuses files that lie outside it
 
 
 def _tree_digest(path: str | os.PathLike) -> str:
@@ -271,7 +300,7 @@ def check_attributes(attributes: list[str], edits_dir: str | os.PathLike) -> dic
 
 
 def make_job(cfg: HfeditConfig, backbone: str, out: Path, rectifiers: dict[str, str],
-             split_input: bool, pid_dir: str = "") -> Job:
+             split_input: bool, pid_dir: str = "", root: str = "") -> Job:
     eb, inv = cfg.edit_batch, cfg.inversion
     local = Path(backbone)
     if not local.exists() and (backbone.startswith((".", "/")) or backbone.count("/") != 1):
@@ -287,14 +316,14 @@ def make_job(cfg: HfeditConfig, backbone: str, out: Path, rectifiers: dict[str, 
                list(rectifiers), str(Path(eb.edits_dir).resolve()), prints, inv,
                cfg.data.max_pixels, cfg.data.center_crop, eb.torch_threads, cfg.runtime.device,
                cfg.runtime.precision.value, str(Path(pid_dir).absolute()) if pid_dir else "",
-               eb.max_attempts)
+               eb.max_attempts, str(Path(root).resolve()) if root else "")
 
 
 # ------------------------------------------------------------------------ done log
 class DoneIndex:
     """What ``<out>/_log/*.jsonl`` says: ``rows``, latest per (id, attribute), and ``attempts``
     per (run, id) (how often a worker started on the image). Read incrementally; a line torn by a
-    killed process is ignored."""
+    killed process or a full disk (its checksum does not match) is ignored."""
 
     def __init__(self, out: str | os.PathLike) -> None:
         self.folder = Path(out) / LOG_DIR
@@ -310,8 +339,10 @@ class DoneIndex:
                 data = f.read()
             end = data.rfind(b"\n") + 1
             for line in data[:end].splitlines():
+                row = parse_log_line(line)
+                if row is None:  # torn or garbled: as if never written
+                    continue
                 try:
-                    row = json.loads(line)
                     if "attempt" in row:
                         self.attempts[(row["run"], row["attempt"])] += 1
                     else:
@@ -323,13 +354,50 @@ class DoneIndex:
 
 
 def is_complete(row: Optional[dict], signature: str, fingerprint_: str, out: Path) -> bool:
-    """Whether a logged row still stands: same input file, same job, PNG present (for errors:
-    a failure a rerun would repeat)."""
+    """Whether a logged row still stands: same input file, same job, the PNG as it was written
+    (size and sha256 from the row; rows logged before they were recorded: the PNG exists), or
+    for errors: a failure a rerun would repeat."""
     if row is None or row.get("signature") != signature or row.get("fingerprint") != fingerprint_:
         return False
     if row["status"] == "ok":
-        return (out / row["output"]).is_file()
+        path = out / row["output"]
+        if "out_sha256" not in row:
+            return path.is_file()
+        try:
+            if path.stat().st_size != row.get("out_bytes"):
+                return False
+            return hashlib.sha256(path.read_bytes()).hexdigest() == row["out_sha256"]
+        except OSError:
+            return False
     return row.get("reason") not in RETRIED
+
+
+_CRC = ', "crc": "'
+
+
+def log_line(row: dict) -> str:
+    """One done-log line: the row's JSON with a last key ``crc``, 16 hex of the sha256 of the
+    JSON before it, so a line torn or garbled in any way is recognised (:func:`parse_log_line`)."""
+    text = json.dumps(row, default=float)
+    crc = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return f"{text[:-1]}{_CRC}{crc}\"}}\n"
+
+
+def parse_log_line(line: bytes) -> Optional[dict]:
+    """The row of a :func:`log_line` line, or None when its checksum does not match (a line of
+    an older log without ``crc`` is taken as it is)."""
+    try:
+        text = line.decode()
+        at = text.rfind(_CRC)
+        if at >= 0:
+            body, crc = text[:at] + "}", text[at + len(_CRC):].rstrip()
+            if crc != hashlib.sha256(body.encode()).hexdigest()[:16] + '"}':
+                return None
+            text = body
+        row = json.loads(text)
+        return row if isinstance(row, dict) else None
+    except ValueError:
+        return None
 
 
 class DoneLog:
@@ -343,6 +411,6 @@ class DoneLog:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")
-        self._file.write("".join(json.dumps(r, default=float) + "\n" for r in rows))  # one write
+        self._file.write("".join(log_line(r) for r in rows))  # one write
         self._file.flush()
         os.fsync(self._file.fileno())

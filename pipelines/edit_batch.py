@@ -75,7 +75,7 @@ from pipelines.batch_job import (  # noqa: F401 (LOG_DIR, output_relpath, ...: t
     COLUMNS, COMPACTED, EXIT_CRASHED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, LOG_DIR,
     MANIFEST, NOT_PROCESSED, RETRIED, DoneIndex, Entry, Job, UsageError, check_attributes, from_wire,
     ignored_files, image_seed, is_complete, is_image_name, list_inputs, make_job, output_names,
-    output_relpath, to_display, to_wire)
+    log_line, output_relpath, resolved, to_display, to_wire)
 
 
 # ------------------------------------------------------------------------- the driver
@@ -220,14 +220,20 @@ def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike
     out = check_output_folder(out)
     rectifiers = check_attributes(cfg.edit_batch.attributes, cfg.edit_batch.edits_dir)
     real_out = out.resolve()  # an output folder inside the input folder is not input
+
+    def inside_out(path: Path) -> bool:  # a symlink loop resolves to nothing: not in --out
+        real = resolved(path)
+        return real is not None and real.is_relative_to(real_out)
+
     entries = [e for e in list_inputs(source, split, root)
-               if split is not None or not Path(e.input).resolve().is_relative_to(real_out)]
+               if split is not None or not inside_out(Path(e.input))]
     ignored = [] if split is not None else [
-        i for i in ignored_files(source) if not (Path(source) / i).resolve().is_relative_to(real_out)]
+        i for i in ignored_files(source) if not inside_out(Path(source) / i)]
     if not entries:
         raise UsageError(f"--input {source}: no image files" + (
             f" (ignored, not images by their suffix: {ignored[:5]})" if ignored else ""))
-    job = make_job(cfg, backbone, out, rectifiers, split is not None, pid_dir)
+    top = "" if split is not None else root or (source if Path(source).is_dir() else Path(source).parent)
+    job = make_job(cfg, backbone, out, rectifiers, split is not None, pid_dir, str(top))
     with _locked(out, job.attributes):
         done = DoneIndex(out).refresh()
         items, standing = plan(entries, job, done, cfg.inversion.seed)
@@ -357,7 +363,7 @@ def _compact_logs(out: Path, done: DoneIndex) -> None:
     """Replace the per-process logs by one file of the rows that stand (bounded growth)."""
     keep = [r for r in done.refresh().rows.values()
             if r["status"] == "ok" or r.get("reason") not in RETRIED]
-    text = "".join(json.dumps(r, default=float) + "\n" for r in keep)
+    text = "".join(log_line(r) for r in keep)
     atomic_write_bytes(done.folder / COMPACTED, text.encode())
     for path in done.folder.glob("*.jsonl"):
         if path.name != COMPACTED:

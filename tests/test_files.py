@@ -113,3 +113,12 @@ def test_the_rectifier_export_replaces_the_folder_whole(tmp_path):
     _export(reported, out)
     assert (out / "rectifier.safetensors").read_bytes() == (reported / "rectifier.safetensors").read_bytes()
     assert sorted(os.listdir(tmp_path)) == ["checkpoint", "rectifier"]
+
+
+@pytest.mark.parametrize("name", ["a" * 251 + ".png", "é" * 125 + ".png", os.fsdecode(b"\xff" * 250) + ".png"])
+def test_any_valid_name_can_be_written_its_temporary_stays_under_name_max(tmp_path, name):
+    """A name over ~227 bytes failed: the temporary's suffix pushed it past 255 bytes."""
+    atomic_write_bytes(tmp_path / name, b"data")
+    assert (tmp_path / name).read_bytes() == b"data" and len(os.listdir(tmp_path)) == 1
+    tmp = files._sibling(tmp_path / name)
+    assert is_temporary(tmp) and len(os.fsencode(tmp.name)) <= 255

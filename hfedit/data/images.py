@@ -7,8 +7,10 @@ Tensors are float32 ``(3, R, R)`` in [-1, 1] (``x = u8 / 127.5 - 1``). Imports n
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +35,11 @@ REASONS: dict[str, str] = {
     "too_large": "downscale the image, or raise data.max_pixels if it is genuine",
     "unsupported_mode": "re-save the image as 8-bit RGB or greyscale",
     "outside_root": "copy the file into the folder instead of linking to it",
-    "broken_link": "the symlink's target does not exist; fix or remove the link",
+    "broken_link": "the symlink's target does not exist (or the link loops); fix or remove the link",
     "not_a_file": "only regular files (or symlinks to files inside the folder) are read",
     "unreadable": "check the file's permissions",
+    "name_too_long": "rename the file: its output name (with .png) must fit in 255 bytes",
+    "name_collision": "rename the file or the folder: their outputs would have the same path",
 }
 
 
@@ -62,7 +66,8 @@ class LoadedImage:
 
 
 # --------------------------------------------------------------------------------- loading
-def load_image(path: str | os.PathLike, max_pixels: int) -> LoadedImage:
+def load_image(path: str | os.PathLike, max_pixels: int,
+               root: Optional[str | os.PathLike] = None) -> LoadedImage:
     """Decode ``path`` fully and strictly into an RGB image with EXIF orientation applied.
 
     Refuses (:class:`ImageError`) missing and empty files, non-images, images whose header
@@ -70,7 +75,9 @@ def load_image(path: str | os.PathLike, max_pixels: int) -> LoadedImage:
     limit, truncated and corrupt data. Damage is found three ways: a full ``load()`` (Pillow must
     not pad truncated files), every warning Pillow gives while decoding made an error, and for
     JPEGs, whose decoder fills damaged data with garbage and only warns (which Pillow drops), a
-    check of the compressed data itself (:func:`hfedit.data.jpeg.check_jpeg`).
+    check of the compressed data itself (:func:`hfedit.data.jpeg.check_jpeg`). The file is opened
+    once and decoded from that handle; with ``root``, a file that handle reaches outside ``root``
+    (an input swapped for a link after it was listed) is refused (``outside_root``) unread.
     """
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError(
@@ -78,21 +85,12 @@ def load_image(path: str | os.PathLike, max_pixels: int) -> LoadedImage:
             "files would be silently padded with grey. Set it back to False before loading."
         )
     path = Path(path)
-    try:
-        if not path.exists():
-            raise ImageError("not_a_file", path, "no such file" if not path.is_symlink()
-                             else f"dangling symlink to {os.readlink(path)}")
-        if not path.is_file():
-            raise ImageError("not_a_file", path, "not a regular file (a folder, fifo, socket or device)")
-        if path.stat().st_size == 0:
-            raise ImageError("empty", path, "empty file (0 bytes)")
-    except PermissionError as err:
-        raise ImageError("unreadable", path, f"cannot read: {err.strerror}") from None
+    source = _open(path, root)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a decoder's warning means damaged data ...
             warnings.simplefilter("default", DeprecationWarning)  # ... an API's does not
-            with Image.open(path) as img:
+            with source, Image.open(source) as img:
                 width, height = img.size  # from the header; nothing decoded yet
                 if width * height > max_pixels:
                     raise ImageError("too_large", path, f"header declares {width}x{height} = "
@@ -100,7 +98,8 @@ def load_image(path: str | os.PathLike, max_pixels: int) -> LoadedImage:
                 img.load()  # full decode: raises on truncated or corrupt data
                 orientation = int(img.getexif().get(0x0112, 1))
                 if img.format in ("JPEG", "MPO"):
-                    check_jpeg(path.read_bytes())
+                    source.seek(0)
+                    check_jpeg(source.read())
                 mode, icc = img.mode, img.info.get("icc_profile")
                 with warnings.catch_warnings():  # converting valid pixels may warn: not damage
                     warnings.simplefilter("default")
@@ -127,6 +126,36 @@ def load_image(path: str | os.PathLike, max_pixels: int) -> LoadedImage:
             raise ImageError("too_large", path, text) from None
         raise ImageError("corrupt", path, f"cannot decode ({text})") from None
     return LoadedImage(rgb, mode, (width, height), orientation)
+
+
+def _open(path: Path, root: Optional[str | os.PathLike]):
+    """``path`` opened for reading (without blocking on a FIFO): a regular, non-empty file whose
+    real path, read from the open descriptor, lies under ``root``; else :class:`ImageError`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ImageError("not_a_file", path, "no such file" if not path.is_symlink()
+                         else f"dangling symlink to {os.readlink(path)}") from None
+    except PermissionError as err:
+        raise ImageError("unreadable", path, f"cannot read: {err.strerror}") from None
+    except OSError as err:  # ELOOP: a symlink loop; ENXIO: a socket
+        raise ImageError("broken_link" if err.errno == errno.ELOOP else "not_a_file", path,
+                         f"cannot open: {err.strerror}") from None
+    try:
+        if root is not None:
+            link = f"/proc/self/fd/{fd}"
+            real = Path(os.readlink(link) if os.path.islink(link) else os.path.realpath(path))
+            if not real.is_relative_to(Path(root).resolve()):
+                raise ImageError("outside_root", path, f"opens {real}, outside {root}; not read")
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError("not_a_file", path, "not a regular file (a folder, fifo, socket or device)")
+        if info.st_size == 0:
+            raise ImageError("empty", path, "empty file (0 bytes)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
 
 
 _WIDE = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}

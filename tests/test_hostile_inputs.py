@@ -1,0 +1,137 @@
+"""Hostile and unlucky inputs to edit_batch and the CLI (issue 24): symlink loops, names too
+long for their temporaries or outputs, an output that is both a file and a folder, an input
+swapped for a link after listing, truncated outputs and torn done-log lines on resume, stale
+outputs. Each edits one tiny face in a plain loop (no Ray)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipelines import edit_batch as eb
+from tests.test_edit_batch import _cfg, _run, models  # noqa: F401 - tiny backbone + rectifier
+from tests.test_data import folder  # noqa: F401 - real faces
+
+
+def _photos(folder, tmp_path: Path, *names: str) -> Path:  # noqa: F811
+    root, _ = folder
+    photos = tmp_path / "photos"
+    for name in names:
+        (photos / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / "faces/lfw_0.png", photos / name)
+    return photos
+
+
+def _job(models, photos, out, *sets, **kw) -> eb.JobResult:  # noqa: F811
+    backbone, edits = models
+    cfg = _cfg(edits, "edit_batch.attributes=[reconstruction]", *sets)
+    return _run(cfg, photos, out, backbone, **{"executor": eb.execute_plain, **kw})
+
+
+def _reasons(result: eb.JobResult) -> dict[str, str]:
+    return dict(zip(result.manifest.id, result.manifest.reason.fillna("ok")))
+
+
+def test_a_symlink_loop_is_refused_and_the_job_completes(folder, models, tmp_path):  # noqa: F811
+    """`Path.resolve()` raised RuntimeError on the loop: exit 1, no manifest."""
+    photos = _photos(folder, tmp_path, "a.png")
+    os.symlink("loop.png", photos / "loop.png")
+    os.symlink("b.png", photos / "c.png")
+    os.symlink("c.png", photos / "b.png")
+    result = _job(models, photos, tmp_path / "out")
+    assert _reasons(result) == {"a.png": "ok", "b.png": "broken_link", "c.png": "broken_link",
+                                "loop.png": "broken_link"}
+    assert result.exit_code == eb.EXIT_FAILED and (tmp_path / "out/manifest.parquet").is_file()
+    listed = tmp_path / "list.txt"
+    listed.write_text("a.png\nloop.png\n")
+    result = _job(models, listed, tmp_path / "out2", root=str(photos))
+    assert _reasons(result) == {"a.png": "ok", "loop.png": "broken_link"}
+
+
+def test_long_names_are_written_or_refused_up_front(folder, models, tmp_path):  # noqa: F811
+    """A 240-byte name failed at write time (the temporary's name was over 255 bytes) and was
+    retried on every rerun; a name whose output is over 255 bytes is refused while listing."""
+    fits, over = "a" * 247 + ".png", "b" * 250 + ".jpg"  # over.png fits, over's .jpg.png would not
+    photos = _photos(folder, tmp_path, fits, over, "b" * 250 + ".png")
+    result = _job(models, photos, tmp_path / "out")
+    reasons = _reasons(result)
+    assert reasons[fits] == "ok" and (tmp_path / "out/reconstruction" / fits).is_file()
+    assert reasons[over] == "name_too_long" and "255 bytes" in result.manifest.set_index("id").loc[
+        over, "message"]
+    again = _job(models, photos, tmp_path / "out")
+    assert again.counts["scheduled"] == 0 and _reasons(again) == reasons  # not retried
+
+
+def test_the_cli_refuses_an_output_name_too_long_before_the_model(tmp_path, random_denoiser,
+                                                                  capsys, monkeypatch):
+    from hfedit import cli
+    from hfedit.models import backbone
+
+    image = tmp_path / ("c" * 240 + ".png")
+    Image.new("RGB", (32, 32), (200, 100, 50)).save(image)
+    monkeypatch.setattr(backbone, "load_backbone", lambda *a, **k: pytest.fail("model loaded"))
+    assert cli.main(["reconstruct", str(image), "--backbone", str(tmp_path / "none"),
+                     "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "255 bytes" in err and not (tmp_path / "out").exists()
+
+
+def test_a_file_beside_a_folder_of_its_output_name_gets_another_name(folder, models, tmp_path):  # noqa: F811
+    """`x.jpg` beside a folder `x.png/`: `reconstruction/x.png` was both, a permanent edit_failed."""
+    photos = _photos(folder, tmp_path, "x.png/a.png")
+    Image.open(photos / "x.png/a.png").save(photos / "x.jpg", quality=95)
+    result = _job(models, photos, tmp_path / "out")
+    assert result.exit_code == 0 and _reasons(result) == {"x.jpg": "ok", "x.png/a.png": "ok"}
+    assert dict(zip(result.manifest.id, result.manifest.output)) == {
+        "x.jpg": "reconstruction/x.jpg.png", "x.png/a.png": "reconstruction/x.png/a.png"}
+
+
+def test_an_input_swapped_for_a_link_after_listing_is_not_read(folder, models, tmp_path):  # noqa: F811
+    """Listing validated links, decoding reopened the path and followed them: a link to a file
+    outside the root was edited (its output equal to the outside image)."""
+    photos = _photos(folder, tmp_path, "a.png", "b.png")
+    outside = tmp_path / "secret.png"
+    shutil.copy(photos / "a.png", outside)
+
+    def swap_then_run(items, job, cfg, on_batch, progress):
+        (photos / "a.png").unlink()
+        os.symlink(outside, photos / "a.png")
+        eb.execute_plain(items, job, cfg, on_batch, progress)
+
+    result = _job(models, photos, tmp_path / "out", executor=swap_then_run)
+    assert _reasons(result) == {"a.png": "outside_root", "b.png": "ok"}
+    assert not (tmp_path / "out/reconstruction/a.png").exists()
+
+
+@pytest.mark.parametrize("size", [0, 100])
+def test_a_truncated_output_is_redone_on_resume(folder, models, tmp_path, size):  # noqa: F811
+    """Resume counted an output truncated to 0 or 100 bytes as done."""
+    photos = _photos(folder, tmp_path, "a.png", "b.png")
+    out = tmp_path / "out"
+    _job(models, photos, out)
+    png = out / "reconstruction/a.png"
+    whole = png.read_bytes()
+    with open(png, "r+b") as f:
+        f.truncate(size)
+    again = _job(models, photos, out)
+    assert again.counts["scheduled"] == 1 and again.counts["edited_now"] == 1
+    assert png.read_bytes() == whole
+
+
+def test_a_garbled_or_torn_done_log_line_is_ignored(folder, models, tmp_path):  # noqa: F811
+    """Lines carry a checksum: a line whose bytes changed (a full disk, a torn append) counts as
+    never written, and the image is redone rather than trusted or crashing the job."""
+    photos = _photos(folder, tmp_path, "a.png", "b.png")
+    out = tmp_path / "out"
+    _job(models, photos, out)
+    log = out / "_log" / eb.COMPACTED
+    lines = log.read_bytes().splitlines(keepends=True)
+    assert all(b'"crc": "' in line for line in lines)
+    garbled = lines[0].replace(b'"status": "ok"', b'"status": "ko"')
+    log.write_bytes(garbled + b"".join(lines[1:]) + lines[1][:40])  # and a torn last line
+    again = _job(models, photos, out)
+    assert again.exit_code == 0 and again.counts["scheduled"] == 1
