@@ -135,3 +135,35 @@ def test_a_garbled_or_torn_done_log_line_is_ignored(folder, models, tmp_path):  
     log.write_bytes(garbled + b"".join(lines[1:]) + lines[1][:40])  # and a torn last line
     again = _job(models, photos, out)
     assert again.exit_code == 0 and again.counts["scheduled"] == 1
+
+
+def test_prepare_puts_copies_and_links_of_an_image_in_one_split(tmp_path):
+    """A copy and a link of a training image were split by their ids, into val too."""
+    import json
+
+    import numpy as np
+    import pyarrow.dataset as pds
+
+    from hfedit.config import DataConfig
+    from hfedit.data.prepared import PreparedData, prepare_dataset
+
+    root = tmp_path / "images"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(20):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / f"{k:02d}.png")
+    for k in range(20):  # copies and links of every image: each pair must share a split
+        shutil.copy(root / f"{k:02d}.png", root / f"copy{k:02d}.png")
+        os.symlink(f"{k:02d}.png", root / f"link{k:02d}.png")
+    out = tmp_path / "prepared"
+    prepare_dataset(DataConfig(source=str(root), resolution=16, shard_images=8, workers=1,
+                               val_fraction=0.2, rectifier_fraction=0.3), out, progress=False)
+    data = PreparedData(out)
+    where = {i: s for s in ("train", "rectifier", "val") for i in data.ids(s)}
+    assert len(where) == 60 and json.loads((out / "dataset.json").read_text())["duplicates"] == 40
+    for k in range(20):
+        assert where[f"{k:02d}.png"] == where[f"copy{k:02d}.png"] == where[f"link{k:02d}.png"]
+    shards = pds.dataset([str(out / s["file"]) for s in data.meta["shards"]])
+    for split in ("train", "rectifier", "val"):  # the key-range filter agrees with the index
+        kept = shards.to_table(filter=data.split_filter(split), columns=["id"])
+        assert sorted(os.fsdecode(i) for i in kept.column("id").to_pylist()) == data.ids(split)

@@ -51,3 +51,23 @@ def test_augmentation_off_is_the_identity_and_on_stays_in_range(faces):
     assert full.abs().max() <= 1 and (full - faces).abs().mean() > 1e-3
     again = augment(faces, Augmentation(), torch.Generator().manual_seed(1))
     assert torch.equal(full, again)
+
+
+def test_duplicates_share_a_split_and_the_rest_split_as_by_id():
+    """Splits were by id only: the same image under two names (or a link) landed in train and
+    val. Groups rank by their smallest digest; ids without duplicates keep today's split."""
+    from hfedit.data.manifest import id_digest
+    from hfedit.data.sources import bundled_images
+
+    ids = [i for i, _ in bundled_images()]  # the default source (params.yaml data.source)
+    for vf, rf in ((0.2, 0.3), (0.2, 0.0)):
+        ranked = sorted(ids, key=lambda i: id_digest(0, i))  # the split before groups existed
+        n_val, n_rect = round(vf * len(ids)), round(rf * len(ids))
+        val, rect = sorted(ranked[:n_val]), sorted(ranked[n_val:n_val + n_rect])
+        assert split_roles(ids, vf, rf, 0)[1:] == (rect, val)
+        assert split_roles(ids, vf, rf, 0, {i: f"content of {i}" for i in ids})[1:] == (rect, val)
+    train, rect, val = split_roles(IDS, 0.2, 0.3, seed=0)
+    copies = {i: "same" for i in (val[0], train[0], train[1], rect[0])}
+    roles = split_roles(IDS, 0.2, 0.3, 0, copies)
+    assert [sum(i in r for i in copies) for r in roles].count(len(copies)) == 1
+    assert sorted(sum(roles, [])) == sorted(IDS)

@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional
 
 from hfedit.files import atomic_write_text
 
@@ -41,6 +41,7 @@ class ManifestRow:
     orientation: Optional[int] = None
     shard: Optional[int] = None  # where its pixels are (hfedit.data.prepared)
     row: Optional[int] = None
+    content: Optional[str] = None  # sha256 prefix of its decoded pixels: duplicates share it
 
 
 @dataclass
@@ -85,7 +86,8 @@ def split_ids(ids: Iterable[str], val_fraction: float, seed: int) -> tuple[list[
 
 
 def split_roles(ids: Iterable[str], val_fraction: float, rectifier_fraction: float,
-                seed: int) -> tuple[list[str], list[str], list[str]]:
+                seed: int, groups: Optional[Mapping[str, str]] = None
+                ) -> tuple[list[str], list[str], list[str]]:
     """Disjoint roles, as in the paper (a backbone trained on FFHQ, a rectifier on CelebA-HQ,
     evaluation on held-out images): ``(train, rectifier, val)``, each sorted by id.
 
@@ -94,7 +96,11 @@ def split_roles(ids: Iterable[str], val_fraction: float, rectifier_fraction: flo
     ``round(rectifier_fraction * n)`` to the rectifier's split (at least 1 when the fraction is
     positive), the rest train the backbone (at least 1 image). ``rectifier_fraction`` 0: no
     rectifier split of its own (the rectifier trains on the backbone's images). Depends only on
-    the *set* of ids, so a split is the same in every process and on every rerun."""
+    the *set* of ids, so a split is the same in every process and on every rerun.
+
+    ``groups`` (id -> content key): ids with the same key (the same image under two names, a
+    link) go to one split, the group ranked by its members' smallest digest and taken whole
+    while its split still has room; ids without duplicates are split exactly as without it."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"data.val_fraction={val_fraction} must lie in [0, 1)")
     if not 0.0 <= rectifier_fraction < 1.0 or val_fraction + rectifier_fraction >= 1.0:
@@ -106,8 +112,17 @@ def split_roles(ids: Iterable[str], val_fraction: float, rectifier_fraction: flo
     n_val = 0 if n < 2 or val_fraction == 0 else min(n - 1, max(1, round(val_fraction * n)))
     n_rect = 0 if rectifier_fraction == 0 else max(1, round(rectifier_fraction * n))
     n_rect = max(0, min(n_rect, n - n_val - 1))  # the backbone keeps at least one image
-    ranked = sorted(unique, key=lambda i: id_digest(seed, i))
-    val, rect = set(ranked[:n_val]), set(ranked[n_val:n_val + n_rect])
+    members: dict[str, list[str]] = {}
+    for i in unique:
+        members.setdefault((groups or {}).get(i) or f"id:{i}", []).append(i)
+    ranked = sorted(members.values(), key=lambda g: min(id_digest(seed, i) for i in g))
+    val: set[str] = set()
+    rect: set[str] = set()
+    for group in ranked:
+        if len(val) < n_val:
+            val.update(group)
+        elif len(rect) < n_rect:
+            rect.update(group)
     return ([i for i in unique if i not in val and i not in rect],
             [i for i in unique if i in rect], [i for i in unique if i in val])
 

@@ -31,6 +31,7 @@ rectifier's the next ones, ``key <= rectifier_key_max``; train the rest).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections import Counter, OrderedDict, deque
@@ -126,7 +127,8 @@ def _write_shard(out: Path, k: int, ids: list[str], settings: dict,
     rows, good_ids, keys, pixels = [], [], [], []
     for row, px in results:
         if px is not None:
-            row = {**row, "shard": k, "row": len(pixels)}
+            row = {**row, "shard": k, "row": len(pixels),
+                   "content": hashlib.sha256(px).hexdigest()[:32]}
             good_ids.append(os.fsencode(row["id"]))
             keys.append(id_digest(settings["seed"], row["id"]))
             pixels.append(px)
@@ -241,8 +243,10 @@ def _mp_context():
 def _finish(cfg: DataConfig, out: Path, rows: list[ManifestRow]) -> Manifest:
     """Split the good images, write index.json, dataset.json, preview.png and the manifest."""
     good = [r for r in rows if r.status == "ok"]
+    groups = {r.id: r.content for r in good if r.content}  # the same pixels: one split
     train, rect, val = split_roles([r.id for r in good], cfg.val_fraction, cfg.rectifier_fraction,
-                                   cfg.seed)
+                                   cfg.seed, groups)
+    duplicates = len(groups) - len(set(groups.values()))
     where = ({i: ("train", k) for k, i in enumerate(train)}
              | {i: ("rectifier", k) for k, i in enumerate(rect)}
              | {i: ("val", k) for k, i in enumerate(val)})
@@ -251,7 +255,7 @@ def _finish(cfg: DataConfig, out: Path, rows: list[ManifestRow]) -> Manifest:
     reasons = Counter(r.reason for r in rows if r.status == "error")
     counts = {"inputs": len(rows), "ok": len(good), "error": sum(reasons.values()),
               "train": len(train), "rectifier": len(rect), "val": len(val),
-              "reasons": dict(sorted(reasons.items()))}
+              "reasons": dict(sorted(reasons.items())), "duplicates": duplicates}
     manifest = Manifest(cfg.source, dataclasses.asdict(cfg), counts, rows)
     if not good:
         write_manifest(manifest, out)
@@ -268,7 +272,8 @@ def _finish(cfg: DataConfig, out: Path, rows: list[ManifestRow]) -> Manifest:
     n_shards = -(-len(rows) // cfg.shard_images)
     # The splits are ranges of the key (val: the smallest keys, then the rectifier's, then train)
     val_key_max = max((id_digest(cfg.seed, i) for i in val), default=b"")
-    rect_key_max = max((id_digest(cfg.seed, i) for i in rect), default=val_key_max)
+    rect_key_max = max(max((id_digest(cfg.seed, i) for i in rect), default=val_key_max),
+                       val_key_max)  # (only a duplicate group can make it smaller)
     meta = {"format": FORMAT, "resolution": cfg.resolution, "shard_images": cfg.shard_images,
             "row_group": ROW_GROUP,
             "counts": {"train": len(train), "rectifier": len(rect), "val": len(val)},
@@ -276,6 +281,9 @@ def _finish(cfg: DataConfig, out: Path, rows: list[ManifestRow]) -> Manifest:
             "shards": [{"file": f"{_shard_name(k)}.parquet", "rows": shard_rows.get(k, 0)}
                        for k in range(n_shards)],
             "val_key_max": val_key_max.hex(), "rectifier_key_max": rect_key_max.hex()}
+    if duplicates:  # (without any, dataset.json and so the data's digest are as before)
+        meta.update(duplicates=duplicates, key_overrides=_key_overrides(
+            cfg.seed, {"train": train, "rectifier": rect, "val": val}, val_key_max, rect_key_max))
     atomic_write_text(out / "dataset.json", json.dumps(meta, indent=1))
     for old in ("train.safetensors", "val.safetensors"):  # an older format's files
         (out / old).unlink(missing_ok=True)
@@ -283,6 +291,17 @@ def _finish(cfg: DataConfig, out: Path, rows: list[ManifestRow]) -> Manifest:
     write_grid_png(data.read_u8("train", range(min(PREVIEW_MAX, len(train)))), out / "preview.png")
     write_manifest(manifest, out)
     return manifest
+
+
+def _key_overrides(seed: int, splits: dict[str, list[str]], val_max: bytes, rect_max: bytes
+                   ) -> dict[str, str]:
+    """{id's bytes as hex: split} for the ids a duplicate group placed outside the key range
+    of their split (:meth:`PreparedData.split_filter` selects them by id)."""
+    def by_key(i: str) -> str:
+        key = id_digest(seed, i)
+        return "val" if key <= val_max else "rectifier" if key <= rect_max else "train"
+
+    return {os.fsencode(i).hex(): s for s, ids in splits.items() for i in ids if by_key(i) != s}
 
 
 # -------------------------------------------------------------------------------- reading
@@ -446,10 +465,18 @@ class PreparedData:
         rect_max = pa.scalar(bytes.fromhex(self.meta.get("rectifier_key_max",
                                                          self.meta["val_key_max"])), pa.binary())
         if split == "val":
-            return pc.field("key") <= val_max
-        if split == "rectifier" and not self.meta["rectifier_shared"]:
-            return (pc.field("key") > val_max) & (pc.field("key") <= rect_max)
-        return pc.field("key") > rect_max
+            by_key = pc.field("key") <= val_max
+        elif split == "rectifier" and not self.meta["rectifier_shared"]:
+            by_key = (pc.field("key") > val_max) & (pc.field("key") <= rect_max)
+        else:
+            by_key = pc.field("key") > rect_max
+            split = "train"
+        overrides = self.meta.get("key_overrides") or {}  # duplicates placed with their group
+        if not overrides:
+            return by_key
+        moved = pa.array([bytes.fromhex(h) for h in overrides], pa.binary())
+        here = pa.array([bytes.fromhex(h) for h, s in overrides.items() if s == split], pa.binary())
+        return (by_key & ~pc.field("id").isin(moved)) | pc.field("id").isin(here)
 
 
 class Split:
