@@ -66,7 +66,7 @@ from hfedit.data.batch_manifest import read_manifest
 from hfedit.data.manifest import SPLITS
 from hfedit.device import DeviceUnavailable
 from hfedit.editing.editor import RECONSTRUCTION
-from hfedit.files import remove_temporaries
+from hfedit.files import is_temporary, remove_temporaries
 from hfedit.validation import check_output_folder
 from pipelines.batch_actor import (EditImages, backbone_resolution, columns, decode_images,
                                    error_row, write_outputs)
@@ -95,6 +95,8 @@ class JobResult:
     summary: str = ""
     error: str = ""
     ignored: list[str] = dataclasses.field(default_factory=list)  # not images by their suffix
+    stale: list[str] = dataclasses.field(default_factory=list)  # outputs of no current input
+    stale_removed: bool = False
 
 
 @contextlib.contextmanager
@@ -214,9 +216,12 @@ def _check_resources(cfg: HfeditConfig) -> None:
 def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike,
             backbone: str = "models/backbone", split: Optional[str] = None,
             root: Optional[str] = None, pid_dir: str = "", progress: bool = True,
-            start_ray: Callable[[], None] = lambda: None, executor: Executor = execute) -> JobResult:
+            start_ray: Callable[[], None] = lambda: None, executor: Executor = execute,
+            remove_stale: bool = False) -> JobResult:
     """List, skip what is done, edit the rest on Ray Data (``executor``), write the manifest.
-    ``start_ray`` is called only when there is work: a rerun with nothing left never starts Ray."""
+    ``start_ray`` is called only when there is work: a rerun with nothing left never starts Ray.
+    Outputs of inputs deleted or now refused are listed (``stale``), deleted with
+    ``remove_stale``."""
     out = check_output_folder(out)
     rectifiers = check_attributes(cfg.edit_batch.attributes, cfg.edit_batch.edits_dir)
     real_out = out.resolve()  # an output folder inside the input folder is not input
@@ -269,13 +274,19 @@ def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike
         seconds = time.perf_counter() - started
         _write_manifest(_assemble(entries, job, standing, got, done.refresh(), error), out)
         manifest = read_manifest(out)  # what the user gets, typed as the file is
+        stale = stale_outputs(out, entries, job.attributes, manifest)
         if not error:  # after a crash actors may still be writing: the next run tidies up
             _compact_logs(out, done)
             _remove_temporaries(out, job.attributes)
+            if remove_stale:
+                for rel in stale:
+                    (out / rel).unlink(missing_ok=True)
     counts = count(manifest, job.run, len(items))
+    counts["stale"] = len(stale)
     if code == EXIT_OK and counts["failed"]:
         code = EXIT_FAILED
-    result = JobResult(manifest, counts, code, job.run, seconds, error=error, ignored=ignored)
+    result = JobResult(manifest, counts, code, job.run, seconds, error=error, ignored=ignored,
+                       stale=stale, stale_removed=remove_stale and not error)
     result.table, result.summary = summary_table(manifest, job.run), summary_line(result, out)
     return result
 
@@ -352,6 +363,19 @@ def _assemble(entries: list[Entry], job: Job, standing: list[dict], got: list[pd
     return df
 
 
+def stale_outputs(out: Path, entries: list[Entry], attributes: list[str],
+                  manifest: pd.DataFrame) -> list[str]:
+    """PNGs under ``<out>/<attribute>/`` that no current input writes: its input was deleted,
+    or is refused now (a reason a rerun would repeat). Sorted ``<attribute>/<name>`` paths."""
+    refused = {(i, a) for i, a, s, r in zip(manifest.id, manifest.attribute, manifest.status,
+                                            manifest.reason) if s != "ok" and r not in RETRIED}
+    keep = {output_relpath(a, e.name) for e in entries if e.name for a in attributes
+            if (to_display({"id": e.id})["id"], a) not in refused}
+    found = (p for a in attributes for p in (out / a).rglob("*.png") if (out / a).is_dir())
+    return sorted(rel for p in found if p.is_file() and not is_temporary(p)
+                  and (rel := p.relative_to(out).as_posix()) not in keep)
+
+
 def _write_manifest(df: pd.DataFrame, out: Path) -> Path:
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
@@ -408,6 +432,11 @@ def summary_line(result: JobResult, out: Path) -> str:
             + (f"; {len(result.ignored)} other files ignored (not images by their suffix: "
                f"{', '.join(result.ignored[:3])}{', ...' if len(result.ignored) > 3 else ''})"
                if result.ignored else "")
+            + (f"; {len(result.stale)} stale outputs {'removed' if result.stale_removed else 'kept'}"
+               f" (inputs deleted or refused: {', '.join(result.stale[:3])}"
+               f"{', ...' if len(result.stale) > 3 else ''}"
+               f"{'' if result.stale_removed else '; --remove-stale deletes them'})"
+               if result.stale else "")
             + f"; {result.seconds:.1f} s, {rate:.2f} images/s; manifest {out / MANIFEST}"
             + (f"; stopped: {result.error}" if result.error else ""))
 
@@ -448,6 +477,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--pid-dir", default="", help="actors write <pid>.pid here")
     p.add_argument("--allow-failed", action="store_true",
                    help="exit 0 even when some inputs failed (they are listed in the manifest)")
+    p.add_argument("--remove-stale", action="store_true",
+                   help="delete outputs whose input was deleted or is now refused (listed otherwise)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-track", action="store_true", help="do not log the run to MLflow")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -518,7 +549,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def go() -> JobResult:
         return run_job(cfg, args.input, args.out, args.backbone, args.split, args.root,
-                       args.pid_dir, not args.no_progress, start_ray)
+                       args.pid_dir, not args.no_progress, start_ray,
+                       remove_stale=args.remove_stale)
 
     try:
         if args.no_track:

@@ -167,3 +167,23 @@ def test_prepare_puts_copies_and_links_of_an_image_in_one_split(tmp_path):
     for split in ("train", "rectifier", "val"):  # the key-range filter agrees with the index
         kept = shards.to_table(filter=data.split_filter(split), columns=["id"])
         assert sorted(os.fsdecode(i) for i in kept.column("id").to_pylist()) == data.ids(split)
+
+
+def test_outputs_of_deleted_or_refused_inputs_are_listed_and_removed_on_request(folder, models,  # noqa: F811
+                                                                                tmp_path):
+    """They stayed in --out with no mention."""
+    photos = _photos(folder, tmp_path, "a.png", "b.png", "sub/c.png")
+    out = tmp_path / "out"
+    _job(models, photos, out)
+    (photos / "b.png").unlink()
+    (photos / "sub/c.png").write_bytes(b"not an image any more")
+    (out / "reconstruction/notes.txt").write_text("mine")
+    kept = _job(models, photos, out)
+    assert kept.stale == ["reconstruction/b.png", "reconstruction/sub/c.png"]
+    assert kept.counts["stale"] == 2 and "2 stale outputs kept" in kept.summary
+    assert (out / "reconstruction/b.png").is_file()
+    removed = _job(models, photos, out, remove_stale=True)
+    assert removed.stale == kept.stale and "2 stale outputs removed" in removed.summary
+    assert sorted(p.name for p in (out / "reconstruction").rglob("*") if p.is_file()) == [
+        "a.png", "notes.txt"]
+    assert _job(models, photos, out).stale == []
