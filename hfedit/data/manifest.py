@@ -118,10 +118,10 @@ def split_roles(ids: Iterable[str], val_fraction: float, rectifier_fraction: flo
     ranked = sorted(members.values(), key=lambda g: min(id_digest(seed, i) for i in g))
     val: set[str] = set()
     rect: set[str] = set()
-    for group in ranked:
-        if len(val) < n_val:
+    for group in ranked:  # (whole groups; the backbone still keeps at least one image)
+        if len(val) < n_val and len(val) + len(group) < n:
             val.update(group)
-        elif len(rect) < n_rect:
+        elif len(rect) < n_rect and len(val) + len(rect) + len(group) < n:
             rect.update(group)
     return ([i for i in unique if i not in val and i not in rect],
             [i for i in unique if i in rect], [i for i in unique if i in val])
