@@ -16,6 +16,7 @@ identical PNGs, other batchings agree within 1e-5 before quantisation (docs/batc
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import math
@@ -31,7 +32,7 @@ from hfedit.files import atomic_write_bytes
 from hfedit.data.prepared import Split, load_split
 from hfedit.editing.editor import RECONSTRUCTION, load_editor
 from hfedit.device import placement
-from pipelines.batch_job import (COLUMNS, EDIT_FAILED, WORKER_CRASHED, DoneIndex, Job, DoneLog,
+from pipelines.batch_job import (COLUMNS, EDIT_FAILED, NO_SPACE, WORKER_CRASHED, DoneIndex, Job, DoneLog,
                                  from_wire, is_complete, output_relpath, to_wire)
 
 Batch = dict  # column -> np.ndarray of length B ("numpy" batch format); arrays stacked
@@ -255,7 +256,8 @@ def _write(source: np.ndarray, edited: np.ndarray, attribute: str, name: str, ou
         return {"status": "ok", "output": rel, "write_s": time.perf_counter() - start, **metrics,
                 "out_bytes": len(data), "out_sha256": hashlib.sha256(data).hexdigest()}
     except Exception as err:  # noqa: BLE001
-        return error_row({}, EDIT_FAILED, err)
+        full = isinstance(err, OSError) and err.errno == errno.ENOSPC
+        return error_row({}, NO_SPACE if full else EDIT_FAILED, err)
 
 
 CHECKED = ("out_bytes", "out_sha256")  # the PNG as written: done-log only (resume verifies it)

@@ -8,6 +8,8 @@ actors (:mod:`pipelines.batch_actor`).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -36,7 +38,8 @@ LOG_DIR, COMPACTED = "_log", "0-compacted.jsonl"
 EDIT_FAILED = "edit_failed"  # the image decoded but inversion/edit/writing raised
 NOT_PROCESSED = "not_processed"  # the job stopped (crash, interrupt) before reaching it
 WORKER_CRASHED = "worker_crashed"  # its worker process died edit_batch.max_attempts times on it
-RETRIED = {"unreadable", EDIT_FAILED, NOT_PROCESSED, WORKER_CRASHED}  # a rerun tries these again
+NO_SPACE = "no_space"  # its PNG could not be written: the disk is full (ENOSPC)
+RETRIED = {"unreadable", EDIT_FAILED, NOT_PROCESSED, WORKER_CRASHED, NO_SPACE}  # a rerun tries these again
 FORMAT = 1  # bump when the meaning of the outputs changes: every fingerprint changes with it
 COLUMNS = ["id", "attribute", "status", "reason", "message", "input", "output", "seed", "l1", "ssim",
            "max_error", "decode_s", "invert_s", "edit_s", "write_s", "run", "worker_pid",
@@ -411,6 +414,16 @@ class DoneLog:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")
-        self._file.write("".join(log_line(r) for r in rows))  # one write
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        end = os.fstat(self._file.fileno()).st_size  # every earlier write is flushed
+        try:
+            self._file.write("".join(log_line(r) for r in rows))  # one write
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as err:  # a full disk: the rows stay unlogged (a rerun redoes them)
+            if err.errno != errno.ENOSPC:
+                raise
+            with contextlib.suppress(OSError):  # its buffer holds the failed write
+                self._file.close()
+            self._file = None  # reopened by the next append, after the torn tail is cut
+            with open(self.path, "r+b") as f:
+                f.truncate(end)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import io
 import json
@@ -240,6 +241,7 @@ def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike
     top = "" if split is not None else root or (source if Path(source).is_dir() else Path(source).parent)
     job = make_job(cfg, backbone, out, rectifiers, split is not None, pid_dir, str(top))
     with _locked(out, job.attributes):
+        reserve = _reserve_space(out, len(entries) * len(job.attributes))
         done = DoneIndex(out).refresh()
         items, standing = plan(entries, job, done, cfg.inversion.seed)
         got: list[pd.DataFrame] = []
@@ -272,11 +274,20 @@ def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike
             finally:
                 bar.close()
         seconds = time.perf_counter() - started
-        _write_manifest(_assemble(entries, job, standing, got, done.refresh(), error), out)
+        assembled = _assemble(entries, job, standing, got, done.refresh(), error)
+        try:
+            _write_manifest(assembled, out)
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            reserve.unlink(missing_ok=True)  # the space kept for this moment
+            _write_manifest(assembled, out)
         manifest = read_manifest(out)  # what the user gets, typed as the file is
         stale = stale_outputs(out, entries, job.attributes, manifest)
+        reserve.unlink(missing_ok=True)
         if not error:  # after a crash actors may still be writing: the next run tidies up
-            _compact_logs(out, done)
+            with contextlib.suppress(OSError):  # (a full disk: the logs stay as they are)
+                _compact_logs(out, done)
             _remove_temporaries(out, job.attributes)
             if remove_stale:
                 for rel in stale:
@@ -361,6 +372,18 @@ def _assemble(entries: list[Entry], job: Job, standing: list[dict], got: list[pd
     df["seed"] = df["seed"].astype("int64")
     df["worker_pid"] = pd.to_numeric(df["worker_pid"], errors="coerce").astype("Int64")
     return df
+
+
+def _reserve_space(out: Path, rows: int) -> Path:
+    """A file holding the space the manifest needs (``512 B`` a row, at least 256 kB), deleted
+    to write it when the disk fills up (ENOSPC) during the job; nothing when it cannot be made."""
+    path = out / ".edit_batch.reserve"
+    try:
+        with open(path, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, max(256 << 10, 512 * rows))
+    except OSError:
+        path.unlink(missing_ok=True)
+    return path
 
 
 def stale_outputs(out: Path, entries: list[Entry], attributes: list[str],

@@ -187,3 +187,52 @@ def test_outputs_of_deleted_or_refused_inputs_are_listed_and_removed_on_request(
     assert sorted(p.name for p in (out / "reconstruction").rglob("*") if p.is_file()) == [
         "a.png", "notes.txt"]
     assert _job(models, photos, out).stale == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs at tmp_path/disk (unmounted after), or a skip saying why there is none."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a 3 MB tmpfs here: {made.stderr.strip() or made.returncode}")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_ends_with_a_manifest_and_a_summary(folder, models, tmp_path, small_disk):  # noqa: F811
+    """ENOSPC ended in a traceback with no manifest and no summary, after a torn done-log line."""
+    photos = _photos(folder, tmp_path, "a.png", "b.png", "c.png")
+    out = small_disk / "out"
+    filled = []
+
+    def fill_after_first(items, job, cfg, on_batch, progress):
+        eb.execute_plain(items[:1], job, cfg, on_batch, progress)
+        filled.append(_fill(small_disk))
+        eb.execute_plain(items[1:], job, cfg, on_batch, progress)
+
+    result = _job(models, photos, out, "edit_batch.batch_size=1", executor=fill_after_first)
+    assert result.exit_code == eb.EXIT_FAILED and (out / "manifest.parquet").is_file()
+    assert _reasons(result) == {"a.png": "ok", "b.png": "no_space", "c.png": "no_space"}
+    assert "no_space 2" in result.summary
+    for log in (out / "_log").glob("*.jsonl"):  # no torn line
+        assert log.read_bytes().endswith(b"\n") or not log.read_bytes()
+    filled[0].unlink()
+    again = _job(models, photos, out, "edit_batch.batch_size=1")
+    assert again.exit_code == 0 and again.counts["scheduled"] == 2 and again.counts["edited_before"] == 1
