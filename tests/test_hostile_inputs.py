@@ -201,7 +201,7 @@ def small_disk(tmp_path):
     if made.returncode != 0:
         pytest.skip(f"cannot mount a 3 MB tmpfs here: {made.stderr.strip() or made.returncode}")
     yield disk
-    subprocess.run(["umount", str(disk)], check=False)
+    subprocess.run(["umount", "--lazy", str(disk)], check=False)  # (writers may hold a log open)
 
 
 def _fill(disk: Path) -> Path:
