@@ -149,10 +149,21 @@ class HFEditPipeline:
         editor = Editor(self.editor.denoiser, cfg, self.editor.rectifiers,
                         self.editor.reconstruction_rectifier)
         seeds = [cfg.seed + i for i in range(x0.shape[0])]
-        batch = editor.edit(x0, seeds, names=names)
+        # The attributes' replay runs right after the inversion, as in the CLI, and the
+        # backbone's replay after it: on the CPU an edit's last float bits can depend on what ran
+        # before it in the process (the plain replay first moved 4-5 pixels of a 2-image edit by
+        # one 8-bit level), so this order gives the CLI's pixels whether or not the
+        # reconstruction is asked for too.
+        inv = editor.invert(x0, seeds)
+        outputs = {}
+        attrs = [n for n in names if n != RECONSTRUCTION]
+        if attrs:
+            outputs.update(editor.edit(x0, seeds, names=attrs, inversion=inv).outputs)
+        if RECONSTRUCTION in names:
+            outputs.update(editor.edit(x0, seeds, names=[RECONSTRUCTION], inversion=inv).outputs)
         out = EditOutput(images={}, source=[to_pil(x) for x in x0])
         for name in names:
-            result = batch.outputs[name].clamp(-1, 1)
+            result = outputs[name].clamp(-1, 1)
             out.images[name] = [to_pil(x) for x in result]
             out.metrics[name] = {key: fn(x0, result).tolist() for key, fn in
                                  (("l1", M.l1), ("ssim", M.ssim), ("psnr", M.psnr))}

@@ -101,6 +101,22 @@ def tiny_models(folder, denoiser, attributes=("smiling", "old")):
     return folder
 
 
+def project_params(folder, num_steps: int = 8):
+    """``folder`` made a project root: the repository's params.yaml (with ``inversion.num_steps``
+    set to ``num_steps``, to keep tests short) and conf/. Returns ``folder``."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = (root / "params.yaml").read_text()
+    assert "\n  num_steps: 50" in text, "params.yaml's inversion.num_steps moved: update this"
+    (folder / "params.yaml").write_text(text.replace("\n  num_steps: 50", f"\n  num_steps: {num_steps}", 1))
+    shutil.copytree(root / "conf", folder / "conf", dirs_exist_ok=True)
+    return folder
+
+
 def briefly_trained(backbone_cfg, images: torch.Tensor, steps: int) -> Denoiser:
     """The configured backbone trained ``steps`` steps on ``images`` (no checkpoints), frozen:
     a model whose eps means something, for benchmarks."""

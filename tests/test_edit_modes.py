@@ -38,8 +38,10 @@ def test_ddim_mode_with_an_untrained_rectifier_is_the_backbones_ddim_reconstruct
         x0, SEEDS, ("smiling", "reconstruction"))
     # DDIM is not exact (else the test could not tell the modes apart) ...
     assert (reference - x0).abs().max() > 1e-2
-    # ... and the untrained rectifier (Delta = 0) reproduces the backbone's DDIM chain
-    assert torch.allclose(batch.outputs["smiling"], reference, atol=1e-5, rtol=0)
+    # ... and the untrained rectifier (Delta = 0) reproduces the backbone's DDIM chain, up to
+    # the grouped conv's float rounding carried through N deterministic steps (measured: 1e-4
+    # at values near 5 on some CPUs of this machine's family; relative 2e-5)
+    assert torch.allclose(batch.outputs["smiling"], reference, atol=1e-5, rtol=1e-4)
     assert torch.equal(batch.outputs["reconstruction"], reference)
     assert batch.evaluations == {"inversion": N, "smiling": N, "reconstruction": N}
 

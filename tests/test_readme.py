@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from hfedit.data.images import save_png
-from tests.conftest import real_faces, tiny_models
+from tests.conftest import project_params, real_faces, tiny_models
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -64,8 +64,7 @@ def test_the_command_line_block_runs_verbatim_in_a_terminal(tmp_path, random_den
     each with its progress bar on a real terminal (the bar once replaced the U-Net's output)."""
     project = tmp_path / "project"
     tiny_models(project / "models", random_denoiser)
-    shutil.copy(ROOT / "params.yaml", project / "params.yaml")
-    shutil.copytree(ROOT / "conf", project / "conf")
+    project_params(project)
     face = real_faces(1, 48)[0]
     save_png(face, project / "sketch.png")
     Image.open(project / "sketch.png").save(project / "photo.jpg", quality=95)

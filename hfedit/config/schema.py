@@ -297,7 +297,7 @@ class AttributeConfig:
     lr: float = 1e-3
     decay_every: int = 10
     decay: float = 0.9
-    steps: int = 0  # optimisation steps; 0 = the profile's edits.steps (load_config fills it in)
+    steps: int = 40  # optimisation steps; 0 in params.yaml = the profile's edits.steps
     num_images: int = 100
     batch_size: int = 4
     method: EditMethod = EditMethod.score_matching
