@@ -25,7 +25,7 @@ from typing import Callable, Optional
 from hfedit.files import NAME_MAX
 from hfedit.models.checkpoint import file_digest, fingerprint
 from hfedit.config import HfeditConfig, InversionConfig, to_flat_dict
-from hfedit.data.batch_manifest import MANIFEST
+from hfedit.data.batch_manifest import MANIFEST  # noqa: F401 (batch_output and edit_batch take it from here)
 from hfedit.data.manifest import SPLITS, DatasetError, id_digest, load_manifest, printable
 from hfedit.data.images import ImageError
 from hfedit.data.sources import iter_folder

@@ -42,7 +42,8 @@ from hfedit.models.checkpoint import (
 )
 from hfedit.config import ConfigError, HfeditConfig, project_root, to_flat_dict
 from hfedit.progress import progress
-from hfedit.data.prepared import PreparedData, data_location, load_split, pixels_to_tensor
+from hfedit.data.images import pixels_to_tensor
+from hfedit.data.prepared import PreparedData, data_location, load_split
 from hfedit.device import check_precision, placement, wants_gpu
 from hfedit.files import replace_folder
 from hfedit.training.augment import augment

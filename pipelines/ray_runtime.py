@@ -105,7 +105,7 @@ def split_dataset(data, split: str, num_cpus: float = 0.0, groups_per_task: int 
                   read_tasks: int = 2):
     """A split of a prepared dataset (:class:`hfedit.data.prepared.PreparedData`) as a Ray Data
     dataset of ``pixels`` rows (R*R*3 uint8 bytes each), in the split's order; convert per batch
-    with :func:`hfedit.data.prepared.pixels_to_tensor`.
+    with :func:`hfedit.data.images.pixels_to_tensor`.
 
     The input is one row per Parquet row group holding rows of the split (from the index: no
     listing); at most ``read_tasks`` tasks of ``num_cpus`` each read ``groups_per_task`` groups

@@ -130,7 +130,7 @@ def test_ray_data_streams_the_split_while_training_workers_hold_every_cpu(sharde
     (ray.data.read_parquet's listing task would wait forever there)."""
     import ray
 
-    from hfedit.data.prepared import pixels_to_tensor
+    from hfedit.data.images import pixels_to_tensor
     from pipelines.ray_runtime import split_dataset, start_local_ray
 
     out, _ = sharded

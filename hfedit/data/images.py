@@ -14,7 +14,7 @@ import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -257,3 +257,17 @@ def save_png(tensor: torch.Tensor, path: str | os.PathLike) -> Path:
     """Write a (3, H, W) [-1, 1] tensor as a PNG, atomically."""
     img = to_pil(tensor)
     return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+# ------------------------------------------------ the prepared dataset's pixels column
+def pixels_to_u8(pixels: Sequence[bytes] | np.ndarray, resolution: int) -> np.ndarray:
+    """Rows of the ``pixels`` column (R*R*3 uint8 bytes each) -> (n, R, R, 3) uint8 (writable)."""
+    if isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8:
+        return pixels.reshape(-1, resolution, resolution, 3).copy()
+    return np.frombuffer(b"".join(pixels), np.uint8).reshape(-1, resolution, resolution, 3).copy()
+
+
+def pixels_to_tensor(pixels: Sequence[bytes] | np.ndarray, resolution: int) -> torch.Tensor:
+    """Rows of the ``pixels`` column -> (n, 3, R, R) float32 in [-1, 1]: the per-batch
+    conversion, the same arithmetic as :func:`to_tensor`."""
+    return _u8_to_tensor(pixels_to_u8(pixels, resolution))

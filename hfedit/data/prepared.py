@@ -17,7 +17,7 @@ and for Ray Data's tasks (``pipelines.ray_runtime.split_dataset``); any pyarrow 
 it (a local or NFS path, ``s3://...``); any Parquet reader (``ray.data.read_parquet``, pandas,
 DuckDB) opens it, a split chosen by a filter on ``key`` (:meth:`PreparedData.split_filter`).
 uint8 is 4x smaller than float32; the reader converts to [-1, 1] per batch
-(:func:`pixels_to_tensor`), bit-identical to :func:`hfedit.data.images.to_tensor`.
+(:func:`hfedit.data.images.pixels_to_tensor`), bit-identical to :func:`hfedit.data.images.to_tensor`.
 
 Shard k holds the good images among inputs ``k*S .. (k+1)*S - 1`` (``S = data.shard_images``,
 inputs sorted by id), so shard boundaries and contents depend only on the inputs and settings:
@@ -38,7 +38,7 @@ from collections import Counter, OrderedDict, deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -53,8 +53,8 @@ from hfedit.data.manifest import (
     split_roles,
     write_manifest,
 )
-from hfedit.data.sources import Input, bundled_images, decode_inputs, iter_folder
-from hfedit.data.images import _u8_to_tensor
+from hfedit.data.images import _u8_to_tensor, pixels_to_u8
+from hfedit.data.sources import Input, decode_inputs, list_inputs
 from hfedit.data.grids import write_grid_png
 from hfedit.files import atomic_write, atomic_write_text
 
@@ -69,31 +69,7 @@ DECODE_ITEMS = 16
 PREVIEW_MAX = 64
 
 
-# ------------------------------------------------------------------------------ conversion
-def pixels_to_u8(pixels: Sequence[bytes] | np.ndarray, resolution: int) -> np.ndarray:
-    """Rows of the ``pixels`` column (R*R*3 uint8 bytes each) -> (n, R, R, 3) uint8 (writable)."""
-    if isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8:
-        return pixels.reshape(-1, resolution, resolution, 3).copy()
-    return np.frombuffer(b"".join(pixels), np.uint8).reshape(-1, resolution, resolution, 3).copy()
-
-
-def pixels_to_tensor(pixels: Sequence[bytes] | np.ndarray, resolution: int) -> torch.Tensor:
-    """Rows of the ``pixels`` column -> (n, 3, R, R) float32 in [-1, 1]: the per-batch
-    conversion, the same arithmetic as :func:`hfedit.data.images.to_tensor`."""
-    return _u8_to_tensor(pixels_to_u8(pixels, resolution))
-
-
 # ------------------------------------------------------------------------------- inputs
-def list_inputs(cfg: DataConfig) -> list[Input]:
-    """Every input of ``cfg.source`` sorted by id, cut to ``cfg.max_images`` (0 = all)."""
-    if cfg.source == "bundled":
-        inputs = [Input(sid, f"bundled:{sid}", image=img) for sid, img in bundled_images()]
-    else:
-        inputs = [Input(e.id, str(e.path), path=str(e.path), error=e.error)
-                  for e in iter_folder(cfg.source)]
-    return inputs[: cfg.max_images] if cfg.max_images else inputs
-
-
 def _decode_settings(cfg: DataConfig) -> dict:
     """What a shard's content depends on besides its inputs (a change redoes the shard)."""
     return {"format": FORMAT, "resolution": cfg.resolution, "center_crop": cfg.center_crop,
@@ -519,5 +495,5 @@ def load_split(prepared: str | os.PathLike, split: str) -> Split:
     return PreparedData(prepared).split(split)
 
 
-__all__ = ["FORMAT", "PreparedData", "Split", "data_location", "list_inputs", "load_split",
+__all__ = ["FORMAT", "PreparedData", "Split", "data_location", "load_split",
            "pixels_to_tensor", "pixels_to_u8", "prepare_dataset"]

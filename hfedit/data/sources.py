@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from hfedit.data.images import ImageError, LoadedImage, _square_u8, load_image, to_rgb
+from hfedit.config import DataConfig
 from hfedit.data.manifest import DatasetError, ManifestRow
 
 
@@ -128,3 +129,13 @@ def iter_folder(root: str | os.PathLike) -> Iterator[FolderEntry]:
                 error = ImageError("not_a_file", path, "not a regular file (fifo, socket, device)")
             found.append(FolderEntry(rel, path, error))
     yield from sorted(found, key=lambda e: e.id)
+
+
+def list_inputs(cfg: DataConfig) -> list[Input]:
+    """Every input of ``cfg.source`` sorted by id, cut to ``cfg.max_images`` (0 = all)."""
+    if cfg.source == "bundled":
+        inputs = [Input(sid, f"bundled:{sid}", image=img) for sid, img in bundled_images()]
+    else:
+        inputs = [Input(e.id, str(e.path), path=str(e.path), error=e.error)
+                  for e in iter_folder(cfg.source)]
+    return inputs[: cfg.max_images] if cfg.max_images else inputs
