@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -115,6 +116,36 @@ def project_params(folder, num_steps: int = 8):
     (folder / "params.yaml").write_text(text.replace("\n  num_steps: 50", f"\n  num_steps: {num_steps}", 1))
     shutil.copytree(root / "conf", folder / "conf", dirs_exist_ok=True)
     return folder
+
+
+@contextlib.contextmanager
+def tracking_store(uri: str):
+    """``MLFLOW_TRACKING_URI`` and MLflow's current store set to ``uri`` for the block (a test's
+    own store), the variable restored after it."""
+    import mlflow
+
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield uri
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def stop(proc, timeout: float = 30) -> None:
+    """End a server a test started (its PID): SIGTERM, then SIGKILL if it lingers."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def briefly_trained(backbone_cfg, images: torch.Tensor, steps: int) -> Denoiser:

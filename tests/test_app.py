@@ -27,7 +27,7 @@ from hfedit.data.images import save_png
 from hfedit.models.backbone import save_backbone
 from hfedit.models.checkpoint import save_rectifier
 from hfedit.models.rectifier import build_rectifier
-from tests.conftest import perturbed, real_faces
+from tests.conftest import perturbed, real_faces, stop
 from tests.servers import free_port, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,12 +91,7 @@ def app(site):
         wait_until_up(url + "/api/info", proc, log, timeout=180)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 @pytest.fixture(scope="module")

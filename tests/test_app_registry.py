@@ -20,7 +20,7 @@ from hfedit.data.images import save_png
 from hfedit.models.backbone import save_backbone
 from hfedit.models.checkpoint import save_rectifier
 from hfedit.models.rectifier import build_rectifier
-from tests.conftest import perturbed, real_faces
+from tests.conftest import perturbed, real_faces, stop, tracking_store
 from tests.servers import free_port, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,20 +42,11 @@ def registry(tmp_path_factory, random_denoiser):
     rect = perturbed(build_rectifier(cfg.rectifier, random_denoiser.unet), scale=0.2, seed=5)
     save_rectifier(models / "edits" / "smiling", rect, {"attribute": "smiling"})
     save_png(real_faces(1)[0], tmp / "face.png")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    try:
-        with mlflow.start_run(experiment_id=experiment_id(cfg)) as run:
-            serving.log_backbone_model(cfg, run.info.run_id, models / "backbone")
-            serving.log_rectifier_model(cfg, run.info.run_id, models / "backbone",
-                                        models / "edits" / "smiling", "edit-smiling", "smiling")
-    finally:
-        if old is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old
+    with tracking_store(f"sqlite:///{tmp}/mlflow.db") as uri, \
+            mlflow.start_run(experiment_id=experiment_id(cfg)) as run:
+        serving.log_backbone_model(cfg, run.info.run_id, models / "backbone")
+        serving.log_rectifier_model(cfg, run.info.run_id, models / "backbone",
+                                    models / "edits" / "smiling", "edit-smiling", "smiling")
     return {"tmp": tmp, "uri": uri}
 
 
@@ -104,9 +95,4 @@ def test_a_registered_edit_model_edits_as_its_folder_does(registry):
         assert (fetched / "edits" / "smiling" / "rectifier.safetensors").is_file()
         assert (fetched / "backbone").is_dir()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)

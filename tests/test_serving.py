@@ -24,7 +24,7 @@ from hfedit.config import HfeditConfig, RectifierTrunk
 from hfedit.data.images import load_image, to_pil, to_tensor
 from hfedit.editing.editor import Editor
 from hfedit.models.rectifier import build_rectifier
-from tests.conftest import DEFAULT_THREADS, RES, perturbed
+from tests.conftest import DEFAULT_THREADS, RES, perturbed, tracking_store
 from tests.servers import free_port, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,11 +57,7 @@ def served(tmp_path_factory):
     save_rectifier(tmp / "rectifier", recon)
     rect = perturbed(recon, scale=0.05)  # the heads differ, the trunk is shared
     save_rectifier(tmp / "smiling", rect, {"attribute": "smiling"}, base=tmp / "rectifier")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    try:
+    with tracking_store(f"sqlite:///{tmp}/mlflow.db") as uri:
         with mlflow.start_run(experiment_id=experiment_id(cfg)) as run:
             backbone_version = log_backbone_model(cfg, run.info.run_id, tmp / "backbone")
             version = log_rectifier_model(
@@ -70,11 +66,6 @@ def served(tmp_path_factory):
         yield {"tmp": tmp, "uri": uri, "version": version, "denoiser": denoiser, "rect": rect,
                "backbone_version": backbone_version,
                "cfg": cfg, "run_id": run.info.run_id}
-    finally:
-        if old is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old
 
 
 def _expected_png(served, path: Path, seed: int, threads: int | None = None) -> np.ndarray:
