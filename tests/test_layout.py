@@ -59,3 +59,16 @@ def test_import_hfedit_is_cheap_and_help_shows_the_public_api():
                  "load_config"):
         assert name in hfedit.__all__ and name in out.stdout
         assert getattr(hfedit, name).__module__.startswith("hfedit.")
+
+
+def test_the_design_layout_names_every_module():
+    """docs/DESIGN.md's Layout block lists each module of hfedit/ under its folder, and each
+    module of pipelines/ and stages/ by name."""
+    text = (ROOT / "docs" / "DESIGN.md").read_text()
+    layout = text[text.index("## Layout"):text.index("## ", text.index("## Layout") + 3)]
+    missing = [str(p.relative_to(ROOT)) for d in ("hfedit", "pipelines", "stages")
+               for p in (ROOT / d).rglob("*.py")
+               if p.name != "__init__.py" and p.name not in layout]
+    folders = {p.parent.name for p in (ROOT / "hfedit").rglob("*.py")} - {"hfedit"}
+    missing += [f"hfedit/{f}/" for f in folders if f"{f}/" not in layout]
+    assert not missing, f"add to docs/DESIGN.md's Layout: {missing}"
