@@ -6,9 +6,9 @@ attribute's rectifier (:class:`hfedit.editing.editor.Editor`, the same code path
 Ray batch job and the served model, so the same image, settings, seed and thread count give the
 same pixels). ``from_pretrained`` reads the pipeline's ``models/`` folder (``backbone/``,
 ``edits/<attribute>/``, optionally ``rectifier/``), a folder written by :meth:`save_pretrained`,
-a lone backbone folder or a diffusers hub id. A registered model (``models:/name@alias``) is
-fetched into that layout first by ``pipelines.serving.fetch_model(uri, folder)`` (the library
-never imports mlflow).
+a lone backbone folder or a diffusers hub id. A registered model (``models:/name@alias``) loads
+through ``pipelines.serving.load_pipeline(uri)``, which fetches it into that layout first (the
+library never imports mlflow).
 
 Images are prepared as the ``prepare`` stage prepares them (EXIF orientation, mode conversion,
 centre crop, resize to the backbone's resolution), so outputs are at that resolution.

@@ -270,6 +270,23 @@ def fetch_model(uri: str, dest: str | Path) -> tuple[Path, str]:
     return backbone, attribute
 
 
+
+def load_pipeline(uri: str, dest: str | Path | None = None, **kwargs):
+    """A registered model (``models:/hfedit-edit-smiling@champion``, ``.../3``) as the front
+    door, :class:`hfedit.pipeline.HFEditPipeline`: fetched with :func:`fetch_model` into
+    ``dest`` (a new temporary folder by default), then ``from_pretrained`` with ``kwargs``."""
+    import tempfile
+
+    from hfedit.pipeline import HFEditPipeline
+
+    dest = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix="hfedit-model-"))
+    backbone, _ = fetch_model(uri, dest)
+    if not Path(backbone).is_dir():
+        raise ValueError(f"{uri}: its backbone is the hub id {backbone}; load it with "
+                         f"HFEditPipeline.from_pretrained({str(dest)!r}) after downloading the "
+                         f"backbone into {dest / 'backbone'}")
+    return HFEditPipeline.from_pretrained(dest, **kwargs)
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipelines.serving promote <model> <version|alias>``."""
     import argparse

@@ -61,6 +61,7 @@ from hfedit.evaluation.plots import (
 )
 from hfedit.evaluation.report import headline_metrics, machine, per_n_metrics, results_markdown
 from hfedit.files import atomic_write_json, atomic_write_text
+from hfedit.progress import progress
 from pipelines.entry import parse_and_load, run_main, stage_parser
 from pipelines.tracking import finite, nest_metrics
 
@@ -98,10 +99,16 @@ def run(cfg: HfeditConfig, backbone: Path, rectifier_dir: Path, edits_dir: Path,
         "mode": cfg.inversion.mode.value,
         "machine": machine(), "device": str(device), "precision": precision.value,
     }
+    # the phases, each minutes long on a CPU: a bar (a line per 30 s off a terminal) with an ETA
+    bar = progress(total=4, desc="evaluate", unit="phase")
+    bar.set_postfix_str(f"reconstruction at N={steps}")
     log.info("evaluate: reconstruction at N=%s on %d images", steps, images.shape[0])
     report["reconstruction"] = evaluate_reconstruction(cfg, denoiser, rectifier, images)
+    bar.update(1)
+    bar.set_postfix_str(f"SDEdit at N={head}")
     log.info("evaluate: SDEdit at strengths %s, N=%d", list(cfg.evaluate.sdedit_strengths), head)
     report["sdedit"] = evaluate_sdedit(cfg, denoiser, rectifier, images, head)
+    bar.update(1)
 
     edits = (load_edit_rectifiers(edits_dir, denoiser.unet, device=device)
              if edits_dir.is_dir() else {})
@@ -109,9 +116,12 @@ def run(cfg: HfeditConfig, backbone: Path, rectifier_dir: Path, edits_dir: Path,
         warnings.simplefilter("ignore", RandomClipWarning)
         clip = load_clip(cfg.clip, device)
     report["clip"] = clip_summary(cfg, clip)
+    bar.set_postfix_str(f"editing {', '.join(sorted(edits))}")
     log.info("evaluate: editing %s", sorted(edits))
     (report["editing"], edited, report["conditioning"],
      report["modes"]) = evaluate_edits(cfg, denoiser, edits, clip, images)
+    bar.update(1)
+    bar.set_postfix_str("tables, plots, grids")
     report["ablation"] = (json.loads(ablation.read_text()) if ablation.is_file()
                           else {"note": f"{ablation} not found: run the edit_ablation stage"})
     report["batch"] = batch_summary(batch)
@@ -131,6 +141,8 @@ def run(cfg: HfeditConfig, backbone: Path, rectifier_dir: Path, edits_dir: Path,
     atomic_write_json(out / "report.json", report)
     headline = shown(headline_metrics(report))
     atomic_write_json(out / "metrics.json", nest_metrics(headline, STAGE))
+    bar.update(1)
+    bar.close()
 
     if tracker is not None:
         tracker.log_metrics({**shown(per_n_metrics(report)), **headline}, step=0)

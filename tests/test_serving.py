@@ -215,3 +215,21 @@ def test_edit_batch_takes_a_registered_model_uri(served, tmp_path):
                                 threads=max(1, cfg.edit_batch.torch_threads))
     got = np.asarray(Image.open(out / "smiling" / "astronaut.png").convert("RGB"))
     assert np.array_equal(got, expected)
+
+
+def test_a_registered_model_loads_as_the_front_door(served, tmp_path):
+    """``pipelines.serving.load_pipeline("models:/...@champion")``: the registered rectifier, its
+    shared trunk and its backbone, fetched, edit as the library's own objects do."""
+    import dataclasses
+
+    from pipelines.serving import load_pipeline
+
+    cfg = served["cfg"]
+    pipe = load_pipeline("models:/hfedit-edit-smiling@champion", tmp_path / "fetched",
+                         attributes=["smiling"],
+                         inversion=dataclasses.replace(cfg.inversion, num_steps=STEPS))
+    assert pipe.attributes == ["smiling"]
+    src = _astronaut(tmp_path)
+    out = pipe(src, attributes="smiling", seed=3)
+    expected, _ = _expected_png(served, src, seed=3)
+    assert np.array_equal(np.asarray(out.images["smiling"][0]), expected)
