@@ -245,9 +245,10 @@ def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike
         got: list[pd.DataFrame] = []
         error, code, started = "", EXIT_OK, time.perf_counter()
         if items:
-            from tqdm.auto import tqdm
+            from hfedit.progress import progress as progress_bar
 
-            bar = tqdm(total=len(items), unit="img", desc="edit_batch", disable=not progress)
+            bar = progress_bar(total=len(items), unit="img", desc="edit_batch",
+                               disable=not progress)
             stop = StopOnSignals()
 
             def on_batch(batch: pd.DataFrame) -> None:

@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from hfedit.config import DataConfig
 from hfedit.data.manifest import (
@@ -57,6 +56,7 @@ from hfedit.data.images import _u8_to_tensor, pixels_to_u8
 from hfedit.data.sources import Input, decode_inputs, list_inputs
 from hfedit.data.grids import write_grid_png
 from hfedit.files import atomic_write, atomic_write_text
+from hfedit.progress import progress as progress_bar
 
 if TYPE_CHECKING:  # prepare imports no torch: readers convert to tensors per batch
     import torch
@@ -160,8 +160,8 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | os.PathLike, progress: bool 
         if stale.suffix in (".json", ".parquet") and stale.stem.isdigit() \
                 and int(stale.stem) >= len(chunks):
             stale.unlink()
-    bar = tqdm(total=len(inputs), desc="prepare", unit="img", disable=not progress,
-               initial=sum(len(chunks[k]) for k in rows_of))
+    bar = progress_bar(total=len(inputs), desc="prepare", unit="img", disable=not progress,
+                       initial=sum(len(chunks[k]) for k in rows_of))
     # The bundled faces (102 small images) decode faster than worker processes start.
     items = sum(-(-len(chunks[k]) // DECODE_ITEMS) for k in todo)
     wanted = cfg.workers if cfg.workers > 0 else max(1, os.cpu_count() or 1)
@@ -209,7 +209,7 @@ def _decoded(items: list[tuple[int, list[Input]]], settings: dict, workers: int
 
 
 def _mp_context():
-    # forkserver: the stage process has MLflow's and tqdm's threads running, which fork would
+    # forkserver: the stage process has MLflow's and the progress bar's threads running, which fork would
     # copy mid-lock; spawned workers import only what decoding needs.
     import multiprocessing
 

@@ -17,7 +17,6 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from hfedit.models.backbone import Denoiser, build_scheduler, build_unet, schedule_from_scheduler
 from hfedit.models.checkpoint import (
@@ -30,6 +29,7 @@ from hfedit.models.checkpoint import (
     unflatten_optimizer,
 )
 from hfedit.config import BackboneConfig, to_flat_dict
+from hfedit.progress import progress
 from hfedit.data.prepared import Split
 from hfedit.diffusion.sampling import ddpm_sample
 from hfedit.diffusion.schedule import q_sample
@@ -105,7 +105,8 @@ def train_backbone(
 
     unet.train()
     n = images.shape[0]
-    bar = tqdm(total=tc.steps, initial=start, desc="backbone", disable=not show_progress)
+    bar = progress(total=tc.steps, initial=start, desc="backbone", unit="step",
+                   disable=not show_progress)
     running = 0.0
     for step in range(start, tc.steps):
         idx = torch.randint(0, n, (tc.batch_size,), generator=gen)
