@@ -87,6 +87,13 @@ def run() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from hfedit.validation import UsageError, refuse_uris
+
+    try:
+        refuse_uris(sys.argv[1:] if argv is None else argv, f"hfedit {args.command}")
+    except UsageError as err:
+        print(err, file=sys.stderr)
+        return 2
     from hfedit.models.backbone import BackboneUnavailable
     from hfedit.config import ConfigError
     from hfedit.data.images import ImageError

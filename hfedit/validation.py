@@ -11,6 +11,7 @@ goes through, so bad values fail at once with the value, the rule, and where to 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -140,3 +141,24 @@ def _image_format(path: Path) -> str:
             return img.format or "image"
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return ""
+
+
+# A URI's scheme: s3://, gs://, file://, hdfs://, ... (models:/ names of the MLflow registry have
+# no "//" and are taken where a command says so). Settings given as key=value are checked only
+# for the keys that name data (a tracking server or a Ray address is a URL by design).
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://\S*)")
+_DATA_KEYS = ("data.source", "edit_batch.edits_dir")
+
+
+def refuse_uris(argv: list[str], command: str) -> None:
+    """Refuse object-storage URIs before any work: the commands read and write local paths
+    only (pathlib would turn ``s3://b/x`` into a local folder ``s3:/b/x``). Raises
+    :class:`UsageError` naming the URI and the fix."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        found = _URI.match(value if value and key.lstrip("-") in _DATA_KEYS else arg)
+        if found:
+            raise UsageError(
+                f"{found.group(1)}: {command} takes local paths only (object storage is not "
+                "supported yet); copy the data to a local or mounted folder (e.g. `aws s3 sync`, "
+                "s3fs, a DVC remote with `dvc pull`) and give that path")

@@ -79,7 +79,10 @@ def run_main(name: str, main: Callable[[], object],
     from hfedit.device import DeviceUnavailable
     from hfedit.validation import UsageError
 
+    from hfedit.validation import refuse_uris
+
     try:
+        refuse_uris(sys.argv[1:], name)
         status = main()
     except (ConfigError, UsageError) as err:  # bad arguments or settings: nothing done
         _say(name, err)

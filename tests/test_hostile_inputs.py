@@ -236,3 +236,27 @@ def test_a_full_disk_ends_with_a_manifest_and_a_summary(folder, models, tmp_path
     filled[0].unlink()
     again = _job(models, photos, out, "edit_batch.batch_size=1")
     assert again.exit_code == 0 and again.counts["scheduled"] == 2 and again.counts["edited_before"] == 1
+
+
+def test_object_storage_uris_are_refused_up_front_not_written_as_local_folders(tmp_path):
+    """`--out s3://bucket/out` once wrote a local folder ./s3:/bucket/out: every command refuses
+    a URI it cannot serve with one line naming it and the fix, exit 2, before any work."""
+    import subprocess
+    import sys
+
+    from hfedit.validation import UsageError, refuse_uris
+
+    root = Path(__file__).resolve().parents[1]
+    for argv in (["--input", "s3://bucket/in", "--out", "out"], ["--out", "gs://b/x"],
+                 ["--set", "data.source=s3://bucket/raw"]):
+        with pytest.raises(UsageError, match=r"(s3|gs)://.* local paths only"):
+            refuse_uris(argv, "edit_batch")
+    refuse_uris(["--edits", "models:/hfedit-edit-smiling@champion",
+                 "--set", "runtime.mlflow.tracking_uri=http://127.0.0.1:5000"], "edit_batch")
+    for cmd in ([sys.executable, str(root / "pipelines/edit_batch.py"), "--input", str(tmp_path),
+                 "--out", "s3://bucket/out"],
+                [sys.executable, "-m", "hfedit", "reconstruct", "s3://bucket/photo.jpg"]):
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "s3://bucket/" in proc.stderr and "local" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "s3:").exists()
