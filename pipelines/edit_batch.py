@@ -98,11 +98,25 @@ class JobResult:
     stale_removed: bool = False
 
 
+def lock_path(out: Path) -> Path:
+    """Where the job lock of the output folder ``out`` lives: outside it (a folder removed and
+    made again under a running job must not let a second job in), keyed by its absolute path,
+    in ``$HFEDIT_LOCK_DIR`` (default: ``<temp dir>/hfedit-locks``)."""
+    import hashlib
+    import tempfile
+
+    folder = Path(os.environ.get("HFEDIT_LOCK_DIR") or Path(tempfile.gettempdir()) / "hfedit-locks")
+    folder.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(os.fsencode(os.path.abspath(out))).hexdigest()[:24]
+    return folder / f"edit_batch-{key}.lock"
+
+
 @contextlib.contextmanager
 def _locked(out: Path, attributes: list[str]) -> Iterator[None]:
-    """One job at a time per output folder (resume and cleanup assume it)."""
+    """One job at a time per output folder (resume and cleanup assume it): a lock on a file
+    outside the folder (:func:`lock_path`), which the folder's removal does not release."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".edit_batch.lock", "w") as lock:
+    with open(lock_path(out), "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

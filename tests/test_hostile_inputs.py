@@ -260,3 +260,23 @@ def test_object_storage_uris_are_refused_up_front_not_written_as_local_folders(t
         assert proc.returncode == 2 and "s3://bucket/" in proc.stderr and "local" in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "s3:").exists()
+
+
+def test_the_job_lock_survives_the_output_folder_being_removed(tmp_path, monkeypatch):
+    """The lock lived in --out: after the folder was removed under a running job, a second job
+    took a fresh lock and both ran. It now lives outside --out, keyed by the folder's path."""
+    import shutil
+
+    from pipelines.batch_job import UsageError
+
+    monkeypatch.setenv("HFEDIT_LOCK_DIR", str(tmp_path / "locks"))
+    out = tmp_path / "out"
+    with eb._locked(out, []):
+        assert not any(out.iterdir())  # nothing of the lock in the user's folder
+        shutil.rmtree(out)
+        with pytest.raises(UsageError, match="another edit_batch job"):
+            with eb._locked(out, []):
+                pass
+    with eb._locked(out, []):  # released with the first job
+        pass
+    assert eb.lock_path(out) != eb.lock_path(tmp_path / "other")
