@@ -280,3 +280,32 @@ def test_the_job_lock_survives_the_output_folder_being_removed(tmp_path, monkeyp
     with eb._locked(out, []):  # released with the first job
         pass
     assert eb.lock_path(out) != eb.lock_path(tmp_path / "other")
+
+
+def test_damaged_progressive_jpegs_are_refused(tmp_path):
+    """Progressive JPEGs with zeroed bytes were edited into garbage (the hand-written check
+    covers sequential JPEGs only); libjpeg-turbo's strict decode now refuses them as corrupt."""
+    import io
+
+    from PIL import Image
+    from skimage import data as skdata
+
+    from hfedit.data.images import ImageError, load_image
+
+    buf = io.BytesIO()
+    Image.fromarray(skdata.astronaut()).resize((256, 256)).save(buf, "JPEG", quality=90,
+                                                               progressive=True)
+    clean = buf.getvalue()
+    (tmp_path / "clean.jpg").write_bytes(clean)
+    load_image(tmp_path / "clean.jpg", 10**8)  # a whole progressive JPEG is accepted
+    start, end, refused = clean.find(b"\xff\xda") + 12, len(clean) - 2, 0
+    for k in range(12):
+        at = start + (end - start - 64) * (k + 1) // 13
+        path = tmp_path / f"damaged{k}.jpg"
+        path.write_bytes(clean[:at] + bytes(64) + clean[at + 64:])
+        try:
+            load_image(path, 10**8)
+        except ImageError as err:
+            assert err.reason == "corrupt" and "libjpeg-turbo" in str(err)
+            refused += 1
+    assert refused >= 10  # benchmarks/jpeg_strict.py: 23 of 24 at two sizes
