@@ -136,18 +136,6 @@ def tracking_store(uri: str):
             os.environ["MLFLOW_TRACKING_URI"] = old
 
 
-def stop(proc, timeout: float = 30) -> None:
-    """End a server a test started (its PID): SIGTERM, then SIGKILL if it lingers."""
-    import subprocess
-
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def briefly_trained(backbone_cfg, images: torch.Tensor, steps: int) -> Denoiser:
     """The configured backbone trained ``steps`` steps on ``images`` (no checkpoints), frozen:
     a model whose eps means something, for benchmarks."""
@@ -195,32 +183,23 @@ def trained_denoiser(tiny_cfg, tmp_path_factory) -> Denoiser:
 def s3_server(tmp_path_factory):
     """An S3-compatible server (moto's) on 127.0.0.1, started for the tests and stopped by its
     PID; yields ``{"endpoint": url, "env": AWS_* variables to talk to it}``."""
-    import socket
     import subprocess
     import sys
-    import time
-    import urllib.request
     from pathlib import Path
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("s3") / "moto.log", "wb")
+    from tests.servers import free_port, stop, wait_until_up
+
+    port = free_port()
+    folder = tmp_path_factory.mktemp("s3")
+    log = open(folder / "moto.log", "wb")
     server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H",
                                "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-                break
-            except OSError:
-                assert server.poll() is None, "moto_server exited"
-                time.sleep(0.1)
+        wait_until_up(f"{endpoint}/moto-api/", server, folder / "moto.log", 60)
         env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
         yield {"endpoint": endpoint, "env": env}
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop(server)
         log.close()

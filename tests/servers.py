@@ -32,3 +32,13 @@ def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float) -
             proc.kill()
             pytest.fail(f"{url} did not answer in {timeout:.0f} s:\n" + log.read_text()[-3000:])
         time.sleep(0.5)
+
+
+def stop(proc, timeout: float = 30) -> None:
+    """End a server a test started (its PID): SIGTERM, then SIGKILL if it lingers."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -20,8 +20,8 @@ from hfedit.data.images import save_png
 from hfedit.models.backbone import save_backbone
 from hfedit.models.checkpoint import save_rectifier
 from hfedit.models.rectifier import build_rectifier
-from tests.conftest import perturbed, real_faces, stop, tracking_store
-from tests.servers import free_port, wait_until_up
+from tests.conftest import perturbed, real_faces, tracking_store
+from tests.servers import free_port, stop, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
 

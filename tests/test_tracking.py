@@ -189,20 +189,17 @@ def test_a_stage_stopped_by_sigterm_ends_killed(tmp_path):
 def test_a_tracking_server_keeps_artifacts_in_s3(tmp_path, monkeypatch, s3_server):
     """A shared `mlflow server --artifacts-destination s3://...` (boto3 is in the environment):
     a stage's artifacts land in the bucket, through the server, with no local mlartifacts/."""
-    import socket
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     import boto3
+
+    from tests.servers import free_port, stop, wait_until_up
 
     bucket = boto3.client("s3", endpoint_url=s3_server["endpoint"], region_name="us-east-1",
                           aws_access_key_id="testing", aws_secret_access_key="testing")
     bucket.create_bucket(Bucket="hfedit-mlflow")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, **s3_server["env"], "MLFLOW_S3_ENDPOINT_URL": s3_server["endpoint"],
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen(
@@ -212,13 +209,7 @@ def test_a_tracking_server_keeps_artifacts_in_s3(tmp_path, monkeypatch, s3_serve
         env=env, cwd=tmp_path, stdout=open(tmp_path / "server.log", "wb"),
         stderr=subprocess.STDOUT)
     try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-                time.sleep(0.2)
+        wait_until_up(f"http://127.0.0.1:{port}/health", server, tmp_path / "server.log", 120)
         project = tmp_path / "project"
         project.mkdir()
         cfg = _cfg_in(project, monkeypatch)
@@ -230,5 +221,4 @@ def test_a_tracking_server_keeps_artifacts_in_s3(tmp_path, monkeypatch, s3_serve
         body = bucket.get_object(Bucket="hfedit-mlflow", Key=note)["Body"].read()
         assert body == b"in the bucket\n" and not (project / "mlartifacts").exists()
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        stop(server, timeout=60)
