@@ -28,7 +28,7 @@ from PIL import Image
 
 from hfedit.config import InversionConfig, load_config, to_flat_dict
 from hfedit.data.images import load_image, to_pil, to_rgb, to_tensor
-from hfedit.editing.editor import RECONSTRUCTION, Editor, available_edits, load_edit_rectifiers
+from hfedit.editing.editor import RECONSTRUCTION, Editor, load_edit_rectifiers
 from hfedit.evaluation import metrics as M
 from hfedit.models.backbone import load_backbone, save_backbone
 from hfedit.models.checkpoint import load_rectifier, save_rectifier
@@ -204,4 +204,4 @@ def _replaced(cfg: InversionConfig, values: dict) -> InversionConfig:
     return typed
 
 
-__all__ = ["EditOutput", "HFEditPipeline", "available_edits"]
+__all__ = ["EditOutput", "HFEditPipeline"]
