@@ -79,8 +79,10 @@ def test_values_out_of_range_fail_naming_the_key_the_rule_and_the_flag():
     with pytest.raises(ConfigError) as err:
         load_config(overrides=["inversion.num_steps=10", "inversion.skip=10",
                                "edit_batch.num_cpus=0", "data.val_fraction=1.0",
-                               "evaluate.sdedit_strengths=[0.5,1.5]"])
+                               "evaluate.sdedit_strengths=[0.5,1.5]",
+                               "evaluate.side_by_side=[modes,condition]"])
     text = str(err.value)
+    assert "evaluate.side_by_side=['modes', 'condition']: ['condition'] unknown" in text
     assert "evaluate.sdedit_strengths=[0.5, 1.5]: each must be in (0, 1]" in text
     assert "inversion.skip=10 must be less than inversion.num_steps=10" in text
     assert "edit_batch.num_cpus=0.0 must be positive" in text and "--num-cpus" in text

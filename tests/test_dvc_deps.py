@@ -31,6 +31,8 @@ def import_closure(script: str) -> set[str]:
         if path in seen:
             continue
         seen.add(path)
+        if str(path.relative_to(ROOT)) in EDGES:
+            continue  # an edge's own imports (serving's front door, say) are not the stage's
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]

@@ -70,6 +70,22 @@ def test_evaluate_reports_mean_std_counts_modes_and_the_posterior_mean_gap(rando
         rec["posterior_mean_gap"][1]["mean"]
     assert len(leaves) < 40
 
+    # evaluate.side_by_side=[]: the same edits of the configured mode and conditioning, and
+    # neither comparison (each was one more edit per attribute, image and N)
+    from hfedit.editing.editor import load_edit_rectifiers
+    from hfedit.evaluation.comparisons import evaluate_edits
+    from hfedit.models.clip import load_clip
+
+    lean = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, side_by_side=[]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clip = load_clip(cfg.clip, torch.device("cpu"))
+    edits = load_edit_rectifiers(tmp_path / "edits", random_denoiser.unet)
+    editing, _, conditioning, by_mode = evaluate_edits(lean, random_denoiser, edits, clip, images)
+    assert conditioning == {} and by_mode == {}
+    for k in ("l1", "clip_direction"):
+        assert editing["smiling"][0][k] == pytest.approx(report["editing"]["smiling"][0][k], rel=1e-5)
+
 
 def _leaves(tree: dict, prefix: str = ""):
     for k, v in tree.items():

@@ -188,11 +188,11 @@ def test_torch_trainer_survives_a_killed_worker_and_resumes(tmp_path, random_den
     champion = client.get_model_version_by_alias("hfedit-rectifier", "champion")
     latest = client.get_model_version("hfedit-rectifier", "2")
     # the rerun registered version 2; champion stays on 1 until promoted
-    assert champion.version == "1" and latest.tags["hfedit.kind"] == "reconstruction"
+    assert str(champion.version) == "1" and latest.tags["hfedit.kind"] == "reconstruction"
     from pipelines.serving import promote
 
     assert promote("hfedit-rectifier", "latest", f"sqlite:///{tmp_path}/mlflow.db") == "2"
-    assert client.get_model_version_by_alias("hfedit-rectifier", "champion").version == "2"
+    assert str(client.get_model_version_by_alias("hfedit-rectifier", "champion").version) == "2"
 
     # The streamed batches are a function of the seed: a run that was never interrupted sees,
     # on every rank and at every step, the images the killed-and-resumed run saw (the resumed

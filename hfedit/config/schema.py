@@ -443,6 +443,10 @@ class EvaluateConfig:
     # The paper's Fig. 7: SDEdit (noise to strength * T, sample down) with and without the
     # reconstruction rectifier, same noise, at the headline N; [] = not run.
     sdedit_strengths: list[float] = field(default_factory=lambda: [0.3, 0.5])
+    # Side-by-side edit comparisons, each one more edit per attribute, image and N: "conditioning"
+    # (inversion.condition trajectory vs live) and "modes" (inversion.mode edit_friendly vs
+    # ddim); [] = the edits of the configured mode and conditioning only (a third of the time).
+    side_by_side: list[str] = field(default_factory=lambda: ["conditioning", "modes"])
     # LPIPS is added when its weights are on disk (hfedit.evaluation.metrics.lpips_available), else the
     # report says why it is missing; it never downloads.
 

@@ -99,7 +99,8 @@ def evaluate_edits(cfg: HfeditConfig, denoiser, edits: dict, clip, images: Tenso
     both conditionings (:class:`hfedit.config.Conditioning`) in that mode, the mode comparison
     both modes (:class:`hfedit.config.EditMode`: edit-friendly replay, DDIM inversion +
     sampling) under that conditioning, side by side with the mean and max absolute difference
-    between their edits. Attributes without an ``edits.attributes`` entry are skipped."""
+    between their edits; each comparison only when ``evaluate.side_by_side`` names it (else its
+    dict stays empty). Attributes without an ``edits.attributes`` entry are skipped."""
     from hfedit.editing.editor import Editor
     from hfedit.evaluation.edits import evaluate_edit
     from hfedit.evaluation.identity import identity_scorer
@@ -135,16 +136,20 @@ def evaluate_edits(cfg: HfeditConfig, denoiser, edits: dict, clip, images: Tenso
                                  batch_size=cfg.runtime.eval_batch_size, identity_note=note,
                                  condition=c)
 
+        wanted = set(cfg.evaluate.side_by_side)
         for n in (int(n) for n in cfg.evaluate.steps):
-            evs = {c: run(n, mode, c) for c in Conditioning}
+            evs = {c: run(n, mode, c) for c in Conditioning
+                   if c is default or "conditioning" in wanted}
             ev = evs[default]
             results.setdefault(name, []).append({"steps": n, "mode": mode.value, **ev.summary()})
             edited.setdefault(name, []).append((n, ev.edited))
-            compared.setdefault(name, []).append(side_by_side(
-                n, evs, default.value, Conditioning.trajectory, Conditioning.live))
-            by_mode = {mode: ev, other: run(n, other, default)}
-            modes.setdefault(name, []).append(side_by_side(
-                n, by_mode, mode.value, EditMode.edit_friendly, EditMode.ddim))
+            if "conditioning" in wanted:
+                compared.setdefault(name, []).append(side_by_side(
+                    n, evs, default.value, Conditioning.trajectory, Conditioning.live))
+            if "modes" in wanted:
+                by_mode = {mode: ev, other: run(n, other, default)}
+                modes.setdefault(name, []).append(side_by_side(
+                    n, by_mode, mode.value, EditMode.edit_friendly, EditMode.ddim))
     return results, edited, compared, modes
 
 
