@@ -135,7 +135,12 @@ class _Job:
         set_threads(cfg.runtime.torch_threads)
         self.inv_cfg = cfg.inversion  # checked by load_config: N >= 1, 0 <= skip < N, eta >= 0
         device, precision = placement(cfg.runtime.device, cfg.runtime.precision, "editing")
-        loaded = load_image(args.image, cfg.data.max_pixels)  # the input, before any model
+        loaded = load_image(args.image, cfg.data.max_pixels,  # the input, before any model
+                            require_verified=cfg.data.require_verified)
+        if loaded.integrity == "unverified":
+            print(f"note: {args.image}: its format carries nothing that shows damage (integrity "
+                  "unverified; --set data.require_verified=true refuses such files)",
+                  file=sys.stderr)
         self.input_size = loaded.size
         models = project_root() / "models"
         self.rect_dir = self.edits_dir = None

@@ -89,10 +89,10 @@ def decode_images(batch: Batch, job: Job, size: int) -> Batch:
     rows = []
     for item in records(batch):
         row = {k: item[k] for k in ("id", "input", "signature", "pending", "name")}
-        row.update(seed=int(item["seed"]), reason="", message="")
+        row.update(seed=int(item["seed"]), reason="", message="", integrity="")
         start = time.perf_counter()
         try:
-            x0 = _decode(item, job, size)
+            x0, row["integrity"] = _decode(item, job, size)
         except Exception as err:  # noqa: BLE001 - one bad image never stops the batch
             row.update(reason=err.reason if isinstance(err, ImageError) else EDIT_FAILED,
                        message=str(err) if isinstance(err, ImageError) else f"{type(err).__name__}: {err}")
@@ -100,11 +100,13 @@ def decode_images(batch: Batch, job: Job, size: int) -> Batch:
         row.update(x0=x0.numpy(), decode_s=time.perf_counter() - start)
         rows.append(row)
     return columns(rows, ["id", "input", "signature", "pending", "name", "seed", "reason",
-                          "message", "decode_s", "x0"])
+                          "message", "integrity", "decode_s", "x0"])
 
 
-def _decode(item: dict, job: Job, size: int) -> torch.Tensor:
-    """Decode + preprocess exactly as the prepare stage does (or read a prepared split)."""
+def _decode(item: dict, job: Job, size: int) -> tuple[torch.Tensor, str]:
+    """Decode + preprocess exactly as the prepare stage does (or read a prepared split): the
+    image and its ``integrity`` (:data:`hfedit.data.images.INTEGRITY`; ``prepared``: the prepare
+    stage's manifest says it)."""
     if int(item["index"]) >= 0:
         path = str(item["input"]).rsplit("#", 1)[0]
         if path not in _SPLITS:
@@ -113,9 +115,10 @@ def _decode(item: dict, job: Job, size: int) -> torch.Tensor:
         if x0.shape[-1] != size:
             raise ValueError(f"{path} holds {x0.shape[-1]} px images; the backbone expects "
                              f"{size} px: rerun prepare with data.resolution={size}")
-        return x0
-    loaded = load_image(str(item["input"]), job.max_pixels, job.root or None)
-    return to_tensor(loaded.image, size, job.center_crop)
+        return x0, "prepared"
+    loaded = load_image(str(item["input"]), job.max_pixels, job.root or None,
+                        require_verified=job.require_verified)
+    return to_tensor(loaded.image, size, job.center_crop), loaded.integrity
 
 
 # ------------------------------------------------------------------- 2. the model actor
@@ -160,7 +163,8 @@ class EditImages:
         name = _str(item["name"])
         base = {"id": id_, "input": _str(item["input"]), "seed": seed, "name": name,
                 "signature": _str(item["signature"]), "run": self.job.run, "worker_pid": self.pid,
-                "decode_s": float(item["decode_s"]), "source": x0, "edited": x0,
+                "decode_s": float(item["decode_s"]), "integrity": _str(item.get("integrity")),
+                "source": x0, "edited": x0,
                 "write": False, "logged": False}
         rows, todo = [], []
         for a in _str(item["pending"]).split(","):

@@ -43,7 +43,7 @@ RETRIED = {"unreadable", EDIT_FAILED, NOT_PROCESSED, WORKER_CRASHED, NO_SPACE}  
 FORMAT = 1  # bump when the meaning of the outputs changes: every fingerprint changes with it
 COLUMNS = ["id", "attribute", "status", "reason", "message", "input", "output", "seed", "l1", "ssim",
            "max_error", "decode_s", "invert_s", "edit_s", "write_s", "run", "worker_pid",
-           "fingerprint", "signature"]
+           "fingerprint", "signature", "integrity"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -270,6 +270,7 @@ class Job:
     pid_dir: str = ""
     max_attempts: int = 2
     root: str = ""  # a folder or list file's root: decoding refuses files that lie outside it
+    require_verified: bool = False  # data.require_verified: refuse formats that can hide damage
 
 
 def _tree_digest(path: str | os.PathLike) -> str:
@@ -311,7 +312,11 @@ def make_job(cfg: HfeditConfig, backbone: str, out: Path, rectifiers: dict[str, 
                          "models/backbone) and not a hub id 'owner/name'")
     common = {"format": FORMAT, "backbone": _tree_digest(backbone),
               "inversion": to_flat_dict(inv),
-              "preprocess": "prepared" if split_input else [cfg.data.max_pixels, cfg.data.center_crop]}
+              "preprocess": "prepared" if split_input else [
+                  cfg.data.max_pixels, cfg.data.center_crop,
+                  # only when set (the default's fingerprints stay): turning it on redoes the
+                  # batch, so an unverified file edited before is refused now
+                  *(["require_verified"] if cfg.data.require_verified else [])]}
     prints = {a: fingerprint({**common, "attribute": a, "rectifier": _tree_digest(f) if f else None})
               for a, f in rectifiers.items()}
     run = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
@@ -319,7 +324,8 @@ def make_job(cfg: HfeditConfig, backbone: str, out: Path, rectifiers: dict[str, 
                list(rectifiers), str(Path(eb.edits_dir).resolve()), prints, inv,
                cfg.data.max_pixels, cfg.data.center_crop, eb.torch_threads, cfg.runtime.device,
                cfg.runtime.precision.value, str(Path(pid_dir).absolute()) if pid_dir else "",
-               eb.max_attempts, str(Path(root).resolve()) if root else "")
+               eb.max_attempts, str(Path(root).resolve()) if root else "",
+               cfg.data.require_verified)
 
 
 # ------------------------------------------------------------------------ done log

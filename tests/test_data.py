@@ -74,6 +74,17 @@ def damaged_jpeg(how: str = "zeros") -> bytes:
     return data[:mid] + (bytes(64) if how == "zeros" else b"") + data[mid + 64:]
 
 
+def damaged_webp() -> bytes:
+    """scikit-image's astronaut (face crop, 200x200) as a lossy WebP (quality 90) with 64 bytes
+    in its middle zeroed: libwebp decodes it without an error (the format carries no checksum)."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(skdata.astronaut()[30:230, 140:340]).save(buf, "WEBP", quality=90)
+    data, mid = buf.getvalue(), len(buf.getvalue()) // 2
+    return data[:mid] + bytes(64) + data[mid + 64:]
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """A folder of real faces, odd-but-valid files and broken files; returns (root, id -> expected
@@ -273,6 +284,50 @@ def test_a_jpeg_damaged_in_its_middle_is_corrupt_not_garbage(tmp_path, how):
     with pytest.raises(ImageError, match="photo.jpg: damaged JPEG data") as err:
         load_image(tmp_path / "photo.jpg", 10**6)
     assert err.value.reason == "corrupt" and "Fix: " in str(err.value)
+
+
+def test_a_format_that_can_hide_damage_is_labelled_unverified_or_refused(tmp_path):
+    """A WebP with bytes zeroed mid-file was edited into garbage, silently: no check can see it,
+    so the result says so (integrity "unverified") and data.require_verified refuses it."""
+    face = Image.fromarray(skdata.astronaut()[30:230, 140:340])
+    (tmp_path / "photo.webp").write_bytes(damaged_webp())
+    loaded = load_image(tmp_path / "photo.webp", 10**6)
+    face.save(tmp_path / "intact.webp", quality=90)
+    intact = np.asarray(load_image(tmp_path / "intact.webp", 10**6).image, dtype=float)
+    assert np.abs(np.asarray(loaded.image, dtype=float) - intact).mean() > 5  # garbage passed
+    assert loaded.integrity == "unverified"
+    with pytest.raises(ImageError, match="photo.webp: WEBP data carries nothing") as err:
+        load_image(tmp_path / "photo.webp", 10**6, require_verified=True)
+    assert err.value.reason == "unverified" and "convert it to PNG" in str(err.value)
+    # what a decode proves for the formats that can show damage; require_verified takes them
+    face.save(tmp_path / "photo.png")
+    face.save(tmp_path / "photo.jpg", quality=90)
+    face.convert("P").save(tmp_path / "photo.gif")
+    face.save(tmp_path / "photo.tif")
+    integrity = {p.name: load_image(p, 10**6).integrity for p in sorted(tmp_path.glob("photo.*"))}
+    assert integrity == {"photo.gif": "structure", "photo.jpg": "structure",
+                         "photo.png": "checksum", "photo.tif": "unverified",
+                         "photo.webp": "unverified"}
+    for name in ("photo.png", "photo.jpg", "photo.gif"):
+        assert load_image(tmp_path / name, 10**6, require_verified=True).integrity != "unverified"
+
+
+def test_prepare_records_integrity_and_require_verified_refuses(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    face = Image.fromarray(skdata.astronaut()[30:230, 140:340])
+    face.save(src / "a.png")
+    face.save(src / "b.jpg", quality=90)
+    (src / "c.webp").write_bytes(damaged_webp())
+    rows = {}
+    for strict in (False, True):
+        cfg = DataConfig(source=str(src), resolution=RES, val_fraction=0.0, require_verified=strict)
+        manifest = prepare_dataset(cfg, tmp_path / f"out-{strict}", progress=False)
+        rows[strict] = {r.id: (r.status, r.reason, r.integrity) for r in manifest.rows}
+    assert rows[False] == {"a.png": ("ok", None, "checksum"), "b.jpg": ("ok", None, "structure"),
+                           "c.webp": ("ok", None, "unverified")}
+    assert rows[True] == {**rows[False], "c.webp": ("error", "unverified", None)}
+    assert load_manifest(tmp_path / "out-True").counts["error"] == 1
 
 
 def test_whole_jpegs_of_every_kind_pass_the_data_check(tmp_path):

@@ -80,6 +80,26 @@ def test_the_cli_refuses_an_output_name_too_long_before_the_model(tmp_path, rand
     assert len(err.splitlines()) == 1 and "255 bytes" in err and not (tmp_path / "out").exists()
 
 
+def test_the_manifest_says_what_each_decode_proved_and_require_verified_refuses(  # noqa: F811
+        folder, models, tmp_path):
+    """A damaged WebP was edited into garbage with nothing in the manifest to say so."""
+    from tests.test_data import damaged_webp
+
+    photos = _photos(folder, tmp_path, "a.png")
+    Image.open(photos / "a.png").convert("RGB").save(photos / "b.jpg", quality=95)
+    (photos / "c.webp").write_bytes(damaged_webp())
+    result = _job(models, photos, tmp_path / "out")
+    assert _reasons(result) == {"a.png": "ok", "b.jpg": "ok", "c.webp": "ok"}
+    assert dict(zip(result.manifest.id, result.manifest.integrity)) == {
+        "a.png": "checksum", "b.jpg": "structure", "c.webp": "unverified"}
+    strict = _job(models, photos, tmp_path / "out", "data.require_verified=true")
+    assert _reasons(strict) == {"a.png": "ok", "b.jpg": "ok", "c.webp": "unverified"}
+    message = strict.manifest.set_index("id").loc["c.webp", "message"]
+    assert "c.webp" in message and "data.require_verified" in message
+    # turning the setting on redid the batch: the WebP edited before is not left counted as done
+    assert strict.counts["scheduled"] == 3 and strict.exit_code == eb.EXIT_FAILED
+
+
 def test_a_file_beside_a_folder_of_its_output_name_gets_another_name(folder, models, tmp_path):  # noqa: F811
     """`x.jpg` beside a folder `x.png/`: `reconstruction/x.png` was both, a permanent edit_failed."""
     photos = _photos(folder, tmp_path, "x.png/a.png")

@@ -32,6 +32,9 @@ class DataConfig:
     seed: int = 0
     # Images with more pixels than this are refused before decoding (decompression bombs).
     max_pixels: int = 40_000_000
+    # Refuse files whose format can hide damage (WebP, TIFF, BMP, ...: integrity "unverified" in
+    # the manifests, hfedit.data.images.INTEGRITY); false accepts and labels them.
+    require_verified: bool = False
     # Crop to a centred square before resizing (no aspect distortion).
     center_crop: bool = True
     # Use only the first N inputs in sorted order (0 = all): a quick run on a subset.

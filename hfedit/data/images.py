@@ -40,7 +40,28 @@ REASONS: dict[str, str] = {
     "unreadable": "check the file's permissions",
     "name_too_long": "rename the file: its output name (with .png) must fit in 255 bytes",
     "name_collision": "rename the file or the folder: their outputs would have the same path",
+    "unverified": "convert it to PNG (checksummed) from an intact copy, or set "
+                  "data.require_verified=false to accept files whose damage cannot be detected",
 }
+
+# What a successful decode says about a file's bytes, by format (Pillow's name): the manifests'
+# ``integrity``. "checksum": checksums cover the data and matched (PNG: the zlib stream's
+# Adler-32, and each header chunk's CRC-32). "structure": the format has no checksum, but damage
+# breaks its coded data, which is walked and decoded strictly (JPEG: hfedit.data.jpeg and
+# libjpeg-turbo with warnings as errors; GIF: Pillow's LZW decoder); damage that leaves valid
+# codes passes. Anything else is "unverified": the decoder accepts damaged data without a sign
+# (WebP lossy and lossless: libwebp itself decodes them; TIFF: an in-range wrong strip offset, and
+# libtiff stops inflating a deflate strip before its checksum; BMP: raw pixels).
+# benchmarks/damage_detection.py measures each format against the same damage.
+INTEGRITY: dict[str, str] = {"PNG": "checksum", "JPEG": "structure", "MPO": "structure",
+                             "GIF": "structure"}
+UNVERIFIED = "unverified"
+
+
+def integrity_of(image_format: Optional[str]) -> str:
+    """``checksum``, ``structure`` or ``unverified`` for a Pillow format name (see
+    :data:`INTEGRITY`)."""
+    return INTEGRITY.get(image_format or "", UNVERIFIED)
 
 
 class ImageError(ValueError):
@@ -63,11 +84,13 @@ class LoadedImage:
     mode: str
     size: tuple[int, int]
     orientation: int = 1
+    integrity: str = UNVERIFIED  # what the decode proved about the bytes: :data:`INTEGRITY`
 
 
 # --------------------------------------------------------------------------------- loading
 def load_image(path: str | os.PathLike, max_pixels: int,
-               root: Optional[str | os.PathLike] = None) -> LoadedImage:
+               root: Optional[str | os.PathLike] = None,
+               require_verified: bool = False) -> LoadedImage:
     """Decode ``path`` fully and strictly into an RGB image with EXIF orientation applied.
 
     Refuses (:class:`ImageError`) missing and empty files, non-images, images whose header
@@ -78,6 +101,9 @@ def load_image(path: str | os.PathLike, max_pixels: int,
     check of the compressed data itself (:func:`hfedit.data.jpeg.check_jpeg`). The file is opened
     once and decoded from that handle; with ``root``, a file that handle reaches outside ``root``
     (an input swapped for a link after it was listed) is refused (``outside_root``) unread.
+    The result's ``integrity`` says what the decode proved (:data:`INTEGRITY`); with
+    ``require_verified`` (``data.require_verified``) a format that can hide damage is refused
+    (``unverified``) before its pixels are decoded.
     """
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError(
@@ -95,6 +121,10 @@ def load_image(path: str | os.PathLike, max_pixels: int,
                 if width * height > max_pixels:
                     raise ImageError("too_large", path, f"header declares {width}x{height} = "
                                      f"{width * height} pixels > data.max_pixels={max_pixels}")
+                integrity = integrity_of(img.format)
+                if require_verified and integrity == UNVERIFIED:
+                    raise ImageError("unverified", path, f"{img.format} data carries nothing that "
+                                     "shows damage, and data.require_verified is true")
                 img.load()  # full decode: raises on truncated or corrupt data
                 orientation = int(img.getexif().get(0x0112, 1))
                 if img.format in ("JPEG", "MPO"):
@@ -125,7 +155,7 @@ def load_image(path: str | os.PathLike, max_pixels: int,
         if "too large" in str(err).lower():
             raise ImageError("too_large", path, text) from None
         raise ImageError("corrupt", path, f"cannot decode ({text})") from None
-    return LoadedImage(rgb, mode, (width, height), orientation)
+    return LoadedImage(rgb, mode, (width, height), orientation, integrity)
 
 
 def _open(path: Path, root: Optional[str | os.PathLike]):

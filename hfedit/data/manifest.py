@@ -42,6 +42,9 @@ class ManifestRow:
     shard: Optional[int] = None  # where its pixels are (hfedit.data.prepared)
     row: Optional[int] = None
     content: Optional[str] = None  # sha256 prefix of its decoded pixels: duplicates share it
+    # what decoding proved about the file (hfedit.data.images.INTEGRITY): checksum, structure or
+    # unverified; None for bundled images (decoded from arrays in the installed wheels)
+    integrity: Optional[str] = None
 
 
 @dataclass

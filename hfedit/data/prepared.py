@@ -73,7 +73,8 @@ PREVIEW_MAX = 64
 def _decode_settings(cfg: DataConfig) -> dict:
     """What a shard's content depends on besides its inputs (a change redoes the shard)."""
     return {"format": FORMAT, "resolution": cfg.resolution, "center_crop": cfg.center_crop,
-            "max_pixels": cfg.max_pixels, "seed": cfg.seed}
+            "max_pixels": cfg.max_pixels, "seed": cfg.seed,  # require_verified only when set:
+            **({"require_verified": True} if cfg.require_verified else {})}  # digests stay
 
 
 # -------------------------------------------------------------------------------- shards

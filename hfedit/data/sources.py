@@ -45,14 +45,16 @@ def decode_inputs(items: list[Input], settings: dict) -> list[tuple[dict, Option
             if item.image is not None:
                 loaded = LoadedImage(to_rgb(item.image), item.image.mode, item.image.size)
             else:
-                loaded = load_image(item.path, settings["max_pixels"])
+                loaded = load_image(item.path, settings["max_pixels"],
+                                    require_verified=settings.get("require_verified", False))
         except ImageError as err:
             row = ManifestRow(item.id, item.source, "error", err.reason, str(err))
             out.append((dataclasses.asdict(row), None))
             continue
         u8 = _square_u8(loaded.image, settings["resolution"], settings["center_crop"])
         row = ManifestRow(item.id, item.source, "ok", mode=loaded.mode, size=list(loaded.size),
-                          orientation=loaded.orientation)
+                          orientation=loaded.orientation,
+                          integrity=None if item.image is not None else loaded.integrity)
         out.append((dataclasses.asdict(row), u8.tobytes()))
     return out
 
