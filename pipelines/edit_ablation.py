@@ -38,7 +38,7 @@ from hfedit.evaluation.identity import identity_scorer
 from hfedit.evaluation.report import ABLATION_REFERENCE
 from hfedit.models.clip import NOT_SEMANTIC
 from pipelines.entry import parse_and_load, run_main, stage_parser
-from pipelines.tracking import finite, nest_metrics
+from pipelines.tracking import finite, headline, nest_metrics
 from pipelines.train_edits import (
     announce_random_clip,
     clip_tags,
@@ -282,8 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
         # the grid, where evaluate reads it for its results table.
         args.plots.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.plots / "report.json", report)
-        atomic_write_json(args.metrics, nest_metrics(ablation_metrics(report), STAGE)
-                          if report["enabled"] else {})
+        atomic_write_json(args.metrics, headline(nest_metrics(ablation_metrics(report), STAGE),
+                                                 STAGE) if report["enabled"] else {})
         tracker.log_artifact(args.metrics)
         tracker.log_artifact(args.plots / "report.json")
         if not report["enabled"]:

@@ -57,7 +57,6 @@ from typing import Callable, Iterator, Optional
 
 import pandas as pd
 
-from hfedit.files import atomic_write_json
 from hfedit.config import ConfigError, HfeditConfig, load_config
 from hfedit.data.batch_manifest import read_manifest
 from hfedit.data.manifest import SPLITS
@@ -467,10 +466,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UsageError as err:
         print(f"edit_batch: {err}", file=sys.stderr)
         return EXIT_USAGE
-    if args.metrics:  # numbers without the wall time (MLflow has it)
-        from pipelines.tracking import metrics_file
+    if args.metrics:  # the headline numbers, and beside them all of them (without wall times)
+        from pipelines.tracking import write_metrics
 
-        atomic_write_json(args.metrics, metrics_file(metrics_dict(result)))
+        write_metrics(args.metrics, metrics_dict(result), "edit_batch")
     print(result.table)
     print(result.summary, flush=True)
     return EXIT_OK if result.exit_code == EXIT_FAILED and args.allow_failed else result.exit_code

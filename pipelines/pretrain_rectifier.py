@@ -27,7 +27,6 @@ import torch
 from hfedit.models.backbone import load_backbone
 from hfedit.models.checkpoint import (
     RECTIFIER,
-    atomic_write_json,
     checkpoint_complete,
     file_digest,
     fingerprint,
@@ -419,7 +418,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "lines to rank<k>.txt here (which images each step saw)")
     args, cfg = parse_and_load(parser, argv)
     init_ray(cfg)
-    from pipelines.tracking import tracking_uri
+    from pipelines.tracking import tracking_uri, write_metrics
 
     with stage_run(cfg, "pretrain_rectifier") as tracker:
         final = train(cfg, args.backbone, args.data, args.out, args.checkpoints,
@@ -428,12 +427,13 @@ def main(argv: list[str] | None = None) -> dict:
         report = evaluate(cfg, args.backbone, args.data, args.out)
         report["training"] = {k: final[k] for k in ("loss", "noise_mse", "plain_noise_mse",
                                                     "step", "restarts", "resumed_from_step")}
-        atomic_write_json(args.metrics, report)
+        written = write_metrics(args.metrics, report, "pretrain_rectifier")
         for model in ("backbone", "rectifier"):
             tracker.log_metrics({f"pretrain/held_out/{model}/{k}": v
                                  for k, v in report[model].items()},
                                 step=cfg.pretrain.steps)
-        tracker.log_artifact(args.metrics)
+        for path in written:
+            tracker.log_artifact(path)
         log_rectifier_model(cfg, tracker.run_id, args.backbone, args.out, "rectifier", "rectifier",
                             tags={"hfedit.kind": "reconstruction",
                                   "hfedit.backbone": model_reference(args.backbone)["source"],

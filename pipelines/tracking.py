@@ -81,6 +81,59 @@ def metrics_file(report: dict) -> dict:
     return out
 
 
+# The numbers each stage's DVC metrics file keeps: ``dvc exp show`` makes a column of every one
+# (37 for the default profile's two attributes; every number was 149). fnmatch patterns over the
+# file's slash names (``*`` crosses slashes). The stage's report keeps everything
+# (:func:`write_metrics`; evaluate's eval/report.json, edit_ablation's report.json beside its
+# grid), and MLflow gets every number. pipelines/studies.py reads its columns from these.
+HEADLINE: dict[str, tuple[str, ...]] = {
+    "pretrain_rectifier": ("backbone/l1", "rectifier/l1", "backbone/gap", "rectifier/gap",
+                           "rectifier/edit_friendly_max_error", "training/noise_mse"),
+    "train_edits": ("attributes/*/final_direction", "attributes/*/final_l1", "trained", "failed"),
+    "edit_ablation": ("score_matching/own/clip_direction", "score_matching/own/l1",
+                      "markovian/own/clip_direction", "markovian/own/l1"),
+    "edit_batch": ("edited", "failed", "attributes/reconstruction/max_error"),
+    "evaluate": ("images", "steps", "reconstruction/*_ddim/l1", "reconstruction/*/gap",
+                 "reconstruction/*/posterior_mean_gap", "editing/*/clip_direction",
+                 "editing/*/l1", "editing/*/ssim", "sdedit/*/l1"),
+}
+
+
+def headline(numbers: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The :data:`HEADLINE` numbers of a stage's nested ``numbers``, nested the same way."""
+    from fnmatch import fnmatchcase
+
+    def flat(tree: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}/")
+            else:
+                yield f"{prefix}{k}", v
+
+    keep = {name: v for name, v in flat(numbers)
+            if any(fnmatchcase(name, pattern) for pattern in HEADLINE[stage])}
+    return nest_metrics(keep, stage)
+
+
+def report_path(metrics: Path) -> Path:
+    """Where a stage whose report has no other home keeps it: beside its metrics file."""
+    return metrics.with_name(f"{metrics.stem}.report.json")
+
+
+def write_metrics(metrics: Path, report: dict[str, Any], stage: str) -> list[Path]:
+    """The stage's DVC metrics file (its :func:`headline` numbers) and its whole ``report``
+    without :data:`TIMING` (:func:`report_path`); returns both paths (for MLflow)."""
+    from hfedit.files import atomic_write_json
+
+    def untimed(tree: dict) -> dict:
+        return {k: untimed(v) if isinstance(v, dict) else v for k, v in tree.items()
+                if k not in TIMING}
+
+    atomic_write_json(metrics, headline(metrics_file(report), stage))
+    atomic_write_json(report_path(metrics), untimed(report))
+    return [metrics, report_path(metrics)]
+
+
 def nest_metrics(flat: dict[str, float], stage: str) -> dict[str, Any]:
     """Metric names of one stage (``<stage>/<group>/<metric>``, the scheme MLflow gets) as the
     nested dict of its DVC metrics file: ``{"evaluate/a/b": 1}`` -> ``{"a": {"b": 1}}``, which

@@ -401,14 +401,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--metrics", type=Path, default=Path("metrics/train_edits.json"))
     args, cfg = parse_and_load(parser, argv)
     from pipelines.ray_runtime import init_ray
-    from pipelines.tracking import metrics_file, stage_run
+    from pipelines.tracking import stage_run, write_metrics
 
     init_ray(cfg)
     with stage_run(cfg, STAGE, tags=driver_tags(cfg)) as tracker:
         report = run_stage(cfg, args.backbone, args.rectifier, args.data, args.out, tracker,
                            task_tracking(cfg, tracker))
-        atomic_write_json(args.metrics, metrics_file(report))  # DVC metrics: numbers only
-        tracker.log_artifact(args.metrics)
+        for path in write_metrics(args.metrics, report, STAGE):  # headline + the whole report
+            tracker.log_artifact(path)
         tracker.log_artifact(args.out / STATUS_FILE)
         for name, a in report["attributes"].items():
             print(f"train_edits: {name}: {a['status']}"

@@ -18,8 +18,8 @@ On the first ``evaluate.images`` val images, at every ``N`` in ``evaluate.steps`
 - score matching vs Markovian edit training: read from the ``edit_ablation`` stage's metrics;
 - the batch run (``edit_batch``): images done and failed per attribute, mean fidelity.
 
-Writes ``<out>/metrics.json`` (DVC metrics: the results table's means at the headline N, numbers
-only), ``<out>/report.json`` (everything: every N, standard deviations, image counts, notes, the
+Writes ``<out>/metrics.json`` (DVC metrics: the headline numbers at the headline N,
+``pipelines.tracking.HEADLINE``), ``<out>/report.json`` (everything: every N, standard deviations, image counts, notes, the
 machine), ``<out>/reconstruction.csv`` and ``<out>/editing/<attribute>.csv`` (DVC plots),
 ``<out>/plots/*.png``, a labelled before/after grid per attribute in ``<out>/grids/`` (rows:
 source, then the edit at each N) and ``<out>/results.md`` (the results table the README links to).
@@ -63,7 +63,7 @@ from hfedit.evaluation.report import headline_metrics, machine, per_n_metrics, r
 from hfedit.files import atomic_write_json, atomic_write_text
 from hfedit.progress import progress
 from pipelines.entry import parse_and_load, run_main, stage_parser
-from pipelines.tracking import finite, nest_metrics
+from pipelines.tracking import finite, headline, nest_metrics
 
 log = logging.getLogger("hfedit.evaluate")
 STAGE = "evaluate"
@@ -139,17 +139,17 @@ def run(cfg: HfeditConfig, backbone: Path, rectifier_dir: Path, edits_dir: Path,
     report["seconds"] = round(time.perf_counter() - started, 1)
     atomic_write_text(out / "results.md", results_markdown(report))
     atomic_write_json(out / "report.json", report)
-    headline = shown(headline_metrics(report))
-    atomic_write_json(out / "metrics.json", nest_metrics(headline, STAGE))
+    heads = shown(headline_metrics(report))
+    atomic_write_json(out / "metrics.json", headline(nest_metrics(heads, STAGE), STAGE))
     bar.update(1)
     bar.close()
 
     if tracker is not None:
-        tracker.log_metrics({**shown(per_n_metrics(report)), **headline}, step=0)
+        tracker.log_metrics({**shown(per_n_metrics(report)), **heads}, step=0)
         tracker.log_artifacts(out, "eval")
         parent = tracker.parent()
         if parent is not None:
-            parent.log_metrics(headline, step=0)
+            parent.log_metrics(heads, step=0)
             parent.log_artifact(out / "results.md", "eval")
     return report
 

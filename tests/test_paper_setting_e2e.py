@@ -108,7 +108,7 @@ def test_paper_setting_runs_every_stage(tmp_path):
         assert torch.equal(a.get_tensor(key), b.get_tensor(key))
 
     # pretrain_rectifier: two training steps on Ray Train, then the held-out report
-    pre = json.loads((work / "metrics/pretrain_rectifier.json").read_text())
+    pre = json.loads((work / "metrics/pretrain_rectifier.report.json").read_text())
     assert pre["training"]["step"] == 2 and pre["images"] == 1 and pre["num_steps"] == 2
     for model in ("backbone", "rectifier"):
         assert pre[model]["edit_friendly_max_error"] < 1e-4  # exact at 256 px too

@@ -163,7 +163,7 @@ def test_torch_trainer_survives_a_killed_worker_and_resumes(tmp_path, random_den
     out, _ = proc.communicate(timeout=550)
     assert proc.returncode == 0, out[-4000:]
     assert killed.is_set()
-    report = json.loads((tmp_path / "m.json").read_text())
+    report = json.loads((tmp_path / "m.report.json").read_text())
     assert report["training"]["step"] == 40
     # Ray restarted the worker group (rank 1 is a new process), which resumed from the
     # checkpoint (restarts counts resumptions) and completed.
@@ -177,7 +177,7 @@ def test_torch_trainer_survives_a_killed_worker_and_resumes(tmp_path, random_den
     proc = _run_stage(tmp_path, backbone, data, extra=["pretrain.steps=40"])
     out, _ = proc.communicate(timeout=550)
     assert proc.returncode == 0, out[-4000:]
-    report = json.loads((tmp_path / "m.json").read_text())
+    report = json.loads((tmp_path / "m.report.json").read_text())
     assert report["training"]["resumed_from_step"] == 40
     # the rectifier records its backbone portably and is a servable model, @champion
     meta = json.loads((tmp_path / "rect" / "rectifier.json").read_text())

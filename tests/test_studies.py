@@ -72,3 +72,23 @@ def test_a_study_runs_as_dvc_experiments_and_its_table_holds_each_experiments_me
     assert (tmp_path / "params.yaml").read_text() == "pretrain:\n  loss: noise\n"
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())[
         "reconstruction"]["rectifier_ddim"]["l1"] == 0.25
+
+
+def test_every_study_column_is_a_headline_number_dvc_keeps():
+    """The DVC metrics files hold only pipelines.tracking.HEADLINE; a study reads its columns from
+    the experiments' metrics, so a column outside it would be empty in every table."""
+    from fnmatch import fnmatchcase
+
+    from pipelines.tracking import HEADLINE, headline
+
+    stage = {studies.EVAL: "evaluate", studies.ABL: "edit_ablation", studies.PRE: "pretrain_rectifier"}
+    columns = [(c.file, c.path) for s in studies.STUDIES.values() for c in s.columns]
+    assert len(columns) > 20
+    missing = [(f, p) for f, p in columns
+               if not any(fnmatchcase(p, pattern) for pattern in HEADLINE[stage[f]])]
+    assert not missing
+    # and headline() keeps exactly those of a metrics file, nested as DVC shows them
+    numbers = {"reconstruction": {"rectifier_ddim": {"l1": 0.1, "psnr": 30.0}},
+               "modes": {"smiling": {"ddim": {"l1": 0.2}}}, "sdedit": {"s0.3": {"backbone": {"l1": 0.3, "ssim": 0.5}}}}
+    assert headline(numbers, "evaluate") == {"reconstruction": {"rectifier_ddim": {"l1": 0.1}},
+                                             "sdedit": {"s0.3": {"backbone": {"l1": 0.3}}}}
