@@ -122,7 +122,7 @@ def _decode(item: dict, job: Job, size: int) -> tuple[torch.Tensor, str]:
 
 
 # ------------------------------------------------------------------- 2. the model actor
-OUT = [*COLUMNS, "name", "source", "edited", "write", "logged"]
+OUT = [*COLUMNS, "name", "source", "edited", "write", "logged", "worker_node"]
 
 
 class EditImages:
@@ -133,7 +133,7 @@ class EditImages:
 
     def __init__(self, job: Job) -> None:
         torch.set_num_threads(max(1, job.torch_threads))
-        self.job, self.out, self.pid = job, Path(job.out), os.getpid()
+        self.job, self.out, self.pid, self.node = job, Path(job.out), os.getpid(), _node()
         self.device, precision = placement(job.device, job.precision, "editing")
         edits = [a for a in job.attributes if a != RECONSTRUCTION]
         self.editor = load_editor(job.backbone, job.inversion, job.edits_dir if edits else None,
@@ -163,6 +163,7 @@ class EditImages:
         name = _str(item["name"])
         base = {"id": id_, "input": _str(item["input"]), "seed": seed, "name": name,
                 "signature": _str(item["signature"]), "run": self.job.run, "worker_pid": self.pid,
+                "worker_node": self.node,
                 "decode_s": float(item["decode_s"]), "integrity": _str(item.get("integrity")),
                 "source": x0, "edited": x0,
                 "write": False, "logged": False}
@@ -258,13 +259,23 @@ def _write(source: np.ndarray, edited: np.ndarray, attribute: str, name: str, ou
         data = buf.getvalue()
         atomic_write_bytes(out / rel, data)  # temporary name, fsync, rename: before its done entry
         return {"status": "ok", "output": rel, "write_s": time.perf_counter() - start, **metrics,
-                "out_bytes": len(data), "out_sha256": hashlib.sha256(data).hexdigest()}
+                "out_bytes": len(data), "out_sha256": hashlib.sha256(data).hexdigest(),
+                "written_on": _node()}
     except Exception as err:  # noqa: BLE001
         full = isinstance(err, OSError) and err.errno == errno.ENOSPC
         return error_row({}, NO_SPACE if full else EDIT_FAILED, err)
 
 
-CHECKED = ("out_bytes", "out_sha256")  # the PNG as written: done-log only (resume verifies it)
+# done-log only: the PNG as written (resume verifies it), and the Ray nodes of the process that
+# edited it and of the one that wrote it (its disk holds the file)
+CHECKED = ("out_bytes", "out_sha256", "worker_node", "written_on")
+
+
+def _node() -> str:
+    """This process's Ray node id ("" outside Ray: the plain loop)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def _plain(value):

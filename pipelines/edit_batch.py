@@ -167,7 +167,12 @@ def execute(items: list[dict], job: Job, cfg: HfeditConfig, on_batch: Callable[[
             progress: bool = True) -> None:
     """The job as three Ray Data stages (Ray must be initialised): decode in CPU tasks ->
     :class:`EditImages` actors (``edit_batch.num_cpus``/``num_gpus``, batches of
-    ``edit_batch.batch_size`` images, arrays in and out) -> PNGs and done-log in CPU tasks."""
+    ``edit_batch.batch_size`` images, arrays in and out) -> PNGs and done-log in CPU tasks.
+
+    The decode and write tasks run on this process's node, whose disk holds ``--input`` and
+    ``--out``; only the model actors spread over the cluster (images and edits cross Ray's object
+    store). Writers on other nodes had put PNGs on those nodes' own disks while the job counted
+    them done (a cluster whose nodes have their own disks)."""
     import ray
 
     eb = cfg.edit_batch
@@ -184,13 +189,17 @@ def execute(items: list[dict], job: Job, cfg: HfeditConfig, on_batch: Callable[[
     common = {"batch_size": None, "batch_format": "numpy"}
     step = eb.batch_size
     blocks = [pd.DataFrame(items[i:i + step]) for i in range(0, len(items), step)]
+    # every node carries its id as the label ray.io/node-id (a hard constraint, as
+    # NodeAffinitySchedulingStrategy(soft=False), which Ray Data takes only as deprecated
+    # ray_remote_args)
+    here = {"label_selector": {"ray.io/node-id": ray.get_runtime_context().get_node_id()}}
     ds = (ray.data.from_pandas(blocks)
           .map_batches(decode_images, fn_kwargs={"job": job, "size": backbone_resolution(job.backbone)},
-                       num_cpus=TASK_CPUS, **common)
+                       num_cpus=TASK_CPUS, **here, **common)
           .map_batches(EditImages, fn_constructor_kwargs={"job": job},
                        compute=ray.data.ActorPoolStrategy(size=max(1, min(eb.actors, n_blocks))),
                        num_cpus=eb.num_cpus, **gpu, **common)
-          .map_batches(write_outputs, fn_kwargs={"job": job}, num_cpus=TASK_CPUS,
+          .map_batches(write_outputs, fn_kwargs={"job": job}, num_cpus=TASK_CPUS, **here,
                        batch_size=None, batch_format="numpy"))  # an actor batch's rows together
     for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
         on_batch(batch)
