@@ -42,3 +42,24 @@ def stop(proc, timeout: float = 30) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def stop_cluster(temp: str) -> None:
+    """Kill the processes of a Ray cluster a test started with its own temp dir (every one
+    names that dir on its command line; nobody else's) and remove the dir."""
+    import os
+    import shutil
+    import signal
+    from pathlib import Path
+
+    for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if temp.encode() in cmdline and pid != os.getpid():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    shutil.rmtree(temp, ignore_errors=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import edit_batch as eb
+from tests.servers import stop_cluster
 from tests.test_data import folder  # noqa: F401 - real faces, odd modes, broken files, bad links
 from tests.test_edit_batch import ATTRS, ROOT, STEPS, _scanned, models  # noqa: F401
 
@@ -114,15 +115,7 @@ def test_ray_job_submit_exactly_as_the_readme_writes_it(folder, models, tmp_path
         assert proc.returncode == 0, log[-5000:]
         assert "succeeded" in log.lower() and "1 other files ignored" in log, log[-3000:]
     finally:
-        for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:  # only this cluster
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if temp.encode() in cmdline and pid != os.getpid():
-                with __import__("contextlib").suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(temp, ignore_errors=True)
+        stop_cluster(temp)  # only this cluster
     result = eb.read_manifest(out)
     ids = ["astronaut.jpg", "astronaut.png", "lfw_0.png", "sub/lfw_1.png"]
     assert sorted(set(result.id)) == ids and (result.status == "ok").all()

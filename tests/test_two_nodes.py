@@ -11,17 +11,15 @@ reads where each PNG was written from the done-log (``written_on``, the writer's
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
 from pipelines import edit_batch as eb
 from pipelines.batch_job import DoneIndex
-from tests.servers import free_port
+from tests.servers import free_port, stop_cluster
 from tests.test_data import folder  # noqa: F401 - real faces
 from tests.test_edit_batch import _cfg, models  # noqa: F401 - tiny backbone + rectifier
 
@@ -69,17 +67,7 @@ def test_edit_batch_on_two_nodes_writes_every_output_on_the_drivers_node(
         result = eb.run_job(cfg, root, out, str(backbone), progress=False)
     finally:
         ray.shutdown()
-        for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:  # only this cluster
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if temp.encode() in cmdline and pid != os.getpid():
-                try:
-                    os.kill(pid, 9)
-                except ProcessLookupError:
-                    pass
-        shutil.rmtree(temp, ignore_errors=True)
+        stop_cluster(temp)  # only this cluster
     n_ok = sum(v == "ok" for v in expected.values())
     ok = result.manifest[result.manifest.status == "ok"]
     assert ok.id.nunique() == n_ok and len(ok) == n_ok * 2
