@@ -10,7 +10,7 @@ edit_ablation stage switched off (all four are tested on the tiny profile, in
 tests/test_pipeline_e2e.py): at 256 px every image costs each stage minutes on a 2-core CPU (a
 forward pass of the 113.7M-parameter U-Net is about 9 s). With two held-out images, two SDEdit
 strengths and both comparisons this test took 37 min of a 74-min CI run (evaluate alone 17 min);
-with one image and none of them, 20 min of a 53-min suite (the ablation 4.5 of them).
+with one image and none of them, 20 min of a 51.5-min suite (the ablation 4.5 of them).
 """
 
 from __future__ import annotations
