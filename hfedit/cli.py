@@ -117,7 +117,7 @@ class _Job:
     def __init__(self, args) -> None:
         from hfedit.models.backbone import load_backbone
         from hfedit.config import load_config, project_root
-        from hfedit.data.images import load_image, to_tensor
+        from hfedit.data.images import UNVERIFIED, load_image, to_tensor
         from hfedit.device import placement
         from hfedit.validation import check_output_folder
 
@@ -137,7 +137,7 @@ class _Job:
         device, precision = placement(cfg.runtime.device, cfg.runtime.precision, "editing")
         loaded = load_image(args.image, cfg.data.max_pixels,  # the input, before any model
                             require_verified=cfg.data.require_verified)
-        if loaded.integrity == "unverified":
+        if loaded.integrity == UNVERIFIED:
             print(f"note: {args.image}: its format carries nothing that shows damage (integrity "
                   "unverified; --set data.require_verified=true refuses such files)",
                   file=sys.stderr)

@@ -84,10 +84,12 @@ def config_problems(cfg) -> list[str]:
         check_device_spec(cfg.runtime.device)
     except ValueError as err:
         problems.append(f"{err} (set by --device, --set runtime.device=... or conf/runtime.yaml)")
-    unknown = sorted(set(cfg.evaluate.side_by_side) - {"conditioning", "modes"})
+    from hfedit.config.schema import SIDE_BY_SIDE
+
+    unknown = sorted(set(cfg.evaluate.side_by_side) - set(SIDE_BY_SIDE))
     if unknown:
         problems.append(f"evaluate.side_by_side={list(cfg.evaluate.side_by_side)}: {unknown} "
-                        "unknown; give a subset of [conditioning, modes] ([] = neither)")
+                        f"unknown; give a subset of [{', '.join(SIDE_BY_SIDE)}] ([] = neither)")
     if any(not 0 < v <= 1 for v in cfg.evaluate.sdedit_strengths):
         problems.append(f"evaluate.sdedit_strengths={list(cfg.evaluate.sdedit_strengths)}: each "
                         "must be in (0, 1] (set by --set evaluate.sdedit_strengths=[...] or "

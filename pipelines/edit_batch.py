@@ -461,13 +461,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.no_track:
             result = go()
         else:
-            from pipelines.tracking import stage_run
+            from pipelines.tracking import flatten, stage_run
 
             with stage_run(cfg, "edit_batch", tags={"edit_batch.input": args.input},
                            store_beside=args.out) as tracker:
                 result = go()
-                flat = {f"edit_batch/{k.replace('.', '/')}": v
-                        for k, v in _flatten(metrics_dict(result)).items()
+                flat = {f"edit_batch/{k}": v for k, v in flatten(metrics_dict(result)).items()
                         if isinstance(v, (int, float))}
                 tracker.log_metrics(flat, step=0)
                 tracker.log_artifact(args.out / MANIFEST)
@@ -482,14 +481,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(result.table)
     print(result.summary, flush=True)
     return EXIT_OK if result.exit_code == EXIT_FAILED and args.allow_failed else result.exit_code
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        flat.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return flat
 
 
 if __name__ == "__main__":

@@ -99,18 +99,20 @@ HEADLINE: dict[str, tuple[str, ...]] = {
 }
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict's leaves under slash names (``{"a": {"b": 1}}`` -> ``{"a/b": 1}``): the
+    inverse of :func:`nest_metrics`."""
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        flat.update(flatten(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return flat
+
+
 def headline(numbers: dict[str, Any], stage: str) -> dict[str, Any]:
     """The :data:`HEADLINE` numbers of a stage's nested ``numbers``, nested the same way."""
     from fnmatch import fnmatchcase
 
-    def flat(tree: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
-        for k, v in tree.items():
-            if isinstance(v, dict):
-                yield from flat(v, f"{prefix}{k}/")
-            else:
-                yield f"{prefix}{k}", v
-
-    keep = {name: v for name, v in flat(numbers)
+    keep = {name: v for name, v in flatten(numbers).items()
             if any(fnmatchcase(name, pattern) for pattern in HEADLINE[stage])}
     return nest_metrics(keep, stage)
 

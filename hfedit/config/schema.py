@@ -449,9 +449,12 @@ class EvaluateConfig:
     # Side-by-side edit comparisons, each one more edit per attribute, image and N: "conditioning"
     # (inversion.condition trajectory vs live) and "modes" (inversion.mode edit_friendly vs
     # ddim); [] = the edits of the configured mode and conditioning only (a third of the time).
-    side_by_side: list[str] = field(default_factory=lambda: ["conditioning", "modes"])
+    side_by_side: list[str] = field(default_factory=lambda: list(SIDE_BY_SIDE))
     # LPIPS is added when its weights are on disk (hfedit.evaluation.metrics.lpips_available), else the
     # report says why it is missing; it never downloads.
+
+
+SIDE_BY_SIDE = ("conditioning", "modes")  # evaluate.side_by_side's names
 
 
 @dataclass

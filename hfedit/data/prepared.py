@@ -497,4 +497,4 @@ def load_split(prepared: str | os.PathLike, split: str) -> Split:
 
 
 __all__ = ["FORMAT", "PreparedData", "Split", "data_location", "load_split",
-           "pixels_to_tensor", "pixels_to_u8", "prepare_dataset"]
+           "pixels_to_u8", "prepare_dataset"]
