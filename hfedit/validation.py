@@ -156,15 +156,24 @@ _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://\S*)")
 _DATA_KEYS = ("data.source", "edit_batch.edits_dir")
 
 
-def refuse_uris(argv: list[str], command: str) -> None:
-    """Refuse object-storage URIs before any work: the commands read and write local paths
-    only (pathlib would turn ``s3://b/x`` into a local folder ``s3:/b/x``). Raises
-    :class:`UsageError` naming the URI and the fix."""
+def refuse_uris(argv: list[str], command: str, allowed: tuple[str, ...] = ()) -> None:
+    """Refuse object-storage URIs before any work where a command reads and writes local paths
+    only (pathlib would turn ``s3://b/x`` into a local folder ``s3:/b/x``); the values of the
+    flags in ``allowed`` (``--input``, ``--data``, ...: those a command reads through
+    :mod:`hfedit.storage`) may be URIs. Raises :class:`UsageError` naming the URI and the fix."""
+    skip = False
     for arg in argv:
+        if skip:
+            skip = False
+            continue
         key, _, value = arg.partition("=")
+        if key in allowed:
+            skip = not _  # "--flag value": the value is the next argument
+            continue
         found = _URI.match(value if value and key.lstrip("-") in _DATA_KEYS else arg)
         if found:
+            takes = f" (URIs are taken by {', '.join(allowed)})" if allowed else ""
             raise UsageError(
-                f"{found.group(1)}: {command} takes local paths only (object storage is not "
-                "supported yet); copy the data to a local or mounted folder (e.g. `aws s3 sync`, "
-                "s3fs, a DVC remote with `dvc pull`) and give that path")
+                f"{found.group(1)}: {command} takes local paths only{takes}; copy the data to a "
+                "local or mounted folder (e.g. `aws s3 sync`, s3fs, a DVC remote with `dvc pull`) "
+                "and give that path")

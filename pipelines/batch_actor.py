@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hfedit.data.images import ImageError, load_image, to_pil, to_tensor
-from hfedit.files import atomic_write_bytes
+from hfedit.data.images import ImageError, load_image, load_image_bytes, to_pil, to_tensor
+from hfedit.storage import Location, is_uri, local_copy
 from hfedit.data.prepared import Split, load_split
 from hfedit.editing.editor import RECONSTRUCTION, load_editor
 from hfedit.device import placement
@@ -73,6 +73,7 @@ def backbone_resolution(backbone: str) -> int:
     """The image size R the backbone takes (its UNet config's sample_size), without loading it."""
     from diffusers import UNet2DModel
 
+    backbone = str(local_copy(backbone)) if is_uri(backbone) else backbone
     for sub in ("unet", None):
         try:
             config = UNet2DModel.load_config(backbone, **({"subfolder": sub} if sub else {}))
@@ -116,8 +117,16 @@ def _decode(item: dict, job: Job, size: int) -> tuple[torch.Tensor, str]:
             raise ValueError(f"{path} holds {x0.shape[-1]} px images; the backbone expects "
                              f"{size} px: rerun prepare with data.resolution={size}")
         return x0, "prepared"
-    loaded = load_image(str(item["input"]), job.max_pixels, job.root or None,
-                        require_verified=job.require_verified)
+    if is_uri(str(item["input"])):  # an object on a store: decoded from its bytes
+        try:
+            data = Location(str(item["input"])).read_bytes()
+        except FileNotFoundError:
+            raise ImageError("not_a_file", item["input"], "no such object on the store") from None
+        loaded = load_image_bytes(data, str(item["input"]), job.max_pixels,
+                                  require_verified=job.require_verified)
+    else:
+        loaded = load_image(str(item["input"]), job.max_pixels, job.root or None,
+                            require_verified=job.require_verified)
     return to_tensor(loaded.image, size, job.center_crop), loaded.integrity
 
 
@@ -133,11 +142,14 @@ class EditImages:
 
     def __init__(self, job: Job) -> None:
         torch.set_num_threads(max(1, job.torch_threads))
-        self.job, self.out, self.pid, self.node = job, Path(job.out), os.getpid(), _node()
+        self.job, self.out, self.pid, self.node = job, Location(job.out), os.getpid(), _node()
         self.device, precision = placement(job.device, job.precision, "editing")
         edits = [a for a in job.attributes if a != RECONSTRUCTION]
-        self.editor = load_editor(job.backbone, job.inversion, job.edits_dir if edits else None,
-                                  edits, device=self.device)
+        # models on a store: fetched into this node's cache (every node its own copy)
+        backbone = str(local_copy(job.backbone)) if is_uri(job.backbone) else job.backbone
+        edits_dir = (local_copy(job.edits_dir) if is_uri(job.edits_dir) else job.edits_dir) \
+            if edits else None
+        self.editor = load_editor(backbone, job.inversion, edits_dir, edits, device=self.device)
         self.editor.denoiser.precision = precision
         self.done = DoneIndex(self.out)
         self.log = DoneLog(self.out, job.run)
@@ -169,7 +181,7 @@ class EditImages:
                 "write": False, "logged": False}
         rows, todo = [], []
         for a in _str(item["pending"]).split(","):
-            if (self.out / output_relpath(a, name)).exists():  # a retried batch: logged before?
+            if _exists(self.out, output_relpath(a, name)):  # a retried batch: logged before?
                 row = self.done.refresh().rows.get((id_, a))
                 if is_complete(row, base["signature"], self.job.fingerprints[a], self.out):
                     rows.append({**base, **row, "logged": True})
@@ -222,7 +234,7 @@ def write_outputs(batch: Batch, job: Job) -> Batch:
     """Edited arrays -> PNGs (temporary name + rename) and metrics; then each image's rows are
     appended to the done-log (one write) unless they are there already. Returns the manifest
     rows (``COLUMNS``)."""
-    out = Path(job.out)
+    out = Location(job.out)
     log = _LOGS.setdefault((job.out, job.run), DoneLog(out, job.run))
     rows = records(batch)
     for row in rows:
@@ -239,7 +251,11 @@ def write_outputs(batch: Batch, job: Job) -> Batch:
     return columns([{c: _plain(r.get(c)) for c in COLUMNS} for r in rows], COLUMNS)
 
 
-def _write(source: np.ndarray, edited: np.ndarray, attribute: str, name: str, out: Path) -> dict:
+def _exists(out: Location, rel: str) -> bool:
+    return (out.local / rel).exists() if out.local is not None else out.size(rel) is not None
+
+
+def _write(source: np.ndarray, edited: np.ndarray, attribute: str, name: str, out: Location) -> dict:
     from hfedit.evaluation.metrics import l1, ssim
 
     try:
@@ -257,7 +273,7 @@ def _write(source: np.ndarray, edited: np.ndarray, attribute: str, name: str, ou
         buf = io.BytesIO()
         to_pil(image[0]).save(buf, format="PNG")
         data = buf.getvalue()
-        atomic_write_bytes(out / rel, data)  # temporary name, fsync, rename: before its done entry
+        out.write_bytes(rel, data)  # temporary, fsync, rename (or one PUT): before its done entry
         return {"status": "ok", "output": rel, "write_s": time.perf_counter() - start, **metrics,
                 "out_bytes": len(data), "out_sha256": hashlib.sha256(data).hexdigest(),
                 "written_on": _node()}

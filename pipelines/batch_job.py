@@ -20,7 +20,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from hfedit.files import NAME_MAX
 from hfedit.models.checkpoint import file_digest, fingerprint
@@ -31,6 +31,7 @@ from hfedit.data.images import ImageError
 from hfedit.data.sources import iter_folder
 from hfedit.data.prepared import PreparedData
 from hfedit.editing.editor import RECONSTRUCTION, available_edits
+from hfedit.storage import Location, StorageError, is_uri, local_copy
 from hfedit.validation import UsageError, check_list_file  # bad arguments: exit status 2
 
 EXIT_OK, EXIT_CRASHED, EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -113,8 +114,18 @@ def list_inputs(source: str | os.PathLike, split: Optional[str] = None,
                 root: Optional[str | os.PathLike] = None) -> list[Entry]:
     """Every input of a folder (recursive, :func:`hfedit.data.sources.iter_folder`), a list file, or the
     ``split`` of a prepared dataset folder, sorted by id, duplicates dropped."""
-    source = Path(source).absolute()
-    if split is not None:
+    if is_uri(source):
+        loc = _input_location(source)
+        if loc.local is None:  # on an object store
+            if split is not None:
+                raise UsageError(f"--input {source} --split {split}: a prepared split is read from "
+                                 "a local or mounted folder; give its path")
+            entries = _store_entries(loc, root)
+        source = loc.local
+    source = Path(source).absolute() if source is not None else None
+    if source is None:
+        pass
+    elif split is not None:
         entries = _split_entries(source, split)
     elif source.is_dir():
         entries = [Entry(e.id, str(e.path), _signature(e.path), error=e.error)
@@ -164,6 +175,9 @@ def _listed_entries(list_file: Path, root: Path) -> list[Entry]:
         text = line.strip()
         if not text or text.startswith("#"):
             continue
+        if is_uri(text):  # an object on a store: listed by its URI
+            entries.append(_store_line(text, None))
+            continue
         path = Path(os.path.normpath((root_abs / text).absolute()))
         try:
             id_ = path.relative_to(root_abs).as_posix()
@@ -185,6 +199,72 @@ def _listed_entries(list_file: Path, root: Path) -> list[Entry]:
             error = ImageError("not_a_file", path, "a folder or special file, not a regular file")
         entries.append(Entry(id_, str(path), _signature(path), error=error))
     return entries
+
+
+def _input_location(source: str) -> Location:
+    try:
+        loc = Location(source)
+        loc.is_file()  # reaches the store once: a wrong endpoint or credentials fail here
+    except StorageError as err:
+        raise UsageError(f"--input {err}") from None
+    return loc
+
+
+def _store_entries(loc: Location, root: Optional[str]) -> list[Entry]:
+    """The inputs of a prefix on an object store (every object under it whose name has an image
+    suffix) or of a list file stored there (lines relative to ``root``, default the list file's
+    folder, or whole URIs)."""
+    if loc.is_file():
+        data = loc.read_bytes()
+        if b"\x00" in data[:8192]:
+            raise UsageError(f"--input {loc} is not a text file, not a prefix of images or a list "
+                             "file: give a prefix of images or a text file of one image per line")
+        base = Location(root) if root else Location(loc.text.rsplit("/", 1)[0])
+        lines = [t.strip() for t in data.decode("utf-8", "surrogateescape").splitlines()]
+        entries = [_store_line(t, base) for t in lines if t and not t.startswith("#")]
+    else:
+        files = loc.files()
+        if not files:
+            raise UsageError(f"--input {loc}: no objects under this prefix (a folder of images on "
+                             "the store, or a list file)")
+        entries = [Entry(rel, loc.name(rel)) for rel in files if is_image_name(rel)]
+    _store_signatures(entries)
+    return entries
+
+
+def _store_line(text: str, base: Optional[Location]) -> Entry:
+    """One line of a list file naming an object: a URI, or a path relative to ``base`` (which it
+    must not leave). Its id: the path under ``base``, or for a URI elsewhere its bucket/key."""
+    if not is_uri(text):
+        rel = PurePosixPath(os.path.normpath("/" + text)).relative_to("/").as_posix()
+        if base is None or text.startswith("/") or ".." in PurePosixPath(text).parts:
+            return Entry(text, text, error=ImageError(
+                "outside_root", text, f"listed path leaves the list's root {base} (set --root)"))
+        return Entry(rel, base.name(rel))
+    under = base is not None and text.startswith(base.text.rstrip("/") + "/")
+    return Entry(text[len(base.text.rstrip("/")) + 1:] if under else text.split("://", 1)[1], text)
+
+
+def _store_signatures(entries: list[Entry]) -> None:
+    """Each stored input's signature (``<size>:<sha256 prefix>`` of its bytes, as for local
+    files), read by 8 threads; an object that cannot be read gets its reason."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def sign(entry: Entry) -> None:
+        if entry.error is not None:
+            return
+        try:
+            data = Location(entry.input).read_bytes()
+        except FileNotFoundError:
+            entry.error = ImageError("not_a_file", entry.input, "no such object on the store")
+            return
+        except OSError as err:
+            entry.error = ImageError("unreadable", entry.input, f"cannot read: {err}")
+            return
+        entry.signature = f"{len(data)}:{hashlib.sha256(data).hexdigest()[:16]}"
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(sign, entries))
 
 
 def resolved(path: str | os.PathLike) -> Optional[Path]:
@@ -244,6 +324,9 @@ def output_relpath(attribute: str, name: str) -> str:
 
 def ignored_files(source: str | os.PathLike) -> list[str]:
     """The files of a folder input that are not images by their suffix (not inputs)."""
+    if is_uri(source) and Location(source).local is None:
+        loc = Location(source)
+        return [] if loc.is_file() else [r for r in loc.files() if not is_image_name(r)]
     source = Path(source)
     if not source.is_dir():
         return []
@@ -275,10 +358,11 @@ class Job:
 
 def _tree_digest(path: str | os.PathLike) -> str:
     """Digest of every file under a local folder (or of the string: a hub id)."""
-    path = Path(path)
+    path = local_copy(path) if is_uri(path) else Path(path)
     if not path.exists():
         return f"id:{path}"
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".hfedit-")) \
+        if path.is_dir() else [path]  # (not the store copy's listing: same digest as the folder)
     return fingerprint([(p.relative_to(path).as_posix() if path.is_dir() else p.name, file_digest(p))
                         for p in files])
 
@@ -288,6 +372,11 @@ def check_attributes(attributes: list[str], edits_dir: str | os.PathLike) -> dic
     and the folder when an edit rectifier is missing."""
     if not attributes:
         raise UsageError("no attributes requested (--attributes / edit_batch.attributes)")
+    if is_uri(edits_dir) and any(a != RECONSTRUCTION for a in attributes):
+        try:  # a folder of rectifiers on a store: checked and fingerprinted in this node's copy
+            edits_dir = local_copy(edits_dir)
+        except (OSError, StorageError) as err:
+            raise UsageError(f"--edits {edits_dir}: {err}") from None
     edits_dir = Path(edits_dir)
     have = available_edits(edits_dir)
     folders = {}
@@ -303,11 +392,22 @@ def check_attributes(attributes: list[str], edits_dir: str | os.PathLike) -> dic
     return dict(sorted(folders.items()))
 
 
-def make_job(cfg: HfeditConfig, backbone: str, out: Path, rectifiers: dict[str, str],
+def make_job(cfg: HfeditConfig, backbone: str, out: Location, rectifiers: dict[str, str],
              split_input: bool, pid_dir: str = "", root: str = "") -> Job:
+    """The job's settings, fingerprints and run id. Locations on a store (``--out``,
+    ``--backbone``, ``--edits``) stay URIs: each process fetches models into its own node's
+    cache (:func:`hfedit.storage.local_copy`)."""
     eb, inv = cfg.edit_batch, cfg.inversion
+    out = out if isinstance(out, Location) else Location(out)
+    if is_uri(backbone):
+        try:
+            local_copy(backbone)
+        except (OSError, StorageError) as err:
+            raise UsageError(f"--backbone {backbone}: {err}") from None
     local = Path(backbone)
-    if not local.exists() and (backbone.startswith((".", "/")) or backbone.count("/") != 1):
+    if is_uri(backbone):
+        pass
+    elif not local.exists() and (backbone.startswith((".", "/")) or backbone.count("/") != 1):
         raise UsageError(f"--backbone {backbone}: no such folder (the backbone stage writes "
                          "models/backbone) and not a hub id 'owner/name'")
     common = {"format": FORMAT, "backbone": _tree_digest(backbone),
@@ -320,11 +420,13 @@ def make_job(cfg: HfeditConfig, backbone: str, out: Path, rectifiers: dict[str, 
     prints = {a: fingerprint({**common, "attribute": a, "rectifier": _tree_digest(f) if f else None})
               for a, f in rectifiers.items()}
     run = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    return Job(str(local.resolve()) if local.exists() else backbone, str(out.resolve()), run,
-               list(rectifiers), str(Path(eb.edits_dir).resolve()), prints, inv,
+    return Job(str(local.resolve()) if not is_uri(backbone) and local.exists() else backbone,
+               str(out.local.resolve()) if out.local is not None else out.text, run,
+               list(rectifiers),
+               eb.edits_dir if is_uri(eb.edits_dir) else str(Path(eb.edits_dir).resolve()), prints, inv,
                cfg.data.max_pixels, cfg.data.center_crop, eb.torch_threads, cfg.runtime.device,
                cfg.runtime.precision.value, str(Path(pid_dir).absolute()) if pid_dir else "",
-               eb.max_attempts, str(Path(root).resolve()) if root else "",
+               eb.max_attempts, str(Path(root).resolve()) if root and not is_uri(root) else "",
                cfg.data.require_verified)
 
 
@@ -334,18 +436,32 @@ class DoneIndex:
     per (run, id) (how often a worker started on the image). Read incrementally; a line torn by a
     killed process or a full disk (its checksum does not match) is ignored."""
 
-    def __init__(self, out: str | os.PathLike) -> None:
-        self.folder = Path(out) / LOG_DIR
+    def __init__(self, out: str | os.PathLike | Location) -> None:
+        self.out = out if isinstance(out, Location) else Location(out)
+        self.folder = Path(self.out.local or ".") / LOG_DIR  # (local outputs)
         self.rows: dict[tuple[str, str], dict] = {}
         self.attempts: Counter[tuple[str, str]] = Counter()
         self._offsets: dict[str, int] = {}
 
+    def _new_data(self) -> Iterator[tuple[str, int, bytes]]:
+        """(log name, offset, bytes after it) of every log: local logs grow by appends (read
+        from where the last refresh stopped); a store's are objects written once (read once)."""
+        if self.out.local is not None:
+            for path in sorted(self.folder.glob("*.jsonl")):
+                start = self._offsets.get(path.name, 0)
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    yield path.name, start, f.read()
+            return
+        for rel in self.out.files(LOG_DIR, recursive=False):
+            if rel.endswith(".jsonl") and rel not in self._offsets:
+                try:
+                    yield rel, 0, self.out.read_bytes(rel)
+                except FileNotFoundError:  # compacted away since the listing
+                    continue
+
     def refresh(self) -> "DoneIndex":
-        for path in sorted(self.folder.glob("*.jsonl")):
-            start = self._offsets.get(path.name, 0)
-            with open(path, "rb") as f:
-                f.seek(start)
-                data = f.read()
+        for name, start, data in self._new_data():
             end = data.rfind(b"\n") + 1
             for line in data[:end].splitlines():
                 row = parse_log_line(line)
@@ -358,16 +474,27 @@ class DoneIndex:
                         self.rows[(row["id"], row["attribute"])] = row
                 except (ValueError, KeyError, TypeError):
                     continue
-            self._offsets[path.name] = start + end
+            self._offsets[name] = start + end
         return self
 
 
-def is_complete(row: Optional[dict], signature: str, fingerprint_: str, out: Path) -> bool:
+def is_complete(row: Optional[dict], signature: str, fingerprint_: str,
+                out: Path | Location, present: Optional[dict[str, int]] = None) -> bool:
     """Whether a logged row still stands: same input file, same job, the PNG as it was written
     (size and sha256 from the row; rows logged before they were recorded: the PNG exists), or
-    for errors: a failure a rerun would repeat."""
+    for errors: a failure a rerun would repeat. On an object store the PNG's size is checked
+    (``present``: the output's listing, name -> size, when the caller has it; else one HEAD):
+    objects are written whole by one PUT, and reading each back for its digest would cost a
+    download per image."""
     if row is None or row.get("signature") != signature or row.get("fingerprint") != fingerprint_:
         return False
+    if isinstance(out, Location):
+        if out.local is None:
+            if row["status"] != "ok":
+                return row.get("reason") not in RETRIED
+            size = present.get(row["output"]) if present is not None else out.size(row["output"])
+            return size is not None and size == row.get("out_bytes", size)
+        out = out.local
     if row["status"] == "ok":
         path = out / row["output"]
         if "out_sha256" not in row:
@@ -410,13 +537,23 @@ def parse_log_line(line: bytes) -> Optional[dict]:
 
 
 class DoneLog:
-    """This process's append-only log: one line per row, one write + fsync per image."""
+    """This process's append-only log: one line per row, one write + fsync per image. On an
+    object store (no append) each call writes one small object
+    ``_log/<run>-<pid>-<6 hex>-<k>.jsonl``; the job compacts them at its end."""
 
-    def __init__(self, out: Path, run: str) -> None:
-        self.path = out / LOG_DIR / f"{run}-{os.getpid()}-{uuid.uuid4().hex[:6]}.jsonl"
+    def __init__(self, out: Path | Location, run: str) -> None:
+        self.out = out if isinstance(out, Location) else Location(out)
+        self.name = f"{run}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.path = Path(self.out.local or ".") / LOG_DIR / f"{self.name}.jsonl"
         self._file = None
+        self._objects = 0
 
     def append(self, rows: list[dict]) -> None:
+        if self.out.local is None:
+            self._objects += 1
+            self.out.write_bytes(f"{LOG_DIR}/{self.name}-{self._objects:06d}.jsonl",
+                                 "".join(log_line(r) for r in rows).encode())
+            return
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")

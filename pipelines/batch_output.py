@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from hfedit.editing.editor import RECONSTRUCTION
-from hfedit.files import atomic_write_bytes, is_temporary
-from pipelines.batch_job import (COMPACTED, MANIFEST, RETRIED, DoneIndex, Entry, log_line,
-                                 output_relpath, to_display)
+from hfedit.files import is_temporary
+from hfedit.storage import Location
+from pipelines.batch_job import (COMPACTED, LOG_DIR, MANIFEST, RETRIED, DoneIndex, Entry,
+                                 log_line, output_relpath, to_display)
 
 if TYPE_CHECKING:
     from pipelines.edit_batch import JobResult
@@ -76,7 +77,7 @@ def _reserve_space(out: Path, rows: int) -> Path:
     return path
 
 
-def stale_outputs(out: Path, entries: list[Entry], attributes: list[str],
+def stale_outputs(out: Location, entries: list[Entry], attributes: list[str],
                   manifest: pd.DataFrame) -> list[str]:
     """PNGs under ``<out>/<attribute>/`` that no current input writes: its input was deleted,
     or is refused now (a reason a rerun would repeat). Sorted ``<attribute>/<name>`` paths."""
@@ -84,27 +85,31 @@ def stale_outputs(out: Path, entries: list[Entry], attributes: list[str],
                                             manifest.reason) if s != "ok" and r not in RETRIED}
     keep = {output_relpath(a, e.name) for e in entries if e.name for a in attributes
             if (to_display({"id": e.id})["id"], a) not in refused}
-    found = (p for a in attributes for p in (out / a).rglob("*.png") if (out / a).is_dir())
-    return sorted(rel for p in found if p.is_file() and not is_temporary(p)
-                  and (rel := p.relative_to(out).as_posix()) not in keep)
+    if out.local is None:
+        found = (rel for a in attributes for rel in out.files(a) if rel.endswith(".png"))
+        return sorted(rel for rel in found if rel not in keep)
+    root = out.local  # walked with pathlib: names that are not UTF-8 are files too
+    paths = (p for a in attributes for p in (root / a).rglob("*.png") if (root / a).is_dir())
+    return sorted(rel for p in paths if p.is_file() and not is_temporary(p)
+                  and (rel := p.relative_to(root).as_posix()) not in keep)
 
 
-def _write_manifest(df: pd.DataFrame, out: Path) -> Path:
+def _write_manifest(df: pd.DataFrame, out: Location) -> str:
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
-    atomic_write_bytes(out / MANIFEST, buf.getvalue())
-    return out / MANIFEST
+    return out.write_bytes(MANIFEST, buf.getvalue())
 
 
-def _compact_logs(out: Path, done: DoneIndex) -> None:
-    """Replace the per-process logs by one file of the rows that stand (bounded growth)."""
+def _compact_logs(out: Location, done: DoneIndex) -> None:
+    """Replace the per-process logs (or a store's per-image objects) by one file of the rows
+    that stand (bounded growth)."""
     keep = [r for r in done.refresh().rows.values()
             if r["status"] == "ok" or r.get("reason") not in RETRIED]
     text = "".join(log_line(r) for r in keep)
-    atomic_write_bytes(done.folder / COMPACTED, text.encode())
-    for path in done.folder.glob("*.jsonl"):
-        if path.name != COMPACTED:
-            path.unlink(missing_ok=True)
+    out.write_bytes(f"{LOG_DIR}/{COMPACTED}", text.encode())
+    for rel in out.files(LOG_DIR, recursive=False):
+        if rel.endswith(".jsonl") and rel != f"{LOG_DIR}/{COMPACTED}":
+            out.delete(rel)
 
 
 # ---------------------------------------------------------------------------- summary
@@ -136,7 +141,7 @@ def summary_table(df: pd.DataFrame, run: str) -> str:
     return "\n".join(lines)
 
 
-def summary_line(result: JobResult, out: Path) -> str:
+def summary_line(result: JobResult, out: Location) -> str:
     c = result.counts
     rate = c["edited_now"] / result.seconds if result.seconds > 0 and c["edited_now"] else 0.0
     reasons = ", ".join(f"{k} {v}" for k, v in c["reasons"].items())
@@ -150,7 +155,7 @@ def summary_line(result: JobResult, out: Path) -> str:
                f"{', ...' if len(result.stale) > 3 else ''}"
                f"{'' if result.stale_removed else '; --remove-stale deletes them'})"
                if result.stale else "")
-            + f"; {result.seconds:.1f} s, {rate:.2f} images/s; manifest {out / MANIFEST}"
+            + f"; {result.seconds:.1f} s, {rate:.2f} images/s; manifest {out.name(MANIFEST)}"
             + (f"; stopped: {result.error}" if result.error else ""))
 
 

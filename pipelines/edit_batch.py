@@ -62,6 +62,7 @@ from hfedit.data.batch_manifest import read_manifest
 from hfedit.data.manifest import SPLITS
 from hfedit.device import DeviceUnavailable
 from hfedit.files import remove_temporaries
+from hfedit.storage import Location, StorageError, is_uri
 from hfedit.validation import check_output_folder
 from pipelines.batch_actor import (EditImages, backbone_resolution, columns, decode_images,
                                    error_row, write_outputs)
@@ -124,6 +125,77 @@ def _locked(out: Path, attributes: list[str]) -> Iterator[None]:
         yield
 
 
+LOCK = "_lock.json"  # the job lock on an object store
+LOCK_FRESH_S = 600.0  # a lock object not refreshed for this long is a dead job's: taken over
+LOCK_REFRESH_S = 60.0
+
+
+@contextlib.contextmanager
+def _store_locked(out: Location, run: str) -> Iterator[None]:
+    """One job at a time per output prefix on an object store, which has no file locks: a marker
+    object ``<out>/_lock.json`` holding the job's run id, host and time, rewritten every minute
+    while the job runs and deleted at its end. A marker refreshed within
+    :data:`LOCK_FRESH_S` refuses a second job; an older one (a job killed without its cleanup)
+    is taken over. Two jobs starting within the same second can both write a marker: each reads
+    it back and only the one whose marker stands goes on (the store's last writer wins)."""
+    import json
+    import socket
+    import threading
+
+    def read() -> dict:
+        try:
+            return json.loads(out.read_bytes(LOCK))
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    held = read()
+    age = time.time() - float(held.get("time", 0))
+    if held and age < LOCK_FRESH_S:
+        raise UsageError(f"another edit_batch job (run {held.get('run')} on {held.get('host')}) "
+                         f"is writing to {out}: its lock {out.name(LOCK)} was refreshed {age:.0f} s "
+                         f"ago (a lock not refreshed for {LOCK_FRESH_S:.0f} s is taken over)")
+    mine = {"run": run, "host": socket.gethostname(), "pid": os.getpid()}
+
+    def write() -> None:
+        out.write_bytes(LOCK, json.dumps({**mine, "time": time.time()}).encode())
+
+    write()
+    if read().get("run") != run:
+        raise UsageError(f"another edit_batch job took the lock {out.name(LOCK)} at the same time")
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(LOCK_REFRESH_S):
+            with contextlib.suppress(OSError):
+                write()
+
+    thread = threading.Thread(target=beat, name="edit_batch-lock", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        if read().get("run") == run:
+            out.delete(LOCK)
+
+
+def _output_location(out: str | os.PathLike) -> Location:
+    """``--out`` checked before any work: a local folder that is or can be made (not a file), or
+    a prefix on a reachable store that is not an object."""
+    if not is_uri(out):
+        return Location(check_output_folder(out))
+    try:
+        loc = Location(out)
+        if loc.local is not None:
+            return Location(check_output_folder(loc.local))
+        if loc.is_file():
+            raise UsageError(f"--out {out} is an object, not a prefix: give a prefix for the outputs")
+    except StorageError as err:
+        raise UsageError(f"--out {err}") from None
+    return loc
+
+
 def _remove_temporaries(out: Path, attributes: list[str]) -> None:
     """Temporaries of this job's writers killed before their rename, where the job writes:
     ``<out>`` (the manifest), ``<out>/_log`` and ``<out>/<attribute>/`` of its attributes. Only
@@ -139,7 +211,8 @@ def plan(entries: list[Entry], job: Job, done: DoneIndex, global_seed: int
          ) -> tuple[list[dict], list[dict]]:
     """Split the work: (items for Ray Data, each with its pending attributes; rows that already
     stand: logged before, or inputs refused while listing)."""
-    out = Path(job.out)
+    out = Location(job.out)
+    present = out.files() if out.local is None else None  # one listing, not a HEAD per output
     items, rows = [], []
     for e in entries:
         seed = image_seed(global_seed, e.id)
@@ -152,7 +225,7 @@ def plan(entries: list[Entry], job: Job, done: DoneIndex, global_seed: int
         pending = []
         for a in job.attributes:
             row = done.rows.get((e.id, a))
-            if is_complete(row, e.signature, job.fingerprints[a], out):
+            if is_complete(row, e.signature, job.fingerprints[a], out, present):
                 rows.append(row)
             else:
                 pending.append(a)
@@ -243,26 +316,36 @@ def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike
     ``start_ray`` is called only when there is work: a rerun with nothing left never starts Ray.
     Outputs of inputs deleted or now refused are listed (``stale``), deleted with
     ``remove_stale``."""
-    out = check_output_folder(out)
+    loc = _output_location(out)
     rectifiers = check_attributes(cfg.edit_batch.attributes, cfg.edit_batch.edits_dir)
-    real_out = out.resolve()  # an output folder inside the input folder is not input
+    real_out = loc.local.resolve() if loc.local is not None else None
+    store_prefix = loc.text.rstrip("/") + "/"
 
-    def inside_out(path: Path) -> bool:  # a symlink loop resolves to nothing: not in --out
-        real = resolved(path)
+    def inside_out(path: str) -> bool:  # an output folder inside the input folder is not input
+        if is_uri(path) or real_out is None:
+            return path.startswith(store_prefix)
+        real = resolved(path)  # a symlink loop resolves to nothing: not in --out
         return real is not None and real.is_relative_to(real_out)
 
+    source = str(source)
     entries = [e for e in list_inputs(source, split, root)
-               if split is not None or not inside_out(Path(e.input))]
+               if split is not None or not inside_out(e.input)]
     ignored = [] if split is not None else [
-        i for i in ignored_files(source) if not inside_out(Path(source) / i)]
+        i for i in ignored_files(source) if not inside_out(str(Path(source) / i)
+                                                           if not is_uri(source) else f"{source}/{i}")]
     if not entries:
         raise UsageError(f"--input {source}: no image files" + (
             f" (ignored, not images by their suffix: {ignored[:5]})" if ignored else ""))
-    top = "" if split is not None else root or (source if Path(source).is_dir() else Path(source).parent)
-    job = make_job(cfg, backbone, out, rectifiers, split is not None, pid_dir, str(top))
-    with _locked(out, job.attributes):
-        reserve = _reserve_space(out, len(entries) * len(job.attributes))
-        done = DoneIndex(out).refresh()
+    top = "" if split is not None or (is_uri(source) and not root) else \
+        root or (source if Path(source).is_dir() else Path(source).parent)
+    job = make_job(cfg, backbone, loc, rectifiers, split is not None, pid_dir, str(top))
+    locked = _locked(loc.local, job.attributes) if loc.local is not None \
+        else _store_locked(loc, job.run)
+    with locked:
+        reserve = _reserve_space(loc.local, len(entries) * len(job.attributes)) \
+            if loc.local is not None else None
+        out = loc
+        done = DoneIndex(loc).refresh()
         items, standing = plan(entries, job, done, cfg.inversion.seed)
         got: list[pd.DataFrame] = []
         error, code, started = "", EXIT_OK, time.perf_counter()
@@ -301,18 +384,22 @@ def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike
         except OSError as err:
             if err.errno != errno.ENOSPC:
                 raise
+            if reserve is None:
+                raise
             reserve.unlink(missing_ok=True)  # the space kept for this moment
             _write_manifest(assembled, out)
-        manifest = read_manifest(out)  # what the user gets, typed as the file is
+        manifest = read_manifest(loc.local or loc.text)  # what the user gets, typed as the file is
         stale = stale_outputs(out, entries, job.attributes, manifest)
-        reserve.unlink(missing_ok=True)
+        if reserve is not None:
+            reserve.unlink(missing_ok=True)
         if not error:  # after a crash actors may still be writing: the next run tidies up
             with contextlib.suppress(OSError):  # (a full disk: the logs stay as they are)
                 _compact_logs(out, done)
-            _remove_temporaries(out, job.attributes)
+            if loc.local is not None:
+                _remove_temporaries(loc.local, job.attributes)
             if remove_stale:
                 for rel in stale:
-                    (out / rel).unlink(missing_ok=True)
+                    out.delete(rel)
     counts = count(manifest, job.run, len(items))
     counts["stale"] = len(stale)
     if code == EXIT_OK and counts["failed"]:
@@ -362,8 +449,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--input", required=True,
                    help="folder (recursive), list file, or prepared dataset (with --split)")
-    p.add_argument("--out", required=True, type=Path,
-                   help="<out>/<attribute>/<id>.png + manifest.parquet")
+    p.add_argument("--out", required=True,
+                   help="<out>/<attribute>/<id>.png + manifest.parquet: a folder or a store prefix "
+                   "(s3://bucket/out)")
     p.add_argument("--split", choices=SPLITS, help="edit this split of the prepared dataset --input")
     p.add_argument("--root", help="list file: paths are relative to, and must stay inside, this folder")
     p.add_argument("--backbone", default=BACKBONE_DEFAULT,
@@ -411,15 +499,35 @@ def resolve_model_uris(args: argparse.Namespace) -> None:
     ``--attributes``. ``--backbone models:/...`` takes the backbone of that model."""
     from pipelines.serving import fetch_model
 
+    if is_uri(args.out):  # outputs on a store: models are fetched into this machine's cache
+        import hashlib
+
+        from hfedit.storage import cache_root
+
+        local = cache_root() / "registry" / hashlib.sha256(args.out.encode()).hexdigest()[:24]
+    else:
+        local = Path(args.out)
     if args.edits and args.edits.startswith("models:/"):
-        backbone, attribute = fetch_model(args.edits, args.out / "_models")
-        args.edits = str(args.out / "_models" / "edits")
+        backbone, attribute = fetch_model(args.edits, local / "_models")
+        args.edits = str(local / "_models" / "edits")
         if args.backbone == BACKBONE_DEFAULT:
             args.backbone = str(backbone)
         if args.attributes is not None and attribute not in args.attributes:
             args.attributes.append(attribute)
     if args.backbone.startswith("models:/"):
-        args.backbone = str(fetch_model(args.backbone, args.out / "_backbone")[0])
+        args.backbone = str(fetch_model(args.backbone, local / "_backbone")[0])
+
+
+def _log_manifest(tracker, out: str) -> None:
+    """The job's manifest as a run artifact (a store's is copied to a temporary file first)."""
+    if not is_uri(out):
+        tracker.log_artifact(Path(out) / MANIFEST)
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / MANIFEST).write_bytes(Location(out).read_bytes(MANIFEST))
+        tracker.log_artifact(Path(tmp) / MANIFEST)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -440,7 +548,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from pipelines.tracking import uploaded_copy
 
     for flag, value in (("--backbone", args.backbone), ("--edits", args.edits)):
-        if value and not Path(value).is_absolute() and not Path(value).exists() \
+        if value and not is_uri(value) and not Path(value).is_absolute() and not Path(value).exists() \
                 and uploaded_copy(Path.cwd()):
             print(f"edit_batch: {flag} {value}: not in the uploaded working directory "
                   f"{Path.cwd()} (ray job submit uploads no git-ignored folder such as models/): "
@@ -464,12 +572,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             from pipelines.tracking import flatten, stage_run
 
             with stage_run(cfg, "edit_batch", tags={"edit_batch.input": args.input},
-                           store_beside=args.out) as tracker:
+                           store_beside=None if is_uri(args.out) else Path(args.out)) as tracker:
                 result = go()
                 flat = {f"edit_batch/{k}": v for k, v in flatten(metrics_dict(result)).items()
                         if isinstance(v, (int, float))}
                 tracker.log_metrics(flat, step=0)
-                tracker.log_artifact(args.out / MANIFEST)
+                _log_manifest(tracker, args.out)
                 tracker.log_text(result.table + "\n" + result.summary + "\n", "summary.txt")
     except UsageError as err:
         print(f"edit_batch: {err}", file=sys.stderr)
@@ -488,4 +596,4 @@ if __name__ == "__main__":
     from pipelines.edit_batch import main as _main
     from pipelines.entry import run_main
 
-    run_main("edit_batch", _main)
+    run_main("edit_batch", _main, uri_flags=("--input", "--out", "--root", "--backbone", "--edits"))

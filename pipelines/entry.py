@@ -73,8 +73,10 @@ def parse_and_load(parser: argparse.ArgumentParser, argv: list[str] | None = Non
 
 
 def run_main(name: str, main: Callable[[], object],
-             failures: tuple[type[BaseException], ...] = ()) -> NoReturn:
-    """Run a script's ``main()`` as the process and exit with its status (the module doc)."""
+             failures: tuple[type[BaseException], ...] = (), uri_flags: tuple[str, ...] = ()
+             ) -> NoReturn:
+    """Run a script's ``main()`` as the process and exit with its status (the module doc).
+    Object-store URIs are refused before any work except as the values of ``uri_flags``."""
     from hfedit.config import ConfigError
     from hfedit.device import DeviceUnavailable
     from hfedit.validation import UsageError
@@ -82,7 +84,7 @@ def run_main(name: str, main: Callable[[], object],
     from hfedit.validation import refuse_uris
 
     try:
-        refuse_uris(sys.argv[1:], name)
+        refuse_uris(sys.argv[1:], name, uri_flags)
         status = main()
     except (ConfigError, UsageError) as err:  # bad arguments or settings: nothing done
         _say(name, err)

@@ -120,10 +120,11 @@ def split_dataset(data, split: str, num_cpus: float = 0.0, groups_per_task: int 
 
     from hfedit.data.parquet import read_groups
 
-    fs = data.fs if "://" in data.location else None
+    # the shards by path or URI: each task opens them with the filesystem the URI names (a
+    # filesystem object sent along would carry this process's credentials to every worker)
     ds = ray.data.from_items(data.row_groups(split)).map_batches(
         read_groups, batch_size=groups_per_task, batch_format="numpy", num_cpus=num_cpus,
         compute=ray.data.TaskPoolStrategy(size=read_tasks),
-        fn_kwargs={"files": data.shard_uris(), "filesystem": fs})
+        fn_kwargs={"files": data.shard_uris()})
     ds.context.execution_options.preserve_order = True  # the split's order, every run
     return ds

@@ -3,6 +3,7 @@ answers (failing with the end of its log when it dies or never does)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import time
@@ -63,3 +64,35 @@ def stop_cluster(temp: str) -> None:
             except ProcessLookupError:
                 pass
     shutil.rmtree(temp, ignore_errors=True)
+
+
+S3_BUCKET = "hfedit-test"
+
+
+@contextlib.contextmanager
+def s3_server(folder: Path):
+    """An S3-compatible server (moto, the one s3fs's own suite uses) on a free loopback port,
+    with the bucket :data:`S3_BUCKET`; yields the environment a client needs
+    (``AWS_ENDPOINT_URL``, test credentials), stopped by its PID after."""
+    import os
+    import sys
+
+    port = free_port()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    log = folder / "moto.log"
+    server = Path(sys.executable).parent / "moto_server"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, **env})
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/", proc, log, timeout=60)
+        import boto3
+
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="test",
+                     aws_secret_access_key="test", region_name="us-east-1"
+                     ).create_bucket(Bucket=S3_BUCKET)
+        yield env
+    finally:
+        stop(proc)

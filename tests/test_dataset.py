@@ -150,6 +150,10 @@ def test_ray_data_streams_the_split_while_training_workers_hold_every_cpu(sharde
             rows = split_dataset(data, split, groups_per_task=1).take_all()
             got = pixels_to_tensor([r["pixels"] for r in rows], RES)
             assert torch.equal(got, data.read(split, range(data.count(split)))), split
+        # a URI (file://, s3://): the read tasks got bare shard names and failed
+        rows = split_dataset(PreparedData(f"file://{out}"), "val", groups_per_task=1).take_all()
+        got = pixels_to_tensor([r["pixels"] for r in rows], RES)
+        assert torch.equal(got, data.read("val", range(data.count("val"))))
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)

@@ -260,7 +260,9 @@ def test_a_full_disk_ends_with_a_manifest_and_a_summary(folder, models, tmp_path
 
 def test_object_storage_uris_are_refused_up_front_not_written_as_local_folders(tmp_path):
     """`--out s3://bucket/out` once wrote a local folder ./s3:/bucket/out: every command refuses
-    a URI it cannot serve with one line naming it and the fix, exit 2, before any work."""
+    a URI where it cannot serve one with one line naming it and the fix, exit 2, before any work
+    (edit_batch's --input, --out, --root, --backbone and --edits take URIs:
+    tests/test_object_storage.py)."""
     import subprocess
     import sys
 
@@ -273,8 +275,12 @@ def test_object_storage_uris_are_refused_up_front_not_written_as_local_folders(t
             refuse_uris(argv, "edit_batch")
     refuse_uris(["--edits", "models:/hfedit-edit-smiling@champion",
                  "--set", "runtime.mlflow.tracking_uri=http://127.0.0.1:5000"], "edit_batch")
-    for cmd in ([sys.executable, str(root / "pipelines/edit_batch.py"), "--input", str(tmp_path),
-                 "--out", "s3://bucket/out"],
+    refuse_uris(["--input", "s3://bucket/in", "--out=s3://bucket/out"], "edit_batch",
+                allowed=("--input", "--out"))
+    with pytest.raises(UsageError, match=r"s3://bucket/raw.* local paths only"):
+        refuse_uris(["--input", "s3://bucket/in", "--set", "data.source=s3://bucket/raw"],
+                    "edit_batch", allowed=("--input",))
+    for cmd in ([sys.executable, str(root / "stages/prepare.py"), "--out", "s3://bucket/out"],
                 [sys.executable, "-m", "hfedit", "reconstruct", "s3://bucket/photo.jpg"]):
         proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and "s3://bucket/" in proc.stderr and "local" in proc.stderr

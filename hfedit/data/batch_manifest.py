@@ -17,8 +17,14 @@ MANIFEST = "manifest.parquet"  # the file's name in the job's output folder
 
 
 def read_manifest(out: str | os.PathLike):
-    """The manifest of the batch job that wrote to ``out``, as a pandas DataFrame typed as the
-    file is. Raises FileNotFoundError when ``out`` holds none."""
+    """The manifest of the batch job that wrote to ``out`` (a folder or a URI), as a pandas
+    DataFrame typed as the file is. Raises FileNotFoundError when ``out`` holds none."""
+    import io
+
     import pandas as pd
 
+    from hfedit.storage import Location, is_uri
+
+    if is_uri(out):
+        return pd.read_parquet(io.BytesIO(Location(out).read_bytes(MANIFEST)))
     return pd.read_parquet(Path(out) / MANIFEST)

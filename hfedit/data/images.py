@@ -111,7 +111,20 @@ def load_image(path: str | os.PathLike, max_pixels: int,
             "files would be silently padded with grey. Set it back to False before loading."
         )
     path = Path(path)
-    source = _open(path, root)
+    return _decode(_open(path, root), path, max_pixels, require_verified)
+
+
+def load_image_bytes(data: bytes, name: str, max_pixels: int,
+                     require_verified: bool = False) -> LoadedImage:
+    """:func:`load_image` of a file's bytes (an object read from a store); ``name`` (its URI)
+    names it in errors. Empty data is refused (``empty``) as an empty file is."""
+    if not data:
+        raise ImageError("empty", name, "empty file (0 bytes)")
+    return _decode(io.BytesIO(data), name, max_pixels, require_verified)
+
+
+def _decode(source, path, max_pixels: int, require_verified: bool) -> LoadedImage:
+    """The body of :func:`load_image`: decode the open binary ``source`` (closed after)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a decoder's warning means damaged data ...

@@ -342,7 +342,12 @@ class PreparedData:
             return json.loads(f.read())
 
     def uri(self, name: str) -> str:
-        return name if "://" in self.location else f"{self.root}/{name}"
+        """Where ``name`` (a file of this folder) is, as another process opens it: a path, or
+        this folder's URI joined with it (Ray Data's read tasks take either)."""
+        if "://" in self.location:
+            base, sep, query = self.location.partition("?")
+            return f"{base.rstrip('/')}/{name}{sep}{query}"
+        return f"{self.root}/{name}"
 
     @property
     def digest(self) -> str:

@@ -1,0 +1,187 @@
+"""Object storage (issue 23) against a real S3-compatible server (moto on 127.0.0.1, stopped by
+its PID): :mod:`hfedit.storage`, and edit_batch reading its inputs, its models and writing its
+outputs on a bucket. The jobs edit tiny faces in a plain loop (no Ray); tests/test_two_nodes.py
+runs a bucket-to-bucket job on two Ray nodes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from hfedit.storage import Location, local_copy
+from pipelines import edit_batch as eb
+from tests.servers import S3_BUCKET, s3_server
+from tests.test_data import folder  # noqa: F401 - real faces and broken files
+from tests.test_edit_batch import _cfg, _run, models  # noqa: F401 - tiny backbone + rectifier
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """(client environment, the server's request log)."""
+    base = tmp_path_factory.mktemp("s3")
+    with s3_server(base) as env:
+        patch = pytest.MonkeyPatch()
+        for key, value in env.items():
+            patch.setenv(key, value)
+        patch.setenv("HFEDIT_CACHE", str(base / "cache"))
+        yield env, base / "moto.log"
+        patch.undo()
+
+
+def _uri(prefix: str) -> str:
+    return f"s3://{S3_BUCKET}/{prefix}"
+
+
+def _upload(folder_: Path, uri: str, names: list[str] | None = None) -> None:
+    loc = Location(uri)
+    for path in sorted(folder_.rglob("*")):
+        rel = path.relative_to(folder_).as_posix()
+        if path.is_file() and (names is None or rel in names):
+            loc.write_bytes(rel, path.read_bytes())
+
+
+def test_a_write_is_one_put_seen_whole_and_listing_reading_deleting_work(s3):
+    _, log = s3
+    loc = Location(_uri("basics"))
+    data = os.urandom(300_000)
+    assert loc.write_bytes("a/b.bin", data) == _uri("basics/a/b.bin")
+    requests = [line for line in log.read_text().splitlines() if "/basics/a/b.bin" in line]
+    assert len([r for r in requests if '"PUT ' in r]) == 1 and not any("uploads" in r for r in requests)
+    assert loc.files() == {"a/b.bin": 300_000} and loc.files("a", recursive=False) == {"a/b.bin": 300_000}
+    assert loc.read_bytes("a/b.bin") == data and loc.size("a/b.bin") == 300_000
+    assert loc.size("a/none.bin") is None and loc.files("nothing") == {}
+    with pytest.raises(FileNotFoundError):
+        loc.read_bytes("a/none.bin")
+    loc.delete("a/b.bin")
+    loc.delete("a/b.bin")  # gone already: nothing
+    assert loc.files() == {}
+
+
+def test_a_model_folder_is_copied_once_per_node_and_again_when_it_changes(s3, tmp_path):
+    src = tmp_path / "model"
+    (src / "unet").mkdir(parents=True)
+    (src / "unet/weights.bin").write_bytes(b"1" * 1000)
+    (src / "hfedit.json").write_text("{}")
+    _upload(src, _uri("model"))
+    first = local_copy(_uri("model"))
+    assert (first / "unet/weights.bin").read_bytes() == b"1" * 1000
+    inode = first.stat().st_ino
+    assert local_copy(_uri("model")).stat().st_ino == inode  # same listing: not fetched again
+    Location(_uri("model")).write_bytes("unet/weights.bin", b"2" * 1001)
+    again = local_copy(_uri("model"))
+    assert again == first and again.stat().st_ino != inode
+    assert (again / "unet/weights.bin").read_bytes() == b"2" * 1001
+    assert local_copy(str(src)) == src  # a local folder is itself
+
+
+def _objects(uri: str) -> dict[str, bytes]:
+    loc = Location(uri)
+    return {rel: loc.read_bytes(rel) for rel in loc.files() if rel.endswith(".png")}
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
+
+
+def _local_pngs(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.png"))}
+
+
+def test_edit_batch_from_a_bucket_to_a_bucket_with_models_there_equals_the_local_job(
+        s3, folder, models, tmp_path, monkeypatch):  # noqa: F811
+    """`--input s3://...` was 'no such folder', `--out s3://...` wrote a local ./s3:/ folder.
+    Inputs, models and outputs on the bucket now give the local job's PNGs byte for byte, the
+    manifest and done-log live on the bucket, reruns skip by the logged size and redo what
+    changed."""
+    root, _ = folder
+    backbone, edits = models
+    monkeypatch.chdir(tmp_path)
+    names = ["faces/lfw_0.png", "faces/lfw_1.png", "bad/truncated.png", "bad/empty.png"]
+    local_in = tmp_path / "in"
+    for name in names:
+        (local_in / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / name, local_in / name)
+    (local_in / "notes.txt").write_text("not an image")
+    _upload(local_in, _uri("in"))
+    _upload(backbone, _uri("models/backbone"))
+    _upload(edits, _uri("models/edits"))
+
+    local = _run(_cfg(edits), local_in, tmp_path / "out", backbone, executor=eb.execute_plain)
+    stored = _run(_cfg(_uri("models/edits")), _uri("in"), _uri("out"), _uri("models/backbone"),
+                  executor=eb.execute_plain)
+    assert stored.exit_code == local.exit_code == eb.EXIT_FAILED  # the two bad files
+    assert dict(zip(stored.manifest.id, stored.manifest.reason.fillna("ok"))) == {
+        "faces/lfw_0.png": "ok", "faces/lfw_1.png": "ok", "bad/truncated.png": "truncated",
+        "bad/empty.png": "empty"}
+    assert stored.ignored == ["notes.txt"]
+    assert stored.manifest.input[0].startswith(_uri("in/"))
+    pngs = _objects(_uri("out"))
+    assert pngs == _local_pngs(tmp_path / "out") and len(pngs) == 4  # 2 faces x 2 attributes
+    assert not (tmp_path / "s3:").exists()
+    store = Location(_uri("out"))
+    manifest = pd.read_parquet(io.BytesIO(store.read_bytes("manifest.parquet")))
+    cols = ["id", "attribute", "status", "reason", "output", "seed", "fingerprint", "signature"]
+    assert manifest[cols].equals(local.manifest[cols])
+    assert [r for r in store.files() if not r.endswith(".png")] == [
+        "_log/0-compacted.jsonl", "manifest.parquet"]  # per-image log objects compacted, no lock
+
+    again = _run(_cfg(_uri("models/edits")), _uri("in"), _uri("out"), _uri("models/backbone"),
+                 executor=eb.execute_plain)
+    assert again.counts["scheduled"] == 0 and again.counts["edited_before"] == 2
+    store.delete("smiling/faces/lfw_0.png")
+    store.write_bytes("reconstruction/faces/lfw_1.png", pngs["reconstruction/faces/lfw_1.png"][:100])
+    redo = _run(_cfg(_uri("models/edits")), _uri("in"), _uri("out"), _uri("models/backbone"),
+                executor=eb.execute_plain)
+    assert redo.counts["scheduled"] == 2 and _objects(_uri("out")).keys() == pngs.keys()
+    for rel, data in _objects(_uri("out")).items():  # redone in other batches: float rounding
+        assert np.abs(_pixels(data) - _pixels(pngs[rel])).max() <= 1, rel
+
+    listed = tmp_path / "list.txt"  # a local list file naming objects by URI
+    listed.write_text(f"{_uri('in/faces/lfw_0.png')}\n{_uri('in/faces/gone.png')}\n")
+    result = _run(_cfg(edits, "edit_batch.attributes=[reconstruction]"), listed, tmp_path / "out2",
+                  backbone, executor=eb.execute_plain)
+    assert dict(zip(result.manifest.id, result.manifest.reason.fillna("ok"))) == {
+        f"{S3_BUCKET}/in/faces/lfw_0.png": "ok", f"{S3_BUCKET}/in/faces/gone.png": "not_a_file"}
+    only = next(iter(_local_pngs(tmp_path / "out2").values()))
+    assert only == pngs["reconstruction/faces/lfw_0.png"]
+
+
+def test_a_live_job_lock_on_the_bucket_refuses_a_second_job_and_a_dead_ones_is_taken_over(
+        s3, folder, models, tmp_path):  # noqa: F811
+    root, _ = folder
+    backbone, edits = models
+    out = Location(_uri("locked"))
+    cfg = _cfg(edits, "edit_batch.attributes=[reconstruction]")
+    live = {"run": "other", "host": "elsewhere", "pid": 1, "time": time.time()}
+    out.write_bytes(eb.LOCK, json.dumps(live).encode())
+    listed = tmp_path / "one.txt"
+    listed.write_text("faces/lfw_0.png\n")
+    with pytest.raises(eb.UsageError, match="another edit_batch job .*other.* elsewhere"):
+        _run(cfg, listed, out.text, backbone, root=str(root), executor=eb.execute_plain)
+    assert out.files() == {eb.LOCK: out.size(eb.LOCK)}  # refused before any work
+    out.write_bytes(eb.LOCK, json.dumps({**live, "time": time.time() - eb.LOCK_FRESH_S - 1}).encode())
+    result = _run(cfg, listed, out.text, backbone, root=str(root), executor=eb.execute_plain)
+    assert result.exit_code == eb.EXIT_OK and out.size(eb.LOCK) is None  # taken over, released
+
+
+def test_an_unreachable_store_is_one_line_naming_it_and_nothing_local_is_written(s3, tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}  # nothing listens there
+    script = Path(__file__).resolve().parents[1] / "pipelines/edit_batch.py"
+    proc = subprocess.run([sys.executable, str(script), "--input", str(tmp_path), "--out",
+                           "s3://bucket/out", "--no-track"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == eb.EXIT_USAGE, proc.stderr
+    assert "s3://bucket/out" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "s3:").exists()
