@@ -45,6 +45,7 @@ from hfedit.data.images import pixels_to_tensor
 from hfedit.data.prepared import PreparedData, data_location, load_split
 from hfedit.device import check_precision, placement, wants_gpu
 from hfedit.files import replace_folder
+from hfedit.storage import Location, is_uri
 from hfedit.training.augment import augment
 from pipelines.entry import parse_and_load, run_main, stage_parser
 from pipelines.ray_runtime import cluster_gpus, init_ray, split_dataset
@@ -272,7 +273,7 @@ def _resume_point(committed, config: dict):
         with committed.as_directory() as folder:  # the step from the JSON, not the tensors
             best_step = int(json.loads((Path(folder) / f"{STATE}.json").read_text())["step"])
     if config.get("storage"):
-        on_disk, step = latest_checkpoint(Path(config["storage"]), config["fingerprint"])
+        on_disk, step = latest_checkpoint(config["storage"], config["fingerprint"])
         if on_disk is not None and step > best_step:
             best = on_disk
     return best
@@ -288,12 +289,16 @@ def _rank0_tracker(config: dict):
 
 
 # ------------------------------------------------------------------------------- driver
-def latest_checkpoint(storage: Path, run_fingerprint: str):
-    """The newest reported checkpoint of a run with this fingerprint under ``storage``."""
+def latest_checkpoint(storage: str | Path, run_fingerprint: str):
+    """The newest reported checkpoint of a run with this fingerprint under ``storage`` (a folder
+    or a store URI: Ray Train's ``storage_path``)."""
     import ray.train
 
+    loc = Location(storage)
+    if loc.local is None:
+        return _latest_stored_checkpoint(loc, run_fingerprint)
     best, best_step = None, -1
-    for meta_file in storage.glob(f"**/{STATE}.json"):
+    for meta_file in loc.local.glob(f"**/{STATE}.json"):
         try:
             meta = json.loads(meta_file.read_text())
         except (OSError, ValueError):  # being copied
@@ -304,10 +309,37 @@ def latest_checkpoint(storage: Path, run_fingerprint: str):
     return (ray.train.Checkpoint.from_directory(str(best)), best_step) if best else (None, 0)
 
 
-def train(cfg: HfeditConfig, backbone: Path, data: Path, out: Path, checkpoints: Path,
+def _latest_stored_checkpoint(loc: Location, run_fingerprint: str):
+    """:func:`latest_checkpoint` on an object store: objects are written whole, so a checkpoint
+    is complete when its tensors object has the size its JSON recorded (its digest would cost a
+    download per candidate)."""
+    import ray.train
+
+    files = loc.files()
+    best, best_step = None, -1
+    for rel in (r for r in files if r.endswith(f"/{STATE}.json")):
+        try:
+            meta = json.loads(loc.read_bytes(rel))
+        except (OSError, ValueError):
+            continue
+        folder = rel.rsplit("/", 1)[0]
+        size = files.get(f"{folder}/{STATE}.safetensors")
+        if (meta.get("run_fingerprint") == run_fingerprint and meta["step"] > best_step
+                and size is not None and size == meta.get("data_bytes", size)):
+            best, best_step = folder, meta["step"]
+    if best is None:
+        return None, 0
+    return ray.train.Checkpoint(path=f"{loc.root}/{best}", filesystem=loc.fs), best_step
+
+
+def train(cfg: HfeditConfig, backbone: Path, data: Path, out: Path, checkpoints: str | Path,
           mlflow_run_id: str = "", mlflow_uri: str = "", pid_dir: str = "",
           batch_log: str = "") -> dict:
-    """Run the TorchTrainer; copy the final rectifier to ``out``. Returns the final metrics."""
+    """Run the TorchTrainer; copy the final rectifier to ``out``. Returns the final metrics.
+
+    ``checkpoints`` is Ray Train's ``storage_path``: a folder every node sees, or a store URI
+    (``s3://bucket/checkpoints``; rank 0's checkpoints are uploaded there by Ray Train, resumed
+    from there, and the final rectifier is exported from there, never from a node's own disk)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -328,7 +360,7 @@ def train(cfg: HfeditConfig, backbone: Path, data: Path, out: Path, checkpoints:
                           "data": prepared.digest, "workers": rc.num_workers,
                           "targets": file_digest(project_root() / cfg.rectifier.targets_file),
                           "code": module_digests(CODE_MODULES)})
-    storage = checkpoints.resolve()
+    storage = str(checkpoints) if is_uri(checkpoints) else str(Path(checkpoints).resolve())
     resume, resume_step = latest_checkpoint(storage, run_fp)
     if resume is not None and resume_step >= cfg.pretrain.steps:  # finished before: nothing to do
         with resume.as_directory() as folder:
@@ -348,7 +380,7 @@ def train(cfg: HfeditConfig, backbone: Path, data: Path, out: Path, checkpoints:
             "cfg": _config_dict(cfg), "backbone": str(backbone.resolve()),
             "backbone_ref": model_reference(backbone),
             "data": data_location(data), "fingerprint": run_fp, "mlflow_run_id": mlflow_run_id,
-            "mlflow_uri": mlflow_uri, "pid_dir": pid_dir, "storage": str(storage),
+            "mlflow_uri": mlflow_uri, "pid_dir": pid_dir, "storage": storage,
             "train_rows": prepared.count(SPLIT), "resolution": prepared.resolution,
             "batch_log": batch_log,
         },
@@ -358,7 +390,7 @@ def train(cfg: HfeditConfig, backbone: Path, data: Path, out: Path, checkpoints:
         scaling_config=ScalingConfig(num_workers=rc.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": rc.cpus_per_worker}),
         run_config=RunConfig(
-            name=f"pretrain_rectifier-{run_fp}", storage_path=str(storage),
+            name=f"pretrain_rectifier-{run_fp}", storage_path=storage,
             failure_config=FailureConfig(max_failures=rc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -411,7 +443,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = stage_parser("Rectifier reconstruction pretraining (Ray Train).", data=True)
     parser.add_argument("--backbone", type=Path, default=Path("models/backbone"))
     parser.add_argument("--out", type=Path, default=Path("models/rectifier"))
-    parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints/rectifier"))
+    parser.add_argument("--checkpoints", default="checkpoints/rectifier",
+                        help="Ray Train's storage: a folder every node sees, or s3://bucket/prefix")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/pretrain_rectifier.json"))
     parser.add_argument("--pid-dir", default="", help="workers write rank<k>.pid here")
     parser.add_argument("--batch-log", default="", help="workers append '<step> <batch sum>' "
@@ -447,4 +480,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run_main("pretrain_rectifier", main)
+    run_main("pretrain_rectifier", main, uri_flags=("--data", "--checkpoints"))

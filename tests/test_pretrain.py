@@ -4,6 +4,7 @@ rectified model, and Ray Train (2 CPU workers, DDP) survives a killed worker."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,7 +124,7 @@ def _run_stage(tmp_path, backbone, data, extra=(), pid_dir="", batch_log="", ckp
             "runtime.ray.num_workers=2", "runtime.ray.cpus_per_worker=0.5", *extra]
     cmd = [sys.executable, str(ROOT / "pipelines" / "pretrain_rectifier.py"),
            "--backbone", str(backbone), "--data", str(data), "--out", str(tmp_path / "rect"),
-           "--checkpoints", str(tmp_path / ckpt), "--metrics", str(tmp_path / "m.json"),
+           "--checkpoints", ckpt if "://" in ckpt else str(tmp_path / ckpt), "--metrics", str(tmp_path / "m.json"),
            "--pid-dir", pid_dir, "--batch-log", batch_log] + [a for s in sets for a in ("--set", s)]
     env = {**os.environ, "HFEDIT_ROOT": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
            "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -132,7 +133,7 @@ def _run_stage(tmp_path, backbone, data, extra=(), pid_dir="", batch_log="", ckp
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_torch_trainer_survives_a_killed_worker_and_resumes(tmp_path, random_denoiser):
+def test_torch_trainer_survives_a_killed_worker_and_resumes(tmp_path, random_denoiser, monkeypatch):
     import json
 
     backbone, data = _prepared(tmp_path, random_denoiser)
@@ -197,10 +198,25 @@ def test_torch_trainer_survives_a_killed_worker_and_resumes(tmp_path, random_den
     # The streamed batches are a function of the seed: a run that was never interrupted sees,
     # on every rank and at every step, the images the killed-and-resumed run saw (the resumed
     # group re-reads its epoch and continues mid-way), across epochs (8 images / 2 ranks / 2).
-    proc = _run_stage(tmp_path, backbone, data, extra=["pretrain.steps=40"],
-                      batch_log=str(logs["clean"]), ckpt="ckpt-clean")
-    out, _ = proc.communicate(timeout=550)
-    assert proc.returncode == 0, out[-4000:]
+    # This run reads its data from a bucket and keeps its checkpoints there (Ray Train's
+    # storage_path): the same batches, and the rectifier exported from the bucket's checkpoint.
+    from hfedit.storage import Location
+    from tests.servers import S3_BUCKET, s3_server
+
+    with s3_server(tmp_path) as store:
+        for key, value in store.items():
+            monkeypatch.setenv(key, value)
+        bucket = Location(f"s3://{S3_BUCKET}")
+        for path in (p for p in Path(data).rglob("*") if p.is_file()):
+            bucket.write_bytes(f"data/{path.relative_to(data).as_posix()}", path.read_bytes())
+        shutil.rmtree(tmp_path / "rect")
+        proc = _run_stage(tmp_path, backbone, bucket.name("data"), extra=["pretrain.steps=40"],
+                          batch_log=str(logs["clean"]), ckpt=bucket.name("ckpt"))
+        out, _ = proc.communicate(timeout=550)
+        assert proc.returncode == 0, out[-4000:]
+        states = [r for r in bucket.files("ckpt") if r.endswith("/train_state.json")]
+    assert len(states) == 2 and (tmp_path / "rect" / "rectifier.safetensors").is_file()
+    assert not (ROOT / "s3:").exists() and not (tmp_path / "s3:").exists()
 
     def seen(folder, rank):  # step -> batch sum; a resumed step's last line wins
         lines = (folder / f"rank{rank}.txt").read_text().split()
