@@ -18,7 +18,8 @@ credentials and one endpoint setting (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_
 ``AWS_ENDPOINT_URL`` for an S3-compatible server, or the URI's query) serve every reader.
 (s3fs is in the environment for DVC's S3 remote only.)
 
-Models on a store reach a process as a local folder: :func:`local_copy` copies a folder URI
+``python -m hfedit.storage SOURCE DEST`` copies a folder up to a store or down from one
+(:func:`copy_tree`). Models on a store reach a process as a local folder: :func:`local_copy` copies a folder URI
 into this machine's cache (``$HFEDIT_CACHE``, default ``~/.cache/hfedit``) once per content
 listing, so every node fetches its own copy and no process is sent another node's path.
 """
@@ -243,3 +244,39 @@ def local_copy(location: str | os.PathLike) -> Path:
         (tmp / marker.name).write_text(stamp)
 
     return replace_folder(dest, fill)
+
+
+def copy_tree(source: str | os.PathLike, dest: str | os.PathLike) -> dict[str, int]:
+    """Copy every file under the folder ``source`` to ``dest`` (each a path or a URI: up to a
+    store, down from one, or between two), each written whole; returns ``{name: size}``."""
+    src, out = Location(source), Location(dest)
+    files = src.files()
+    if not files:
+        raise FileNotFoundError(f"{source}: no files to copy")
+    for rel in files:
+        out.write_bytes(rel, src.read_bytes(rel))
+    return files
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m hfedit.storage SOURCE DEST``: copy a folder to or from a store."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m hfedit.storage", description=(
+        "Copy a folder (models, photos) to or from object storage: SOURCE and DEST are local "
+        "paths or URIs (s3://bucket/prefix; AWS_ENDPOINT_URL for an S3-compatible server)."))
+    parser.add_argument("source")
+    parser.add_argument("dest")
+    args = parser.parse_args(argv)
+    try:
+        files = copy_tree(args.source, args.dest)
+    except OSError as err:
+        print(f"hfedit.storage: {err}", file=sys.stderr)
+        return 2
+    print(f"copied {len(files)} files ({sum(files.values()) / 1e6:.1f} MB) to {args.dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

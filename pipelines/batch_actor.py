@@ -17,6 +17,7 @@ identical PNGs, other batchings agree within 1e-5 before quantisation (docs/batc
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import io
 import math
@@ -69,6 +70,7 @@ def _str(value) -> str:
 _SPLITS: dict[str, "Split"] = {}  # per worker process: prepared splits opened once, read per row
 
 
+@functools.lru_cache(maxsize=8)
 def backbone_resolution(backbone: str) -> int:
     """The image size R the backbone takes (its UNet config's sample_size), without loading it."""
     from diffusers import UNet2DModel

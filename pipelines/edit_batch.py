@@ -365,6 +365,11 @@ def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike
             try:
                 with stop:
                     if executor is execute:
+                        # diffusers (and torch._dynamo, which reads the cwd when imported) before
+                        # Ray: under `ray job submit`, Ray 2.60 unpacked the job's working dir
+                        # again (rmtree + unzip, overwrite=True) as the job's workers started,
+                        # and the driver's cwd, that folder, vanished under its next import
+                        backbone_resolution(job.backbone)
                         start_ray()
                         stop.install()  # ray.init puts its own SIGTERM handler (sys.exit) first
                         _check_resources(cfg)
@@ -374,6 +379,9 @@ def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike
             except UsageError:
                 raise
             except Exception as err:  # noqa: BLE001 - still account for every input
+                import traceback
+
+                traceback.print_exc()  # the whole story on stderr; the manifest gets one line
                 error, code = f"{type(err).__name__}: {str(err).strip().splitlines()[-1:]}", EXIT_CRASHED
             finally:
                 bar.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from hfedit.config import HfeditConfig, project_root
 from hfedit.device import wants_gpu
@@ -64,6 +65,14 @@ def init_ray(cfg: HfeditConfig, num_cpus: int | None = None):
         return ray
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = cfg.runtime.ray.address or os.environ.get("RAY_ADDRESS") or None
+    from pipelines.tracking import uploaded_copy
+
+    if address is not None and uploaded_copy(Path.cwd()):
+        # under `ray job submit --working-dir`: every worker runs in its own node's copy of the
+        # working directory (the job's runtime env), where project_root() finds params.yaml;
+        # HFEDIT_ROOT would name the driver node's copy, a path other nodes do not have
+        ray.init(address=address)
+        return ray
     # Workers import hfedit/pipelines from the project even when started from elsewhere.
     runtime_env = {"env_vars": {"HFEDIT_ROOT": str(project_root()),
                                 "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}}

@@ -76,57 +76,86 @@ def test_interrupted_job_is_finished_by_a_rerun(folder, models, tmp_path, sig): 
     assert f"{n_ok} edited" in proc.stdout and "failed" in proc.stdout
 
 
-README_FOLDERS = "MODELS=$PWD/models PHOTOS=$PWD/photos OUT=$PWD/outputs/photos"
+README_FOLDERS = "BUCKET=s3://my-bucket/hfedit MODELS=$PWD/models PHOTOS=$PWD/photos"
+README_HEAD = "HEAD_IP=$(hostname -I | awk '{print $1}')"
+README_PORTS = "PORT=6379 DASH=8265 AGENT=52365"
+README_STOP = "kill $WORKER $HEAD"
+README_JOIN = "RAY_AUTH_TOKEN=$(cat ~/.ray/auth_token) ray start"
 
 
 def _readme_cluster_commands() -> str:
     """Step 2 of the README's batch-editing block, as written."""
     text = (ROOT / "README.md").read_text()
     block = text[text.index("# 2. on a cluster"):text.index("# 3. as the DVC stage")]
-    assert README_FOLDERS in block, "the README's first line of step 2 changed: update this test"
+    for line in (README_FOLDERS, README_HEAD, README_PORTS, README_STOP, README_JOIN):
+        assert line in block, f"the README's step 2 no longer has {line!r}: update this test"
     return block
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_ray_job_submit_exactly_as_the_readme_writes_it(folder, models, tmp_path):  # noqa: F811
-    """The README's commands (its folders line pointed at the test's) on a fresh head node with
-    free ports: absolute model folders, a non-image file ignored, outputs without double
-    extensions, and the MLflow store beside the outputs, not in Ray's uploaded copy."""
+    """The README's step 2 with its bucket, folders, head address and ports pointed at the
+    test's (a moto S3 server, 127.0.0.1, free ports), both nodes on this machine: token
+    authentication on (a client with another token is refused), the models and photos copied
+    up, the job's outputs, manifest and done-log on the bucket, a non-image file ignored,
+    outputs without double extensions, nothing written to a local ./s3: folder."""
+    from hfedit.storage import Location
+    from tests.servers import S3_BUCKET, free_port, s3_server
+
     root, _ = folder
     backbone, edits = models
-    photos, out = tmp_path / "photos", tmp_path / "results" / "photos"
+    photos = tmp_path / "photos"
     (photos / "sub").mkdir(parents=True)
     for name in ("astronaut.jpg", "astronaut.png", "lfw_0.png"):
         shutil.copy(root / "faces" / name, photos / name)
     shutil.copy(root / "faces/lfw_1.png", photos / "sub" / "lfw_1.png")
     (photos / "readme.txt").write_text("faces from scikit-image\n")
-    script = _readme_cluster_commands().replace(
-        README_FOLDERS, f"MODELS={backbone.parent} PHOTOS={photos} OUT={out}")
+    bucket = f"s3://{S3_BUCKET}/readme"
+    script = (_readme_cluster_commands()
+              .replace(README_FOLDERS, f"BUCKET={bucket} MODELS={backbone.parent} PHOTOS={photos}")
+              .replace(README_HEAD, "HEAD_IP=127.0.0.1")
+              .replace(README_PORTS, f"PORT={free_port()} DASH={free_port()} AGENT={free_port()}")
+              .replace(README_STOP, "! RAY_AUTH_TOKEN=not-the-token ray job list --address "
+                       "http://$HEAD_IP:$DASH > /dev/null 2>&1\n" + README_STOP))
     temp = tempfile.mkdtemp(prefix="rayrd", dir="/tmp")  # this cluster's own Ray temp dir
+    # the worker node as another machine: its own Ray temp dir (where it unpacks the job's
+    # working directory and keeps its logs), stopped by that dir's processes
+    temp2 = tempfile.mkdtemp(prefix="rayrw", dir="/tmp")
+    script = script.replace(README_JOIN, f"RAY_TMPDIR={temp2} {README_JOIN}")
     env = {k: v for k, v in _env(tmp_path).items()
-           if k not in ("HFEDIT_ROOT", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE")}
-    env["RAY_TMPDIR"] = temp
-    try:
-        prelude = "trap 'kill $HEAD 2> /dev/null || true' EXIT\nset -e\n"  # stop it on failure too
-        proc = subprocess.run(["bash", "-c", prelude + script], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=800)
-        log = proc.stdout + proc.stderr
-        assert proc.returncode == 0, log[-5000:]
-        assert "succeeded" in log.lower() and "1 other files ignored" in log, log[-3000:]
-    finally:
-        stop_cluster(temp)  # only this cluster
-    result = eb.read_manifest(out)
+           if k not in ("HFEDIT_ROOT", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE",
+                        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}  # the project's environment
+    env.update(RAY_TMPDIR=temp, HOME=str(tmp_path / "home"))  # the token under this HOME
+    with s3_server(tmp_path) as store:
+        try:
+            prelude = "trap 'kill $WORKER $HEAD 2> /dev/null || true' EXIT\nset -e\n"
+            proc = subprocess.run(["bash", "-c", prelude + script], cwd=ROOT, env={**env, **store},
+                                  capture_output=True, text=True, timeout=800)
+            log = proc.stdout + proc.stderr
+            assert proc.returncode == 0, log[-12000:]
+            assert "succeeded" in log.lower() and "1 other files ignored" in log, log[-3000:]
+        finally:
+            stop_cluster(temp)  # only this cluster
+            stop_cluster(temp2)
+        os.environ.update(store)
+        try:
+            result = eb.read_manifest(f"{bucket}/outputs/photos")
+            objects = Location(f"{bucket}/outputs/photos").files()
+            from pipelines.batch_job import DoneIndex
+
+            nodes = {r["worker_node"] for r in
+                     DoneIndex(Location(f"{bucket}/outputs/photos")).refresh().rows.values()}
+        finally:
+            for key in store:
+                os.environ.pop(key, None)
+    assert (tmp_path / "home/.ray/auth_token").is_file()
     ids = ["astronaut.jpg", "astronaut.png", "lfw_0.png", "sub/lfw_1.png"]
     assert sorted(set(result.id)) == ids and (result.status == "ok").all()
     outputs = set(result.output)
     for a in ATTRS:
         assert {f"{a}/astronaut.png", f"{a}/astronaut.jpg.png", f"{a}/lfw_0.png",
                 f"{a}/sub/lfw_1.png"} <= outputs
-    assert all((out / o).is_file() for o in outputs)
-    import mlflow
-
-    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")  # beside the results
-    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert run.data.tags["hfedit.stage"] == "edit_batch"
-    assert (out / "mlartifacts").is_dir() and any((out / "mlartifacts").rglob("manifest.parquet"))
+    assert outputs <= set(objects) and "_log/0-compacted.jsonl" in objects
+    assert len(nodes) == 2  # one actor of 1.5 CPUs on each 2-CPU node: both nodes edited
+    assert not (ROOT / "s3:").exists()
