@@ -35,44 +35,65 @@ def _cli_args(root, out, backbone, edits, *extra) -> list[str]:
             "--attributes", *ATTRS, "--steps", str(STEPS), "--no-progress", *extra]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)  # the module fixtures run a Ray Data job in setup: minutes under load
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupted_job_is_finished_by_a_rerun(folder, models, tmp_path, sig):  # noqa: F811
-    root, expected = _scanned(folder)
-    backbone, edits = models
-    out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "pipelines/edit_batch.py"),
-           *_cli_args(root, out, backbone, edits, "--actors", "1", "--batch-size", "2",
-                      "--steps", "20", "--no-track")]
+def _ok_lines(out: Path) -> int:
+    logs = list((out / eb.LOG_DIR).glob("*.jsonl")) if (out / eb.LOG_DIR).exists() else []
+    return sum(p.read_text().count('"status": "ok"') for p in logs)
+
+
+def _interrupted(cmd: list[str], out: Path, tmp_path: Path, sig: signal.Signals):
+    """Run ``cmd``, send ``sig`` once it has edited 2 more images (4 more done-log rows), and
+    return the manifest it wrote and the rows it finished."""
+    before = _ok_lines(out)
     proc = subprocess.Popen(cmd, env=_env(tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 200
     while time.time() < deadline and proc.poll() is None:
-        logs = list((out / eb.LOG_DIR).glob("*.jsonl")) if (out / eb.LOG_DIR).exists() else []
-        if sum(p.read_text().count('"status": "ok"') for p in logs) >= 4:  # 2 images edited
+        if _ok_lines(out) >= before + 4:  # 2 images x 2 attributes
             proc.send_signal(sig)
             break
         time.sleep(0.1)
     log, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, log[-3000:]  # 130 Ctrl-C, 143 SIGTERM
     assert f"stopped: interrupted ({sig.name})" in log  # the summary line
-    first = eb.read_manifest(out)
-    assert (first.reason == eb.NOT_PROCESSED).any(), "interrupted too late to test anything"
-    done_first = first[first.status == "ok"]
-    mtimes = {r.output: (out / r.output).stat().st_mtime_ns for r in done_first.itertuples()}
+    manifest = eb.read_manifest(out)
+    assert (manifest.reason == eb.NOT_PROCESSED).any(), "interrupted too late to test anything"
+    return manifest
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_jobs_interrupted_by_sigint_then_sigterm_are_finished_by_a_rerun(
+        folder, models, tmp_path):  # noqa: F811
+    """Ctrl-C (SIGINT) and `ray job stop`/`kill` (SIGTERM) stop a job with exit 130/143 after
+    writing the manifest of what was done; the next run picks up where the last stopped, and
+    the last one finishes without redoing anything."""
+    root, expected = _scanned(folder)
+    backbone, edits = models
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "pipelines/edit_batch.py"),
+           *_cli_args(root, out, backbone, edits, "--actors", "1", "--batch-size", "2",
+                      "--steps", "20", "--no-track")]
+    done: dict[tuple[str, str], str] = {}  # (id, attribute) -> run, of rows finished so far
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        manifest = _interrupted(cmd, out, tmp_path, sig)
+        ok = manifest[manifest.status == "ok"]
+        assert {k: done[k] for k in done} == {k: r for k, r in zip(zip(ok.id, ok.attribute), ok.run)
+                                             if k in done}  # kept from the run before
+        done = dict(zip(zip(ok.id, ok.attribute), ok.run))
+    assert len(set(done.values())) == 2  # both interrupted runs finished some images
+    mtimes = {o: (out / o).stat().st_mtime_ns for o in ok.output}
 
     proc = subprocess.run([*cmd[:-1]], env=_env(tmp_path), cwd=ROOT, capture_output=True,
                           text=True, timeout=240)  # the same command (tracked in MLflow)
     assert proc.returncode == eb.EXIT_FAILED, proc.stdout[-3000:] + proc.stderr[-3000:]
-    second = eb.read_manifest(out)
+    last = eb.read_manifest(out)
     n_ok = sum(v == "ok" for v in expected.values())
-    assert (second[second.status == "ok"].groupby("id").size() == len(ATTRS)).sum() == n_ok
-    assert not (second.reason == eb.NOT_PROCESSED).any()
-    # nothing done twice: what the first run finished kept its PNG and its row
+    assert (last[last.status == "ok"].groupby("id").size() == len(ATTRS)).sum() == n_ok
+    assert not (last.reason == eb.NOT_PROCESSED).any()
+    # nothing done twice: what the interrupted runs finished kept its PNG and its row
     assert {o: (out / o).stat().st_mtime_ns for o in mtimes} == mtimes
-    kept = second.set_index(["id", "attribute"]).loc[done_first.set_index(["id", "attribute"]).index]
-    assert (kept.run == done_first.run.iloc[0]).all()
+    rows = dict(zip(zip(last.id, last.attribute), last.run))
+    assert {k: rows[k] for k in done} == done
     assert f"{n_ok} edited" in proc.stdout and "failed" in proc.stdout
 
 
@@ -120,9 +141,10 @@ def test_ray_job_submit_exactly_as_the_readme_writes_it(folder, models, tmp_path
                        "http://$HEAD_IP:$DASH > /dev/null 2>&1\n" + README_STOP))
     temp = tempfile.mkdtemp(prefix="rayrd", dir="/tmp")  # this cluster's own Ray temp dir
     # the worker node as another machine: its own Ray temp dir (where it unpacks the job's
-    # working directory and keeps its logs), stopped by that dir's processes
+    # working directory and keeps its logs; stopped by that dir's processes) and model cache
     temp2 = tempfile.mkdtemp(prefix="rayrw", dir="/tmp")
-    script = script.replace(README_JOIN, f"RAY_TMPDIR={temp2} {README_JOIN}")
+    script = script.replace(README_JOIN, f"RAY_TMPDIR={temp2} HFEDIT_CACHE={tmp_path}/worker-cache "
+                            f"{README_JOIN}")
     env = {k: v for k, v in _env(tmp_path).items()
            if k not in ("HFEDIT_ROOT", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE",
                         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}  # the project's environment
@@ -142,10 +164,6 @@ def test_ray_job_submit_exactly_as_the_readme_writes_it(folder, models, tmp_path
         try:
             result = eb.read_manifest(f"{bucket}/outputs/photos")
             objects = Location(f"{bucket}/outputs/photos").files()
-            from pipelines.batch_job import DoneIndex
-
-            nodes = {r["worker_node"] for r in
-                     DoneIndex(Location(f"{bucket}/outputs/photos")).refresh().rows.values()}
         finally:
             for key in store:
                 os.environ.pop(key, None)
@@ -157,5 +175,8 @@ def test_ray_job_submit_exactly_as_the_readme_writes_it(folder, models, tmp_path
         assert {f"{a}/astronaut.png", f"{a}/astronaut.jpg.png", f"{a}/lfw_0.png",
                 f"{a}/sub/lfw_1.png"} <= outputs
     assert outputs <= set(objects) and "_log/0-compacted.jsonl" in objects
-    assert len(nodes) == 2  # one actor of 1.5 CPUs on each 2-CPU node: both nodes edited
+    # one actor of 1.5 CPUs per 2-CPU node: one started on each, and each fetched the models
+    # into its own node's cache (the head's: ~/.cache/hfedit)
+    for cache in (tmp_path / "home/.cache/hfedit", tmp_path / "worker-cache"):  # head, worker
+        assert len(list((cache / "store").glob("*/unet"))) == 1, cache
     assert not (ROOT / "s3:").exists()

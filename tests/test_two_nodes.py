@@ -6,11 +6,7 @@ both nodes and keeps its decode and write tasks on the driver's node, whose disk
 disks had PNGs on that node's disk while the job counted them done.
 
 The nodes share this machine's disk, so a misplaced write would still be visible here: the test
-reads where each PNG was written from the done-log (``written_on``, the writer's Ray node).
-
-A second job on the same cluster reads its inputs and models from a bucket of an S3-compatible
-server (moto on 127.0.0.1) and writes its outputs there; each node has its own model cache
-(``HFEDIT_CACHE``), and each fetches the models into it."""
+reads where each PNG was written from the done-log (``written_on``, the writer's Ray node)."""
 
 from __future__ import annotations
 
@@ -23,8 +19,7 @@ import pytest
 
 from pipelines import edit_batch as eb
 from pipelines.batch_job import DoneIndex
-from hfedit.storage import Location
-from tests.servers import S3_BUCKET, free_port, s3_server, stop_cluster
+from tests.servers import free_port, stop_cluster
 from tests.test_data import folder  # noqa: F401 - real faces
 from tests.test_edit_batch import _cfg, models  # noqa: F401 - tiny backbone + rectifier
 
@@ -32,7 +27,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def _ray(args: list[str], env: dict, temp: str) -> subprocess.CompletedProcess:
-    # (each node's processes inherit the environment of its `ray start`)
     return subprocess.run(["ray", "start", *args, "--node-ip-address=127.0.0.1", "--num-cpus=2",
                            "--disable-usage-stats", f"--temp-dir={temp}"],
                           env=env, capture_output=True, text=True, timeout=240)
@@ -49,20 +43,14 @@ def test_edit_batch_on_two_nodes_writes_every_output_on_the_drivers_node(
     # private clusters, so it is removed here
     monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    s3 = s3_server(tmp_path)
-    store_env = s3.__enter__()
-    for key, value in {**store_env, "HFEDIT_CACHE": str(tmp_path / "cache-driver")}.items():
-        monkeypatch.setenv(key, value)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     temp = tempfile.mkdtemp(prefix="ray2n", dir="/tmp")  # this cluster's own temp dir
     port = free_port()
     ray.shutdown()
     try:
-        head = _ray(["--head", f"--port={port}", "--include-dashboard=false"],
-                    {**env, "HFEDIT_CACHE": str(tmp_path / "cache-head")}, temp)
+        head = _ray(["--head", f"--port={port}", "--include-dashboard=false"], env, temp)
         assert head.returncode == 0, head.stdout[-2000:] + head.stderr[-2000:]
-        second = _ray([f"--address=127.0.0.1:{port}"],
-                      {**env, "HFEDIT_CACHE": str(tmp_path / "cache-second")}, temp)
+        second = _ray([f"--address=127.0.0.1:{port}"], env, temp)
         assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
         ray.init(address=f"127.0.0.1:{port}", _node_ip_address="127.0.0.1",
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
@@ -77,25 +65,9 @@ def test_edit_batch_on_two_nodes_writes_every_output_on_the_drivers_node(
                    "edit_batch.num_cpus=1.5")
         out = tmp_path / "out"
         result = eb.run_job(cfg, root, out, str(backbone), progress=False)
-
-        bucket = Location(f"s3://{S3_BUCKET}")
-        faces = sorted((root / "faces").glob("*.png"))
-        for path in faces:
-            bucket.write_bytes(f"in/{path.name}", path.read_bytes())
-        for name, folder_ in (("backbone", backbone), ("edits", edits)):
-            for path in (p for p in folder_.rglob("*") if p.is_file()):
-                bucket.write_bytes(f"models/{name}/{path.relative_to(folder_).as_posix()}",
-                                   path.read_bytes())
-        stored = eb.run_job(_cfg(bucket.name("models/edits"), "edit_batch.actors=2",
-                                 "edit_batch.batch_size=1", "edit_batch.num_cpus=1.5"),
-                            bucket.name("in"), bucket.name("out"), bucket.name("models/backbone"),
-                            progress=False)
-        pngs = {r for r in bucket.files("out") if r.endswith(".png")}
-        logged = list(DoneIndex(Location(bucket.name("out"))).refresh().rows.values())
     finally:
         ray.shutdown()
         stop_cluster(temp)  # only this cluster
-        s3.__exit__(None, None, None)
     n_ok = sum(v == "ok" for v in expected.values())
     ok = result.manifest[result.manifest.status == "ok"]
     assert ok.id.nunique() == n_ok and len(ok) == n_ok * 2
@@ -105,11 +77,3 @@ def test_edit_batch_on_two_nodes_writes_every_output_on_the_drivers_node(
     assert {r["worker_node"] for r in rows} == nodes  # edited on both nodes
     for r in rows:
         assert (out / r["output"]).stat().st_size == r["out_bytes"]
-
-    # the bucket job: every output on the bucket, edited on both nodes, each node its own models
-    assert stored.exit_code == eb.EXIT_OK and stored.counts["edited"] == len(faces)
-    assert pngs == {f"out/{a}/{p.name}" for a in ("reconstruction", "smiling") for p in faces}
-    assert {r["worker_node"] for r in logged} == nodes
-    for node in ("head", "second"):
-        copies = list((tmp_path / f"cache-{node}" / "store").glob("*/unet"))
-        assert len(copies) == 1, node  # the backbone, fetched into this node's own cache
