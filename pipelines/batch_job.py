@@ -115,12 +115,14 @@ def list_inputs(source: str | os.PathLike, split: Optional[str] = None,
     """Every input of a folder (recursive, :func:`hfedit.data.sources.iter_folder`), a list file, or the
     ``split`` of a prepared dataset folder, sorted by id, duplicates dropped."""
     if is_uri(source):
-        loc = _input_location(source)
+        from pipelines.batch_store import input_location, store_entries
+
+        loc = input_location(source)
         if loc.local is None:  # on an object store
             if split is not None:
                 raise UsageError(f"--input {source} --split {split}: a prepared split is read from "
                                  "a local or mounted folder; give its path")
-            entries = _store_entries(loc, root)
+            entries = store_entries(loc, root)
         source = loc.local
     source = Path(source).absolute() if source is not None else None
     if source is None:
@@ -176,7 +178,9 @@ def _listed_entries(list_file: Path, root: Path) -> list[Entry]:
         if not text or text.startswith("#"):
             continue
         if is_uri(text):  # an object on a store: listed by its URI
-            entries.append(_store_line(text, None))
+            from pipelines.batch_store import store_line
+
+            entries.append(store_line(text, None))
             continue
         path = Path(os.path.normpath((root_abs / text).absolute()))
         try:
@@ -199,72 +203,6 @@ def _listed_entries(list_file: Path, root: Path) -> list[Entry]:
             error = ImageError("not_a_file", path, "a folder or special file, not a regular file")
         entries.append(Entry(id_, str(path), _signature(path), error=error))
     return entries
-
-
-def _input_location(source: str) -> Location:
-    try:
-        loc = Location(source)
-        loc.is_file()  # reaches the store once: a wrong endpoint or credentials fail here
-    except StorageError as err:
-        raise UsageError(f"--input {err}") from None
-    return loc
-
-
-def _store_entries(loc: Location, root: Optional[str]) -> list[Entry]:
-    """The inputs of a prefix on an object store (every object under it whose name has an image
-    suffix) or of a list file stored there (lines relative to ``root``, default the list file's
-    folder, or whole URIs)."""
-    if loc.is_file():
-        data = loc.read_bytes()
-        if b"\x00" in data[:8192]:
-            raise UsageError(f"--input {loc} is not a text file, not a prefix of images or a list "
-                             "file: give a prefix of images or a text file of one image per line")
-        base = Location(root) if root else Location(loc.text.rsplit("/", 1)[0])
-        lines = [t.strip() for t in data.decode("utf-8", "surrogateescape").splitlines()]
-        entries = [_store_line(t, base) for t in lines if t and not t.startswith("#")]
-    else:
-        files = loc.files()
-        if not files:
-            raise UsageError(f"--input {loc}: no objects under this prefix (a folder of images on "
-                             "the store, or a list file)")
-        entries = [Entry(rel, loc.name(rel)) for rel in files if is_image_name(rel)]
-    _store_signatures(entries)
-    return entries
-
-
-def _store_line(text: str, base: Optional[Location]) -> Entry:
-    """One line of a list file naming an object: a URI, or a path relative to ``base`` (which it
-    must not leave). Its id: the path under ``base``, or for a URI elsewhere its bucket/key."""
-    if not is_uri(text):
-        rel = PurePosixPath(os.path.normpath("/" + text)).relative_to("/").as_posix()
-        if base is None or text.startswith("/") or ".." in PurePosixPath(text).parts:
-            return Entry(text, text, error=ImageError(
-                "outside_root", text, f"listed path leaves the list's root {base} (set --root)"))
-        return Entry(rel, base.name(rel))
-    under = base is not None and text.startswith(base.text.rstrip("/") + "/")
-    return Entry(text[len(base.text.rstrip("/")) + 1:] if under else text.split("://", 1)[1], text)
-
-
-def _store_signatures(entries: list[Entry]) -> None:
-    """Each stored input's signature (``<size>:<sha256 prefix>`` of its bytes, as for local
-    files), read by 8 threads; an object that cannot be read gets its reason."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def sign(entry: Entry) -> None:
-        if entry.error is not None:
-            return
-        try:
-            data = Location(entry.input).read_bytes()
-        except FileNotFoundError:
-            entry.error = ImageError("not_a_file", entry.input, "no such object on the store")
-            return
-        except OSError as err:
-            entry.error = ImageError("unreadable", entry.input, f"cannot read: {err}")
-            return
-        entry.signature = f"{len(data)}:{hashlib.sha256(data).hexdigest()[:16]}"
-
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(sign, entries))
 
 
 def resolved(path: str | os.PathLike) -> Optional[Path]:
@@ -320,17 +258,6 @@ def output_relpath(attribute: str, name: str) -> str:
     if not parts or PurePosixPath(name).is_absolute() or ".." in parts:
         raise ValueError(f"output name {name!r} is not a relative path inside the output")
     return f"{attribute}/{name}"
-
-
-def ignored_files(source: str | os.PathLike) -> list[str]:
-    """The files of a folder input that are not images by their suffix (not inputs)."""
-    if is_uri(source) and Location(source).local is None:
-        loc = Location(source)
-        return [] if loc.is_file() else [r for r in loc.files() if not is_image_name(r)]
-    source = Path(source)
-    if not source.is_dir():
-        return []
-    return sorted(e.id for e in iter_folder(source) if e.error is None and not is_image_name(e.id))
 
 
 # --------------------------------------------------------------------------- the job

@@ -46,14 +46,13 @@ import argparse
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import pandas as pd
 
@@ -61,19 +60,20 @@ from hfedit.config import ConfigError, HfeditConfig, load_config
 from hfedit.data.batch_manifest import read_manifest
 from hfedit.data.manifest import SPLITS
 from hfedit.device import DeviceUnavailable
-from hfedit.files import remove_temporaries
-from hfedit.storage import Location, StorageError, is_uri
-from hfedit.validation import check_output_folder
+from hfedit.storage import Location, is_uri
 from pipelines.batch_actor import (EditImages, backbone_resolution, columns, decode_images,
                                    error_row, write_outputs)
 from pipelines.ray_runtime import actor_gpus
+from pipelines.batch_store import (  # noqa: F401 (LOCK, lock_path, ...: this module's API)
+    LOCK, LOCK_FRESH_S, _locked, _remove_temporaries, _store_locked, ignored_files, lock_path,
+    log_manifest, output_location)
 from pipelines.batch_output import (  # noqa: F401 (count, ...: this module's API)
     StopOnSignals, _compact_logs, _reserve_space, _write_manifest, count, metrics_dict,
     stale_outputs, summary_line, summary_table)
 from pipelines.batch_job import (  # noqa: F401 (LOG_DIR, output_relpath, ...: this module's API)
     COLUMNS, COMPACTED, EXIT_CRASHED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, LOG_DIR,
     MANIFEST, NOT_PROCESSED, RETRIED, DoneIndex, Entry, Job, UsageError, check_attributes, from_wire,
-    ignored_files, image_seed, is_complete, is_image_name, list_inputs, make_job, output_names,
+    image_seed, is_complete, is_image_name, list_inputs, make_job, output_names,
     log_line, output_relpath, resolved, to_display, to_wire)
 
 
@@ -96,115 +96,6 @@ class JobResult:
     ignored: list[str] = dataclasses.field(default_factory=list)  # not images by their suffix
     stale: list[str] = dataclasses.field(default_factory=list)  # outputs of no current input
     stale_removed: bool = False
-
-
-def lock_path(out: Path) -> Path:
-    """Where the job lock of the output folder ``out`` lives: outside it (a folder removed and
-    made again under a running job must not let a second job in), keyed by its absolute path,
-    in ``$HFEDIT_LOCK_DIR`` (default: ``<temp dir>/hfedit-locks``)."""
-    import hashlib
-    import tempfile
-
-    folder = Path(os.environ.get("HFEDIT_LOCK_DIR") or Path(tempfile.gettempdir()) / "hfedit-locks")
-    folder.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(os.fsencode(os.path.abspath(out))).hexdigest()[:24]
-    return folder / f"edit_batch-{key}.lock"
-
-
-@contextlib.contextmanager
-def _locked(out: Path, attributes: list[str]) -> Iterator[None]:
-    """One job at a time per output folder (resume and cleanup assume it): a lock on a file
-    outside the folder (:func:`lock_path`), which the folder's removal does not release."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(lock_path(out), "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(f"another edit_batch job is writing to {out}") from None
-        _remove_temporaries(out, attributes)
-        yield
-
-
-LOCK = "_lock.json"  # the job lock on an object store
-LOCK_FRESH_S = 600.0  # a lock object not refreshed for this long is a dead job's: taken over
-LOCK_REFRESH_S = 60.0
-
-
-@contextlib.contextmanager
-def _store_locked(out: Location, run: str) -> Iterator[None]:
-    """One job at a time per output prefix on an object store, which has no file locks: a marker
-    object ``<out>/_lock.json`` holding the job's run id, host and time, rewritten every minute
-    while the job runs and deleted at its end. A marker refreshed within
-    :data:`LOCK_FRESH_S` refuses a second job; an older one (a job killed without its cleanup)
-    is taken over. Two jobs starting within the same second can both write a marker: each reads
-    it back and only the one whose marker stands goes on (the store's last writer wins)."""
-    import json
-    import socket
-    import threading
-
-    def read() -> dict:
-        try:
-            return json.loads(out.read_bytes(LOCK))
-        except (FileNotFoundError, ValueError):
-            return {}
-
-    held = read()
-    age = time.time() - float(held.get("time", 0))
-    if held and age < LOCK_FRESH_S:
-        raise UsageError(f"another edit_batch job (run {held.get('run')} on {held.get('host')}) "
-                         f"is writing to {out}: its lock {out.name(LOCK)} was refreshed {age:.0f} s "
-                         f"ago (a lock not refreshed for {LOCK_FRESH_S:.0f} s is taken over)")
-    mine = {"run": run, "host": socket.gethostname(), "pid": os.getpid()}
-
-    def write() -> None:
-        out.write_bytes(LOCK, json.dumps({**mine, "time": time.time()}).encode())
-
-    write()
-    if read().get("run") != run:
-        raise UsageError(f"another edit_batch job took the lock {out.name(LOCK)} at the same time")
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(LOCK_REFRESH_S):
-            with contextlib.suppress(OSError):
-                write()
-
-    thread = threading.Thread(target=beat, name="edit_batch-lock", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-        if read().get("run") == run:
-            out.delete(LOCK)
-
-
-def _output_location(out: str | os.PathLike) -> Location:
-    """``--out`` checked before any work: a local folder that is or can be made (not a file), or
-    a prefix on a reachable store that is not an object."""
-    if not is_uri(out):
-        return Location(check_output_folder(out))
-    try:
-        loc = Location(out)
-        if loc.local is not None:
-            return Location(check_output_folder(loc.local))
-        if loc.is_file():
-            raise UsageError(f"--out {out} is an object, not a prefix: give a prefix for the outputs")
-    except StorageError as err:
-        raise UsageError(f"--out {err}") from None
-    return loc
-
-
-def _remove_temporaries(out: Path, attributes: list[str]) -> None:
-    """Temporaries of this job's writers killed before their rename, where the job writes:
-    ``<out>`` (the manifest), ``<out>/_log`` and ``<out>/<attribute>/`` of its attributes. Only
-    names the atomic writer gives its temporaries (:func:`hfedit.files.is_temporary`): a user's
-    own ``.*.tmp`` files are never touched."""
-    remove_temporaries(out, recursive=False)
-    remove_temporaries(out / LOG_DIR, recursive=False)
-    for attribute in attributes:
-        remove_temporaries(out / attribute)
 
 
 def plan(entries: list[Entry], job: Job, done: DoneIndex, global_seed: int
@@ -316,7 +207,7 @@ def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike
     ``start_ray`` is called only when there is work: a rerun with nothing left never starts Ray.
     Outputs of inputs deleted or now refused are listed (``stale``), deleted with
     ``remove_stale``."""
-    loc = _output_location(out)
+    loc = output_location(out)
     rectifiers = check_attributes(cfg.edit_batch.attributes, cfg.edit_batch.edits_dir)
     real_out = loc.local.resolve() if loc.local is not None else None
     store_prefix = loc.text.rstrip("/") + "/"
@@ -526,18 +417,6 @@ def resolve_model_uris(args: argparse.Namespace) -> None:
         args.backbone = str(fetch_model(args.backbone, local / "_backbone")[0])
 
 
-def _log_manifest(tracker, out: str) -> None:
-    """The job's manifest as a run artifact (a store's is copied to a temporary file first)."""
-    if not is_uri(out):
-        tracker.log_artifact(Path(out) / MANIFEST)
-        return
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / MANIFEST).write_bytes(Location(out).read_bytes(MANIFEST))
-        tracker.log_artifact(Path(tmp) / MANIFEST)
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
@@ -585,7 +464,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 flat = {f"edit_batch/{k}": v for k, v in flatten(metrics_dict(result)).items()
                         if isinstance(v, (int, float))}
                 tracker.log_metrics(flat, step=0)
-                _log_manifest(tracker, args.out)
+                log_manifest(tracker, args.out)
                 tracker.log_text(result.table + "\n" + result.summary + "\n", "summary.txt")
     except UsageError as err:
         print(f"edit_batch: {err}", file=sys.stderr)

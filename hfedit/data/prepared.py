@@ -341,13 +341,9 @@ class PreparedData:
         with self.fs.open_input_stream(f"{self.root}/{name}") as f:
             return json.loads(f.read())
 
-    def uri(self, name: str) -> str:
-        """Where ``name`` (a file of this folder) is, as another process opens it: a path, or
-        this folder's URI joined with it (Ray Data's read tasks take either)."""
-        if "://" in self.location:
-            base, sep, query = self.location.partition("?")
-            return f"{base.rstrip('/')}/{name}{sep}{query}"
-        return f"{self.root}/{name}"
+    def uri(self, name: str) -> str:  # as another process opens it: a path or a URI (+ query)
+        base, sep, query = self.location.partition("?")
+        return f"{base.rstrip('/')}/{name}{sep}{query}" if "://" in base else f"{self.root}/{name}"
 
     @property
     def digest(self) -> str:
@@ -501,5 +497,4 @@ def load_split(prepared: str | os.PathLike, split: str) -> Split:
     return PreparedData(prepared).split(split)
 
 
-__all__ = ["FORMAT", "PreparedData", "Split", "data_location", "load_split",
-           "pixels_to_u8", "prepare_dataset"]
+__all__ = ["FORMAT", "PreparedData", "Split", "data_location", "load_split", "pixels_to_u8", "prepare_dataset"]

@@ -1,0 +1,225 @@
+"""Where a batch job reads and writes, and who may write there: the output location (a local
+folder or a prefix on an object store) and its job lock, the inputs listed on a store, and the
+manifest logged from either. Used by :mod:`pipelines.edit_batch` (the driver) and
+:func:`pipelines.batch_job.list_inputs`. How each step differs on a store: docs/batch.md's
+"Object storage".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import time
+from pathlib import Path, PurePosixPath
+from typing import Iterator, Optional
+
+from hfedit.data.images import ImageError
+from hfedit.data.batch_manifest import MANIFEST
+from hfedit.files import remove_temporaries
+from hfedit.storage import Location, StorageError, is_uri
+from hfedit.validation import UsageError, check_output_folder
+from hfedit.data.sources import iter_folder
+from pipelines.batch_job import LOG_DIR, Entry, is_image_name
+
+
+# ------------------------------------------------------------------------ the output
+def lock_path(out: Path) -> Path:
+    """Where the job lock of the output folder ``out`` lives: outside it (a folder removed and
+    made again under a running job must not let a second job in), keyed by its absolute path,
+    in ``$HFEDIT_LOCK_DIR`` (default: ``<temp dir>/hfedit-locks``)."""
+    import hashlib
+    import tempfile
+
+    folder = Path(os.environ.get("HFEDIT_LOCK_DIR") or Path(tempfile.gettempdir()) / "hfedit-locks")
+    folder.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(os.fsencode(os.path.abspath(out))).hexdigest()[:24]
+    return folder / f"edit_batch-{key}.lock"
+
+
+@contextlib.contextmanager
+def _locked(out: Path, attributes: list[str]) -> Iterator[None]:
+    """One job at a time per output folder (resume and cleanup assume it): a lock on a file
+    outside the folder (:func:`lock_path`), which the folder's removal does not release."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(lock_path(out), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another edit_batch job is writing to {out}") from None
+        _remove_temporaries(out, attributes)
+        yield
+
+
+LOCK = "_lock.json"  # the job lock on an object store
+LOCK_FRESH_S = 600.0  # a lock object not refreshed for this long is a dead job's: taken over
+LOCK_REFRESH_S = 60.0
+
+
+@contextlib.contextmanager
+def _store_locked(out: Location, run: str) -> Iterator[None]:
+    """One job at a time per output prefix on an object store, which has no file locks: a marker
+    object ``<out>/_lock.json`` holding the job's run id, host and time, rewritten every minute
+    while the job runs and deleted at its end. A marker refreshed within
+    :data:`LOCK_FRESH_S` refuses a second job; an older one (a job killed without its cleanup)
+    is taken over. Two jobs starting within the same second can both write a marker: each reads
+    it back and only the one whose marker stands goes on (the store's last writer wins)."""
+    import json
+    import socket
+    import threading
+
+    def read() -> dict:
+        try:
+            return json.loads(out.read_bytes(LOCK))
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    held = read()
+    age = time.time() - float(held.get("time", 0))
+    if held and age < LOCK_FRESH_S:
+        raise UsageError(f"another edit_batch job (run {held.get('run')} on {held.get('host')}) "
+                         f"is writing to {out}: its lock {out.name(LOCK)} was refreshed {age:.0f} s "
+                         f"ago (a lock not refreshed for {LOCK_FRESH_S:.0f} s is taken over)")
+    mine = {"run": run, "host": socket.gethostname(), "pid": os.getpid()}
+
+    def write() -> None:
+        out.write_bytes(LOCK, json.dumps({**mine, "time": time.time()}).encode())
+
+    write()
+    if read().get("run") != run:
+        raise UsageError(f"another edit_batch job took the lock {out.name(LOCK)} at the same time")
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(LOCK_REFRESH_S):
+            with contextlib.suppress(OSError):
+                write()
+
+    thread = threading.Thread(target=beat, name="edit_batch-lock", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        if read().get("run") == run:
+            out.delete(LOCK)
+
+
+def output_location(out: str | os.PathLike) -> Location:
+    """``--out`` checked before any work: a local folder that is or can be made (not a file), or
+    a prefix on a reachable store that is not an object."""
+    if not is_uri(out):
+        return Location(check_output_folder(out))
+    try:
+        loc = Location(out)
+        if loc.local is not None:
+            return Location(check_output_folder(loc.local))
+        if loc.is_file():
+            raise UsageError(f"--out {out} is an object, not a prefix: give a prefix for the outputs")
+    except StorageError as err:
+        raise UsageError(f"--out {err}") from None
+    return loc
+
+
+
+def _remove_temporaries(out: Path, attributes: list[str]) -> None:
+    """Temporaries of this job's writers killed before their rename, where the job writes:
+    ``<out>`` (the manifest), ``<out>/_log`` and ``<out>/<attribute>/`` of its attributes. Only
+    names the atomic writer gives its temporaries (:func:`hfedit.files.is_temporary`): a user's
+    own ``.*.tmp`` files are never touched."""
+    remove_temporaries(out, recursive=False)
+    remove_temporaries(out / LOG_DIR, recursive=False)
+    for attribute in attributes:
+        remove_temporaries(out / attribute)
+
+
+# ------------------------------------------------------------------------ inputs on a store
+def ignored_files(source: str | os.PathLike) -> list[str]:
+    """The files of a folder input that are not images by their suffix (not inputs)."""
+    if is_uri(source) and Location(source).local is None:
+        loc = Location(source)
+        return [] if loc.is_file() else [r for r in loc.files() if not is_image_name(r)]
+    source = Path(source)
+    if not source.is_dir():
+        return []
+    return sorted(e.id for e in iter_folder(source) if e.error is None and not is_image_name(e.id))
+
+
+def input_location(source: str) -> Location:
+    try:
+        loc = Location(source)
+        loc.is_file()  # reaches the store once: a wrong endpoint or credentials fail here
+    except StorageError as err:
+        raise UsageError(f"--input {err}") from None
+    return loc
+
+
+def store_entries(loc: Location, root: Optional[str]) -> list[Entry]:
+    """The inputs of a prefix on an object store (every object under it whose name has an image
+    suffix) or of a list file stored there (lines relative to ``root``, default the list file's
+    folder, or whole URIs)."""
+    if loc.is_file():
+        data = loc.read_bytes()
+        if b"\x00" in data[:8192]:
+            raise UsageError(f"--input {loc} is not a text file, not a prefix of images or a list "
+                             "file: give a prefix of images or a text file of one image per line")
+        base = Location(root) if root else Location(loc.text.rsplit("/", 1)[0])
+        lines = [t.strip() for t in data.decode("utf-8", "surrogateescape").splitlines()]
+        entries = [store_line(t, base) for t in lines if t and not t.startswith("#")]
+    else:
+        files = loc.files()
+        if not files:
+            raise UsageError(f"--input {loc}: no objects under this prefix (a folder of images on "
+                             "the store, or a list file)")
+        entries = [Entry(rel, loc.name(rel)) for rel in files if is_image_name(rel)]
+    _store_signatures(entries)
+    return entries
+
+
+def store_line(text: str, base: Optional[Location]) -> Entry:
+    """One line of a list file naming an object: a URI, or a path relative to ``base`` (which it
+    must not leave). Its id: the path under ``base``, or for a URI elsewhere its bucket/key."""
+    if not is_uri(text):
+        rel = PurePosixPath(os.path.normpath("/" + text)).relative_to("/").as_posix()
+        if base is None or text.startswith("/") or ".." in PurePosixPath(text).parts:
+            return Entry(text, text, error=ImageError(
+                "outside_root", text, f"listed path leaves the list's root {base} (set --root)"))
+        return Entry(rel, base.name(rel))
+    under = base is not None and text.startswith(base.text.rstrip("/") + "/")
+    return Entry(text[len(base.text.rstrip("/")) + 1:] if under else text.split("://", 1)[1], text)
+
+
+def _store_signatures(entries: list[Entry]) -> None:
+    """Each stored input's signature (``<size>:<sha256 prefix>`` of its bytes, as for local
+    files), read by 8 threads; an object that cannot be read gets its reason."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def sign(entry: Entry) -> None:
+        if entry.error is not None:
+            return
+        try:
+            data = Location(entry.input).read_bytes()
+        except FileNotFoundError:
+            entry.error = ImageError("not_a_file", entry.input, "no such object on the store")
+            return
+        except OSError as err:
+            entry.error = ImageError("unreadable", entry.input, f"cannot read: {err}")
+            return
+        entry.signature = f"{len(data)}:{hashlib.sha256(data).hexdigest()[:16]}"
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(sign, entries))
+
+
+def log_manifest(tracker, out: str) -> None:
+    """The job's manifest as a run artifact (a store's is copied to a temporary file first)."""
+    if not is_uri(out):
+        tracker.log_artifact(Path(out) / MANIFEST)
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / MANIFEST).write_bytes(Location(out).read_bytes(MANIFEST))
+        tracker.log_artifact(Path(tmp) / MANIFEST)
