@@ -103,28 +103,39 @@ def run_ray(images: Path, out: Path, backbone: str, steps: int, batch: int, acto
     return time.perf_counter() - start, result.counts["edited_now"], busy_seconds(result.manifest)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(doc: str) -> argparse.Namespace:
+    """The options the batch benchmarks share (this one and benchmarks/storage.py)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--backbone", default="models/backbone")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def bench_backbone(backbone: str, work: Path, steps: int) -> str:
+    """``backbone`` when it exists, else a random-weight backbone of the default architecture
+    saved under ``work`` (the same cost per image)."""
+    if Path(backbone).exists():
+        return backbone
+    import torch
+
+    from hfedit.models.backbone import new_denoiser, save_backbone
+
+    torch.manual_seed(0)
+    print(f"({backbone} not found: a random-weight backbone of the default architecture; same cost)")
+    save_backbone(new_denoiser(_config(steps, 1, 1).backbone, 32).freeze(), work / "backbone")
+    return str(work / "backbone")
+
+
+def main() -> None:
+    args = parse_args(__doc__)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     work = Path(tempfile.mkdtemp(prefix="ebbench"))
-    backbone = args.backbone
-    if not Path(backbone).exists():
-        import torch
-
-        from hfedit.models.backbone import new_denoiser, save_backbone
-
-        torch.manual_seed(0)
-        print(f"({backbone} not found: a random-weight backbone of the default architecture; same cost)")
-        save_backbone(new_denoiser(_config(args.steps, 1, 1).backbone, 32).freeze(), work / "backbone")
-        backbone = str(work / "backbone")
+    backbone = bench_backbone(args.backbone, work, args.steps)
     write_images(work / "images", args.n)
 
     import ray

@@ -19,7 +19,6 @@ costs one GET, one PUT per output and one small PUT for its done-log entry).
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import os
 import shutil
@@ -82,27 +81,12 @@ def _start_s3(folder: Path) -> tuple[subprocess.Popen, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--backbone", default="models/backbone")
-    args = parser.parse_args()
+    from edit_batch import bench_backbone, parse_args, write_images
+
+    args = parse_args(__doc__)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from edit_batch import _config, write_images
-
     work = Path(tempfile.mkdtemp(prefix="stbench"))
-    backbone = args.backbone
-    if not Path(backbone).exists():
-        import torch
-
-        from hfedit.models.backbone import new_denoiser, save_backbone
-
-        torch.manual_seed(0)
-        print(f"({backbone} not found: a random-weight backbone of the default architecture; same cost)")
-        save_backbone(new_denoiser(_config(args.steps, 1, 1).backbone, 32).freeze(), work / "backbone")
-        backbone = str(work / "backbone")
+    backbone = bench_backbone(args.backbone, work, args.steps)
     write_images(work / "images", args.n)
     server, env = _start_s3(work)
     os.environ.update(env)
