@@ -195,6 +195,23 @@ class Location:
                 found[PurePosixPath(info.path).relative_to(self.root).as_posix()] = int(info.size)
         return dict(sorted(found.items()))
 
+    def check_bucket(self) -> None:
+        """Raise :class:`StorageError` naming the fix when this location's bucket (the first
+        component of its path on an object store) does not exist; nothing for local paths."""
+        from pyarrow import fs
+
+        if self.local is not None:
+            return
+        bucket = self.root.split("/", 1)[0]
+        try:
+            found = self.fs.get_file_info(bucket).type != fs.FileType.NotFound
+        except OSError as err:
+            raise StorageError(f"{self.text}: cannot reach the store ({err}); check the "
+                               "endpoint (AWS_ENDPOINT_URL) and the credentials") from None
+        if not found:
+            raise StorageError(f"{self.text}: the bucket {bucket!r} does not exist (or these "
+                               "credentials cannot see it): create it or fix the URI")
+
     def delete(self, rel: str) -> None:
         """Delete the file ``rel`` (nothing when it is gone already)."""
         try:

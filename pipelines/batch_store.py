@@ -29,7 +29,6 @@ def lock_path(out: Path) -> Path:
     """Where the job lock of the output folder ``out`` lives: outside it (a folder removed and
     made again under a running job must not let a second job in), keyed by its absolute path,
     in ``$HFEDIT_LOCK_DIR`` (default: ``<temp dir>/hfedit-locks``)."""
-    import hashlib
     import tempfile
 
     folder = Path(os.environ.get("HFEDIT_LOCK_DIR") or Path(tempfile.gettempdir()) / "hfedit-locks")
@@ -63,8 +62,9 @@ def _store_locked(out: Location, run: str) -> Iterator[None]:
     object ``<out>/_lock.json`` holding the job's run id, host and time, rewritten every minute
     while the job runs and deleted at its end. A marker refreshed within
     :data:`LOCK_FRESH_S` refuses a second job; an older one (a job killed without its cleanup)
-    is taken over. Two jobs starting within the same second can both write a marker: each reads
-    it back and only the one whose marker stands goes on (the store's last writer wins)."""
+    is taken over. A job reads its marker back after writing it and stops when another job's
+    stands (the store's last writer wins); that narrows, but does not close, the window in which
+    two jobs that both found no marker go on together: ``pyarrow.fs`` has no conditional write."""
     import json
     import socket
     import threading
@@ -116,6 +116,7 @@ def output_location(out: str | os.PathLike) -> Location:
         loc = Location(out)
         if loc.local is not None:
             return Location(check_output_folder(loc.local))
+        loc.check_bucket()
         if loc.is_file():
             raise UsageError(f"--out {out} is an object, not a prefix: give a prefix for the outputs")
     except StorageError as err:
@@ -150,7 +151,7 @@ def ignored_files(source: str | os.PathLike) -> list[str]:
 def input_location(source: str) -> Location:
     try:
         loc = Location(source)
-        loc.is_file()  # reaches the store once: a wrong endpoint or credentials fail here
+        loc.check_bucket()  # a wrong endpoint, credentials or bucket fail here, before any work
     except StorageError as err:
         raise UsageError(f"--input {err}") from None
     return loc

@@ -185,3 +185,19 @@ def test_an_unreachable_store_is_one_line_naming_it_and_nothing_local_is_written
     assert proc.returncode == eb.EXIT_USAGE, proc.stderr
     assert "s3://bucket/out" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "s3:").exists()
+
+
+def test_a_missing_bucket_or_an_unknown_scheme_is_refused_before_any_work(s3, tmp_path):
+    """A bucket that does not exist failed only at the first PUT, after the work."""
+    listed = tmp_path / "one.txt"
+    listed.write_text("x.png\n")
+    for flag, args in (("--out", (listed, "s3://no-such-bucket/out")),
+                       ("--input", ("s3://no-such-bucket/in", tmp_path / "out")),
+                       ("--out", (listed, "foo://x/out"))):
+        with pytest.raises(eb.UsageError) as err:
+            eb.run_job(_cfg(tmp_path, "edit_batch.attributes=[reconstruction]"), *map(str, args),
+                       "models/backbone", progress=False, executor=eb.execute_plain)
+        text = str(err.value)
+        assert text.startswith(flag) and ("no-such-bucket" in text or "foo://" in text), text
+        assert "does not exist" in text or "scheme" in text, text
+    assert not (tmp_path / "out").exists()

@@ -210,7 +210,8 @@ def test_torch_trainer_survives_a_killed_worker_and_resumes(tmp_path, random_den
         for path in (p for p in Path(data).rglob("*") if p.is_file()):
             bucket.write_bytes(f"data/{path.relative_to(data).as_posix()}", path.read_bytes())
         shutil.rmtree(tmp_path / "rect")
-        proc = _run_stage(tmp_path, backbone, bucket.name("data"), extra=["pretrain.steps=40"],
+        proc = _run_stage(tmp_path, backbone, bucket.name("data"),  # 2 uploads, not 20: time
+                          extra=["pretrain.steps=40", "pretrain.checkpoint_every=20"],
                           batch_log=str(logs["clean"]), ckpt=bucket.name("ckpt"))
         out, _ = proc.communicate(timeout=550)
         assert proc.returncode == 0, out[-4000:]
