@@ -118,16 +118,14 @@ def list_inputs(source: str | os.PathLike, split: Optional[str] = None,
         from pipelines.batch_store import input_location, store_entries
 
         loc = input_location(source)
+        if loc.local is None and split is not None:
+            raise UsageError(f"--input {source} --split {split}: a prepared split is read from "
+                             "a local or mounted folder; give its path")
         if loc.local is None:  # on an object store
-            if split is not None:
-                raise UsageError(f"--input {source} --split {split}: a prepared split is read from "
-                                 "a local or mounted folder; give its path")
-            entries = store_entries(loc, root)
-        source = loc.local
-    source = Path(source).absolute() if source is not None else None
-    if source is None:
-        pass
-    elif split is not None:
+            return _unique(store_entries(loc, root))
+        source = loc.local  # file://
+    source = Path(source).absolute()
+    if split is not None:
         entries = _split_entries(source, split)
     elif source.is_dir():
         entries = [Entry(e.id, str(e.path), _signature(e.path), error=e.error)
@@ -136,6 +134,11 @@ def list_inputs(source: str | os.PathLike, split: Optional[str] = None,
         entries = _listed_entries(check_list_file(source), Path(root) if root else source.parent)
     else:
         raise UsageError(f"--input {source}: no such folder or list file")
+    return _unique(entries)
+
+
+def _unique(entries: list[Entry]) -> list[Entry]:
+    """Sorted by id, duplicates dropped, each with its output name or why it has none."""
     unique: dict[str, Entry] = {}
     for entry in entries:
         unique.setdefault(entry.id, entry)
@@ -284,12 +287,12 @@ class Job:
 
 
 def _tree_digest(path: str | os.PathLike) -> str:
-    """Digest of every file under a local folder (or of the string: a hub id)."""
-    path = local_copy(path) if is_uri(path) else Path(path)
+    """Digest of every file under a local folder (a store copy's marker left out), or of a hub id."""
+    path = Path(path)
     if not path.exists():
         return f"id:{path}"
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".hfedit-")) \
-        if path.is_dir() else [path]  # (not the store copy's listing: same digest as the folder)
+        if path.is_dir() else [path]
     return fingerprint([(p.relative_to(path).as_posix() if path.is_dir() else p.name, file_digest(p))
                         for p in files])
 
@@ -326,18 +329,16 @@ def make_job(cfg: HfeditConfig, backbone: str, out: Location, rectifiers: dict[s
     cache (:func:`hfedit.storage.local_copy`)."""
     eb, inv = cfg.edit_batch, cfg.inversion
     out = out if isinstance(out, Location) else Location(out)
-    if is_uri(backbone):
+    local = Path(backbone)
+    if is_uri(backbone):  # fingerprinted in this node's copy; the job keeps the URI
         try:
-            local_copy(backbone)
+            local = local_copy(backbone)
         except (OSError, StorageError) as err:
             raise UsageError(f"--backbone {backbone}: {err}") from None
-    local = Path(backbone)
-    if is_uri(backbone):
-        pass
     elif not local.exists() and (backbone.startswith((".", "/")) or backbone.count("/") != 1):
         raise UsageError(f"--backbone {backbone}: no such folder (the backbone stage writes "
                          "models/backbone) and not a hub id 'owner/name'")
-    common = {"format": FORMAT, "backbone": _tree_digest(backbone),
+    common = {"format": FORMAT, "backbone": _tree_digest(local if is_uri(backbone) else backbone),
               "inversion": to_flat_dict(inv),
               "preprocess": "prepared" if split_input else [
                   cfg.data.max_pixels, cfg.data.center_crop,

@@ -221,9 +221,9 @@ def run_job(cfg: HfeditConfig, source: str | os.PathLike, out: str | os.PathLike
     source = str(source)
     entries = [e for e in list_inputs(source, split, root)
                if split is not None or not inside_out(e.input)]
+    folder = Location(source)
     ignored = [] if split is not None else [
-        i for i in ignored_files(source) if not inside_out(str(Path(source) / i)
-                                                           if not is_uri(source) else f"{source}/{i}")]
+        i for i in ignored_files(source) if not inside_out(folder.name(i))]
     if not entries:
         raise UsageError(f"--input {source}: no image files" + (
             f" (ignored, not images by their suffix: {ignored[:5]})" if ignored else ""))

@@ -56,6 +56,7 @@ from hfedit.data.images import _u8_to_tensor, pixels_to_u8
 from hfedit.data.sources import Input, decode_inputs, list_inputs
 from hfedit.data.grids import write_grid_png
 from hfedit.files import atomic_write, atomic_write_text
+from hfedit.storage import filesystem
 from hfedit.progress import progress as progress_bar
 
 if TYPE_CHECKING:  # prepare imports no torch: readers convert to tensors per batch
@@ -290,16 +291,6 @@ def data_location(text: str | os.PathLike) -> str:
     return text if "://" in text else str(Path(text).absolute())
 
 
-def _filesystem(location: str | os.PathLike):
-    """``(pyarrow filesystem, path)`` of a local path or a URI (``s3://``, ``file://``, ...)."""
-    from pyarrow import fs
-
-    text = str(location)
-    if "://" in text:
-        return fs.FileSystem.from_uri(text)
-    return fs.LocalFileSystem(), str(Path(text).absolute())
-
-
 class PreparedData:
     """Read access to a prepared folder (a local path or a URI every node sees). Opening reads
     only dataset.json and index.json; images are read per request."""
@@ -309,7 +300,7 @@ class PreparedData:
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cached = 0
-        self.fs, self.root = _filesystem(location)
+        self.fs, self.root = filesystem(location)
         meta = self._json("dataset.json", missing=self._missing)
         if meta.get("format") != FORMAT:
             raise DatasetError(f"{self.location}/dataset.json: format {meta.get('format')!r}, this "
