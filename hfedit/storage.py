@@ -263,16 +263,33 @@ def local_copy(location: str | os.PathLike) -> Path:
     return replace_folder(dest, fill)
 
 
-def copy_tree(source: str | os.PathLike, dest: str | os.PathLike) -> dict[str, int]:
+def copy_tree(source: str | os.PathLike, dest: str | os.PathLike, last: tuple[str, ...] = ()
+              ) -> dict[str, int]:
     """Copy every file under the folder ``source`` to ``dest`` (each a path or a URI: up to a
-    store, down from one, or between two), each written whole; returns ``{name: size}``."""
+    store, down from one, or between two), each written whole; returns ``{name: size}``.
+    ``last``: names whose presence tells a reader the folder is complete (a checkpoint's JSON
+    sidecar): deleted from ``dest`` first and written after every other file."""
     src, out = Location(source), Location(dest)
     files = src.files()
     if not files:
         raise FileNotFoundError(f"{source}: no files to copy")
-    for rel in files:
+    for rel in last:
+        out.delete(rel)
+    for rel in sorted(files, key=lambda rel: rel in last):
         out.write_bytes(rel, src.read_bytes(rel))
     return files
+
+
+def remove_tree(location: str | os.PathLike) -> None:
+    """Delete every file under ``location`` (a store's prefix or a local folder)."""
+    loc = Location(location)
+    if loc.local is not None:
+        import shutil
+
+        shutil.rmtree(loc.local, ignore_errors=True)
+        return
+    for rel in loc.files():
+        loc.delete(rel)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -123,6 +123,23 @@ def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
     return path
 
 
+def check_store(location: str, flag: str, output: bool = False):
+    """The :class:`hfedit.storage.Location` of a URI given to ``flag``, its store reachable and
+    its bucket there (an output's prefix also not an object), checked before any work; raises
+    :class:`UsageError` naming the URI and the fix."""
+    from hfedit.storage import Location, StorageError
+
+    try:
+        loc = Location(location)
+        loc.check_bucket()
+        if output and loc.local is None and loc.is_file():
+            raise UsageError(f"{flag} {location} is an object, not a prefix: give a prefix for "
+                             "the outputs")
+    except StorageError as err:
+        raise UsageError(f"{flag} {err}") from None
+    return loc
+
+
 def check_list_file(path: str | os.PathLike, flag: str = "--input") -> Path:
     """``path`` is a text file listing image paths, not an image or other binary file (paths
     that are not UTF-8 are fine: they are file names' bytes)."""

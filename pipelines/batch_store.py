@@ -18,8 +18,8 @@ from typing import Iterator, Optional
 from hfedit.data.images import ImageError
 from hfedit.data.batch_manifest import MANIFEST
 from hfedit.files import remove_temporaries
-from hfedit.storage import Location, StorageError, is_uri
-from hfedit.validation import UsageError, check_output_folder
+from hfedit.storage import Location, is_uri
+from hfedit.validation import UsageError, check_output_folder, check_store
 from hfedit.data.sources import iter_folder
 from pipelines.batch_job import LOG_DIR, Entry, is_image_name
 
@@ -112,16 +112,8 @@ def output_location(out: str | os.PathLike) -> Location:
     a prefix on a reachable store that is not an object."""
     if not is_uri(out):
         return Location(check_output_folder(out))
-    try:
-        loc = Location(out)
-        if loc.local is not None:
-            return Location(check_output_folder(loc.local))
-        loc.check_bucket()
-        if loc.is_file():
-            raise UsageError(f"--out {out} is an object, not a prefix: give a prefix for the outputs")
-    except StorageError as err:
-        raise UsageError(f"--out {err}") from None
-    return loc
+    loc = check_store(str(out), "--out", output=True)
+    return Location(check_output_folder(loc.local)) if loc.local is not None else loc
 
 
 
@@ -149,12 +141,7 @@ def ignored_files(source: str | os.PathLike) -> list[str]:
 
 
 def input_location(source: str) -> Location:
-    try:
-        loc = Location(source)
-        loc.check_bucket()  # a wrong endpoint, credentials or bucket fail here, before any work
-    except StorageError as err:
-        raise UsageError(f"--input {err}") from None
-    return loc
+    return check_store(source, "--input")  # a wrong endpoint, credentials or bucket fail here
 
 
 def store_entries(loc: Location, root: Optional[str]) -> list[Entry]:

@@ -395,17 +395,35 @@ def resolve_model_uris(args: argparse.Namespace) -> None:
     """``--edits models:/<name>@<alias>`` (or ``/<version>``): fetch that registered rectifier
     model into ``<out>/_models/`` (:func:`pipelines.serving.fetch_model`); ``--edits`` becomes its
     edits folder, ``--backbone`` (when not given) its backbone, and its attribute is added to
-    ``--attributes``. ``--backbone models:/...`` takes the backbone of that model."""
+    ``--attributes``. ``--backbone models:/...`` takes the backbone of that model. With ``--out``
+    on a store the models are fetched here and uploaded under ``<out>/_models/``, and the job
+    reads them from there: every node fetches its own copy (no node is sent this one's path)."""
+    if not is_uri(args.out):
+        _fetch_registered(args, Path(args.out))
+        return
+    import tempfile
+
+    from hfedit.storage import copy_tree, join
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if not _fetch_registered(args, Path(tmp)):
+            return
+        if (Path(tmp) / "_models" / "rectifier").is_dir() and args.edits:
+            raise UsageError(f"--edits {args.edits}: this edit shares the reconstruction "
+                             "rectifier's trunk (edits.share_trunk), which it names by a relative "
+                             "path a job on a store cannot follow: give a local --out")
+        copy_tree(tmp, args.out)
+        for flag in ("edits", "backbone"):
+            value = getattr(args, flag)
+            if value and Path(value).is_relative_to(tmp):
+                setattr(args, flag, join(args.out, Path(value).relative_to(tmp).as_posix()))
+
+
+def _fetch_registered(args: argparse.Namespace, local: Path) -> bool:
+    """:func:`resolve_model_uris` into the local folder ``local``; whether anything was fetched."""
     from pipelines.serving import fetch_model
 
-    if is_uri(args.out):  # outputs on a store: models are fetched into this machine's cache
-        import hashlib
-
-        from hfedit.storage import cache_root
-
-        local = cache_root() / "registry" / hashlib.sha256(args.out.encode()).hexdigest()[:24]
-    else:
-        local = Path(args.out)
+    fetched = False
     if args.edits and args.edits.startswith("models:/"):
         backbone, attribute = fetch_model(args.edits, local / "_models")
         args.edits = str(local / "_models" / "edits")
@@ -413,14 +431,20 @@ def resolve_model_uris(args: argparse.Namespace) -> None:
             args.backbone = str(backbone)
         if args.attributes is not None and attribute not in args.attributes:
             args.attributes.append(attribute)
+        fetched = True
     if args.backbone.startswith("models:/"):
         args.backbone = str(fetch_model(args.backbone, local / "_backbone")[0])
+        fetched = True
+    return fetched
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
         resolve_model_uris(args)
+    except UsageError as err:
+        print(f"edit_batch: {err}", file=sys.stderr)
+        return EXIT_USAGE
     except Exception as err:  # noqa: BLE001 - a registry that cannot be read: say which URI
         print(f"edit_batch: --edits {args.edits} / --backbone {args.backbone}: cannot fetch the "
               f"model ({type(err).__name__}: {err}); is MLFLOW_TRACKING_URI the store that "

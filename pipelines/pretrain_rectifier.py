@@ -10,7 +10,9 @@ DDP (gloo on CPU, nccl on GPU) averages the rectifier's gradients. Every
 ``pretrain.checkpoint_every`` steps rank 0 reports a checkpoint (safetensors + JSON); when a
 worker dies Ray restarts the group from it (``runtime.ray.max_failures``), and a rerun of the
 stage with the same config resumes from the last one. Rank 0 logs metrics to the stage's MLflow
-run. At the end the driver writes ``<out>`` and the held-out reconstruction report with and
+run. ``--backbone``, ``--data``, ``--checkpoints`` and ``--out`` may be store URIs (``s3://...``): each
+worker fetches the backbone into its node's cache, reads the data from the store, Ray Train keeps
+the checkpoints there, and the rectifier is exported there from the store's checkpoint. At the end the driver writes ``<out>`` and the held-out reconstruction report with and
 without the rectifier (``<metrics>``), and logs both.
 """
 
@@ -45,7 +47,7 @@ from hfedit.data.images import pixels_to_tensor
 from hfedit.data.prepared import PreparedData, data_location, load_split
 from hfedit.device import check_precision, placement, wants_gpu
 from hfedit.files import replace_folder
-from hfedit.storage import Location, is_uri
+from hfedit.storage import Location, is_uri, local_copy
 from hfedit.training.augment import augment
 from pipelines.entry import parse_and_load, run_main, stage_parser
 from pipelines.ray_runtime import cluster_gpus, init_ray, split_dataset
@@ -190,7 +192,8 @@ def train_loop_per_worker(config: dict) -> None:
         (Path(config["pid_dir"]) / f"rank{rank}.pid").write_text(str(os.getpid()))
     device = ray.train.torch.get_device()  # the GPU Ray gave this rank, or the CPU
     precision = check_precision(cfg.runtime.precision, "training", device)
-    denoiser = load_backbone(config["backbone"], device=device, precision=precision)
+    # a backbone on a store is fetched into this node's cache (the driver sends the URI)
+    denoiser = load_backbone(local_copy(config["backbone"]), device=device, precision=precision)
     rectifier = initial_rectifier(cfg, denoiser.unet)
     opt, lr_sched = make_optimizer(rectifier, pc.lr, pc.weight_decay, pc.lr_decay_every, pc.lr_decay)
 
@@ -332,7 +335,7 @@ def _latest_stored_checkpoint(loc: Location, run_fingerprint: str):
     return ray.train.Checkpoint(path=f"{loc.root}/{best}", filesystem=loc.fs), best_step
 
 
-def train(cfg: HfeditConfig, backbone: Path, data: Path, out: Path, checkpoints: str | Path,
+def train(cfg: HfeditConfig, backbone: str | Path, data: Path, out: Path, checkpoints: str | Path,
           mlflow_run_id: str = "", mlflow_uri: str = "", pid_dir: str = "",
           batch_log: str = "") -> dict:
     """Run the TorchTrainer; copy the final rectifier to ``out``. Returns the final metrics.
@@ -348,6 +351,7 @@ def train(cfg: HfeditConfig, backbone: Path, data: Path, out: Path, checkpoints:
 
     rc = cfg.runtime.ray
     use_gpu = wants_gpu(cfg.runtime.device, cluster_gpus())
+    local = local_copy(backbone)  # a store's backbone: this node's copy, for its digest
     prepared = PreparedData(data)
     per_worker = prepared.count(SPLIT) // rc.num_workers
     if per_worker < cfg.pretrain.batch_size:
@@ -356,7 +360,7 @@ def train(cfg: HfeditConfig, backbone: Path, data: Path, out: Path, checkpoints:
                           f"{rc.num_workers} workers gets from {data}: lower the batch size or "
                           "the workers, or prepare more images")
     run_fp = fingerprint({"pretrain": to_flat_dict(cfg.pretrain), "rectifier": to_flat_dict(cfg.rectifier),
-                          "backbone": file_digest(backbone / "unet" / "diffusion_pytorch_model.safetensors"),
+                          "backbone": file_digest(local / "unet" / "diffusion_pytorch_model.safetensors"),
                           "data": prepared.digest, "workers": rc.num_workers,
                           "targets": file_digest(project_root() / cfg.rectifier.targets_file),
                           "code": module_digests(CODE_MODULES)})
@@ -377,7 +381,8 @@ def train(cfg: HfeditConfig, backbone: Path, data: Path, out: Path, checkpoints:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "cfg": _config_dict(cfg), "backbone": str(backbone.resolve()),
+            "cfg": _config_dict(cfg),
+            "backbone": str(backbone) if is_uri(backbone) else str(local.resolve()),
             "backbone_ref": model_reference(backbone),
             "data": data_location(data), "fingerprint": run_fp, "mlflow_run_id": mlflow_run_id,
             "mlflow_uri": mlflow_uri, "pid_dir": pid_dir, "storage": storage,
@@ -406,9 +411,17 @@ def train(cfg: HfeditConfig, backbone: Path, data: Path, out: Path, checkpoints:
             "restarts": state_meta.get("restarts", 0)}
 
 
-def _export(folder: Path, out: Path) -> None:
+def _export(folder: Path, out: str | Path) -> None:
     """Copy the rectifier files of a reported checkpoint to the stage's output folder, replacing
-    it whole (a failed copy leaves the previous rectifier in place)."""
+    it whole (a failed copy leaves the previous rectifier in place); to a store prefix each file
+    one PUT, the JSON sidecar deleted first and written last (complete when it is there)."""
+    if is_uri(out):
+        store = Location(out)
+        store.delete(f"{RECTIFIER}.json")
+        for suffix in (".safetensors", ".json"):
+            store.write_bytes(f"{RECTIFIER}{suffix}", (folder / f"{RECTIFIER}{suffix}").read_bytes())
+        return
+
     def fill(tmp: Path) -> None:
         for suffix in (".safetensors", ".json"):
             shutil.copy2(folder / f"{RECTIFIER}{suffix}", tmp / f"{RECTIFIER}{suffix}")
@@ -441,8 +454,10 @@ def evaluate(cfg: HfeditConfig, backbone: Path, data: Path, rectifier_dir: Path)
 
 def main(argv: list[str] | None = None) -> dict:
     parser = stage_parser("Rectifier reconstruction pretraining (Ray Train).", data=True)
-    parser.add_argument("--backbone", type=Path, default=Path("models/backbone"))
-    parser.add_argument("--out", type=Path, default=Path("models/rectifier"))
+    parser.add_argument("--backbone", default="models/backbone",
+                        help="a folder, or a store URI every node fetches (s3://bucket/prefix)")
+    parser.add_argument("--out", default="models/rectifier",
+                        help="the rectifier: a folder, or a store URI (s3://bucket/prefix)")
     parser.add_argument("--checkpoints", default="checkpoints/rectifier",
                         help="Ray Train's storage: a folder every node sees, or s3://bucket/prefix")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/pretrain_rectifier.json"))
@@ -450,6 +465,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-log", default="", help="workers append '<step> <batch sum>' "
                         "lines to rank<k>.txt here (which images each step saw)")
     args, cfg = parse_and_load(parser, argv)
+    from hfedit.validation import check_store
+
+    for flag in ("backbone", "data", "checkpoints", "out"):
+        if is_uri(getattr(args, flag)):
+            check_store(str(getattr(args, flag)), f"--{flag}", output=flag in ("checkpoints", "out"))
+    backbone = local_copy(args.backbone)  # this node's copy of a store's backbone
     init_ray(cfg)
     from pipelines.tracking import tracking_uri, write_metrics
 
@@ -457,7 +478,8 @@ def main(argv: list[str] | None = None) -> dict:
         final = train(cfg, args.backbone, args.data, args.out, args.checkpoints,
                       mlflow_run_id=tracker.run_id, mlflow_uri=tracking_uri(cfg), pid_dir=args.pid_dir,
                       batch_log=args.batch_log)
-        report = evaluate(cfg, args.backbone, args.data, args.out)
+        rectifier = local_copy(args.out)  # this node's copy of a rectifier written to a store
+        report = evaluate(cfg, backbone, args.data, rectifier)
         report["training"] = {k: final[k] for k in ("loss", "noise_mse", "plain_noise_mse",
                                                     "step", "restarts", "resumed_from_step")}
         written = write_metrics(args.metrics, report, "pretrain_rectifier")
@@ -467,7 +489,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 step=cfg.pretrain.steps)
         for path in written:
             tracker.log_artifact(path)
-        log_rectifier_model(cfg, tracker.run_id, args.backbone, args.out, "rectifier", "rectifier",
+        log_rectifier_model(cfg, tracker.run_id, backbone, rectifier, "rectifier", "rectifier",
                             tags={"hfedit.kind": "reconstruction",
                                   "hfedit.backbone": model_reference(args.backbone)["source"],
                                   **{f"held_out_{k}_improvement": f"{v:.6g}"
@@ -480,4 +502,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run_main("pretrain_rectifier", main, uri_flags=("--data", "--checkpoints"))
+    run_main("pretrain_rectifier", main,
+             uri_flags=("--backbone", "--data", "--checkpoints", "--out"))

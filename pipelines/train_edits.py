@@ -16,6 +16,10 @@ others: its error is recorded in ``<out>/status.json`` and ``<metrics>``, and th
 non-zero naming it once every task has finished. Folders of attributes no longer configured
 are removed.
 
+``--backbone``, ``--rectifier``, ``--data`` and ``--out`` may be store URIs (``s3://...``): each
+task fetches the models into its node's cache; an edit on a store is uploaded file by file, its
+JSON sidecar last (deleted first), so a reader sees it whole or not at all.
+
 With random CLIP weights (``clip.weights: ""``, the offline default) the edits are not semantic:
 the stage says so in its log (a warning), as an MLflow tag on every run, and in ``<metrics>``.
 """
@@ -27,6 +31,7 @@ import json
 import logging
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +54,7 @@ from hfedit.data.prepared import PreparedData, Split, data_location
 from hfedit.device import placement
 from hfedit.files import is_temporary, replace_folder
 from hfedit.models.clip import NOT_SEMANTIC
+from hfedit.storage import Location, copy_tree, is_uri, join, local_copy, remove_tree
 from pipelines.entry import parse_and_load, run_main, stage_parser
 
 log = logging.getLogger("hfedit.train_edits")
@@ -66,9 +72,11 @@ class AttributesFailed(RuntimeError):
 
 
 # ---------------------------------------------------------------------------- fingerprints
-def input_digests(backbone: Path, rectifier: Path, data: Path) -> dict[str, Any]:
-    """Digests of everything an edit rectifier is trained from, besides its params."""
+def input_digests(backbone: str | Path, rectifier: str | Path, data: str | Path) -> dict[str, Any]:
+    """Digests of everything an edit rectifier is trained from, besides its params (models on a
+    store: of this node's copy, :func:`hfedit.storage.local_copy`)."""
     code = module_digests(CODE_MODULES)
+    backbone, rectifier = local_copy(backbone), local_copy(rectifier)
     return {
         "backbone": file_digest(Path(backbone) / "unet" / "diffusion_pytorch_model.safetensors"),
         "rectifier": file_digest(Path(rectifier) / f"{RECTIFIER}.safetensors"),
@@ -92,22 +100,39 @@ def attribute_fingerprint(cfg: HfeditConfig, name: str, inputs: dict[str, Any]) 
     })
 
 
-def saved_meta(folder: Path) -> Optional[dict]:
-    """The JSON sidecar of a complete edit rectifier in ``folder``, else None."""
-    if not has_checkpoint(folder, RECTIFIER):
-        return None
+def saved_meta(out: str | Path, name: str) -> Optional[dict]:
+    """The JSON sidecar of the complete edit rectifier ``out/name`` (a folder or a store
+    prefix), else None."""
+    loc = Location(out)
     try:
-        return json.loads((folder / f"{RECTIFIER}.json").read_text())
+        if loc.local is not None:
+            folder = loc.local / name
+            return (json.loads((folder / f"{RECTIFIER}.json").read_text())
+                    if has_checkpoint(folder, RECTIFIER) else None)
+        if loc.size(f"{name}/{RECTIFIER}.safetensors") is None:
+            return None
+        return json.loads(loc.read_bytes(f"{name}/{RECTIFIER}.json"))
     except (OSError, ValueError):
         return None
 
 
-def publish(out_root: Path, name: str, rectifier, meta: dict, base: Optional[Path] = None) -> Path:
-    """Write ``out_root/name/`` atomically: save into a temporary sibling, then rename it into
-    place (the previous version is renamed away first and deleted after). ``base``: the
-    reconstruction rectifier whose trunk this one shares (only the rest is written)."""
-    return replace_folder(out_root / name,
-                          lambda tmp: save_rectifier(tmp, rectifier, meta, base=base))
+@contextlib.contextmanager
+def published(out: str, name: str, rectifier, meta: dict, base: Optional[Path] = None):
+    """Publish ``out/name/`` whole and yield a local folder holding it. Locally: saved into a
+    temporary sibling renamed into place (the previous version renamed away first, deleted
+    after). On a store: saved in a temporary folder and uploaded, the JSON sidecar deleted first
+    and written last (:func:`saved_meta` takes its presence as the rectifier being complete).
+    ``base``: the reconstruction rectifier whose trunk this one shares (only the rest is
+    written; local outputs only)."""
+    if not is_uri(out):
+        yield replace_folder(Path(out) / name,
+                             lambda tmp: save_rectifier(tmp, rectifier, meta, base=base))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / name
+        save_rectifier(folder, rectifier, meta, base=base)
+        copy_tree(folder, join(out, name), last=(f"{RECTIFIER}.json",))
+        yield folder
 
 
 # ------------------------------------------------------------------------------- the task
@@ -147,8 +172,9 @@ def load_inputs(spec: dict, work: str = "training") -> Loaded:
     cfg = config_from_dict(spec["cfg"])
     device, precision = placement(spec.get("device", cfg.runtime.device), cfg.runtime.precision,
                                   work)
-    denoiser = load_backbone(spec["backbone"], device=device, precision=precision)
-    recon, _ = load_rectifier(spec["rectifier"], denoiser.unet, device=str(device))
+    # models on a store are fetched into this node's cache (the driver sends URIs, never its paths)
+    denoiser = load_backbone(local_copy(spec["backbone"]), device=device, precision=precision)
+    recon, _ = load_rectifier(local_copy(spec["rectifier"]), denoiser.unet, device=str(device))
     clip = load_clip(cfg.clip, device, announce=False)  # the driver said it, and the tags do
     # the rectifier's own images (data.rectifier_fraction), read lazily: only the ones trained on
     images = load_split(spec["data"], "rectifier")
@@ -265,17 +291,18 @@ def run_attribute(spec: dict) -> dict:
                     "training": summary}
             if method is EditMethod.markovian:
                 meta["markovian"] = to_flat_dict(cfg.edits.markovian)
-            folder = publish(Path(spec["out"]), name, result.rectifier.cpu(), meta,
-                             base=Path(spec["rectifier"]) if cfg.edits.share_trunk else None)
-            if run is not None:
-                from pipelines.serving import log_rectifier_model
+            base = local_copy(spec["rectifier"]) if cfg.edits.share_trunk else None
+            with published(spec["out"], name, result.rectifier.cpu(), meta, base) as folder:
+                if run is not None:
+                    from pipelines.serving import log_rectifier_model
 
-                log_rectifier_model(cfg, run.run_id, spec["backbone"], folder, f"edit-{name}", name,
-                                    tags={"hfedit.attribute": name, "hfedit.method": method.value,
-                                          "hfedit.semantic": str(loaded.clip.semantic).lower(),
-                                          "hfedit.clip_model": loaded.clip.name,
-                                          "hfedit.fingerprint": spec["fingerprint"],
-                                          "hfedit.backbone": meta["backbone"]["source"]})
+                    log_rectifier_model(
+                        cfg, run.run_id, local_copy(spec["backbone"]), folder, f"edit-{name}",
+                        name, tags={"hfedit.attribute": name, "hfedit.method": method.value,
+                                    "hfedit.semantic": str(loaded.clip.semantic).lower(),
+                                    "hfedit.clip_model": loaded.clip.name,
+                                    "hfedit.fingerprint": spec["fingerprint"],
+                                    "hfedit.backbone": meta["backbone"]["source"]})
         except BaseException as err:
             if run is not None:
                 run.set_tags({"hfedit.error": f"{type(err).__name__}: {err}"[:4000]})
@@ -292,8 +319,16 @@ def task_error(err: BaseException) -> str:
     return f"{type(cause).__name__}: {text[0] if text else ''}"
 
 
-def remove_stale(out: Path, keep: set[str]) -> list[str]:
-    """Delete attribute folders not in ``keep`` and leftovers of interrupted publishes."""
+def remove_stale(out: str | Path, keep: set[str]) -> list[str]:
+    """Delete attribute folders not in ``keep`` and leftovers of interrupted publishes (on a
+    store: the objects under prefixes of attributes not in ``keep``)."""
+    if is_uri(out):
+        names = {rel.split("/", 1)[0] for rel in Location(out).files() if "/" in rel}
+        stale = sorted(n for n in names if not n.startswith(".") and n not in keep)
+        for name in stale:
+            remove_tree(join(str(out), name))
+        return stale
+    out = Path(out)
     removed = []
     if not out.is_dir():
         return removed
@@ -317,9 +352,12 @@ def announce_random_clip(cfg: HfeditConfig, stage: str = STAGE) -> bool:
     return random_clip
 
 
-def run_stage(cfg: HfeditConfig, backbone: Path, rectifier: Path, data: Path, out: Path,
-              tracker=None, mlflow_info: Optional[dict] = None) -> dict:
-    """Plan, fan out, collect. Returns the stage report (also what ``<metrics>`` holds)."""
+def run_stage(cfg: HfeditConfig, backbone: str | Path, rectifier: str | Path, data: str | Path,
+              out: str | Path, tracker=None, mlflow_info: Optional[dict] = None) -> dict:
+    """Plan, fan out, collect. Returns the stage report (also what ``<metrics>`` holds).
+    ``backbone``, ``rectifier``, ``data`` and ``out`` may be store URIs: tasks are sent the URIs
+    (each node fetches the models into its cache), local paths as absolute paths (a
+    multi-node cluster needs them on a shared filesystem)."""
     import ray
 
     from pipelines.ray_runtime import task_placement
@@ -338,7 +376,7 @@ def run_stage(cfg: HfeditConfig, backbone: Path, rectifier: Path, data: Path, ou
     todo: dict[str, str] = {}
     for name in names:
         fp = attribute_fingerprint(cfg, name, inputs)
-        meta = saved_meta(out / name)
+        meta = saved_meta(out, name)
         if meta is not None and meta.get("fingerprint") == fp:
             report["attributes"][name] = {**meta.get("training", {}), "status": "skipped",
                                           "fingerprint": fp,
@@ -353,8 +391,8 @@ def run_stage(cfg: HfeditConfig, backbone: Path, rectifier: Path, data: Path, ou
     refs = {}
     for name, fp in todo.items():
         spec = {"attribute": name, "cfg": config_dict(cfg), "fingerprint": fp, "inputs": inputs,
-                "backbone": str(Path(backbone).resolve()), "rectifier": str(Path(rectifier).resolve()),
-                "data": data_location(data), "out": str(Path(out).resolve()),
+                "backbone": _sent(backbone), "rectifier": _sent(rectifier),
+                "data": data_location(data), "out": _sent(out),
                 "mlflow": mlflow_info, "device": device}
         ref = task.options(num_cpus=rc.edit_task_cpus, num_gpus=gpus,
                            max_retries=rc.max_failures, name=f"{STAGE}:{name}").remote(spec)
@@ -373,7 +411,11 @@ def run_stage(cfg: HfeditConfig, backbone: Path, rectifier: Path, data: Path, ou
     report["attributes"] = {n: report["attributes"][n] for n in names}  # params order
     statuses = [a["status"] for a in report["attributes"].values()]
     report.update({k: statuses.count(k) for k in ("trained", "skipped", "failed")})
-    atomic_write_json(out / STATUS_FILE, report["attributes"])  # everything, text included
+    status = json.dumps(report["attributes"], indent=1)  # everything, text included
+    if is_uri(out):
+        Location(out).write_bytes(STATUS_FILE, status.encode())
+    else:
+        atomic_write_json(Path(out) / STATUS_FILE, report["attributes"])
     if tracker is not None:
         for name, a in report["attributes"].items():
             if "final_loss" in a:
@@ -387,19 +429,42 @@ def run_stage(cfg: HfeditConfig, backbone: Path, rectifier: Path, data: Path, ou
     return report
 
 
+def _sent(location: str | Path) -> str:
+    """How a task is told a location: a URI as is, a local path made absolute."""
+    return str(location) if is_uri(location) else str(Path(location).resolve())
+
+
 def failure_message(report: dict) -> str:
     failed = {n: a["error"] for n, a in report["attributes"].items() if a["status"] == "failed"}
     return (f"train_edits: {len(failed)} attribute(s) failed: "
             + "; ".join(f"{n} ({e})" for n, e in failed.items()))
 
 
+def check_locations(cfg: HfeditConfig, args) -> None:
+    """The store URIs among the arguments reachable, before any work; an edit sharing the
+    reconstruction rectifier's trunk names it by a relative path, so only in a local folder."""
+    from hfedit.validation import UsageError, check_store
+
+    for flag in ("backbone", "rectifier", "data", "out"):
+        value = str(getattr(args, flag))
+        if is_uri(value):
+            check_store(value, f"--{flag}", output=flag == "out")
+    if is_uri(args.out) and cfg.edits.share_trunk:
+        raise UsageError(f"--out {args.out}: edits.share_trunk=true saves each edit with a "
+                         "relative path to the reconstruction rectifier, which a store prefix "
+                         "cannot hold: give a local --out, or set edits.share_trunk=false")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = stage_parser("Edit rectifiers, one Ray task per attribute.", data=True)
-    parser.add_argument("--backbone", type=Path, default=Path("models/backbone"))
-    parser.add_argument("--rectifier", type=Path, default=Path("models/rectifier"))
-    parser.add_argument("--out", type=Path, default=Path("models/edits"))
+    store = "a folder, or a store URI (s3://bucket/prefix)"
+    parser.add_argument("--backbone", default="models/backbone", help=f"the backbone: {store}")
+    parser.add_argument("--rectifier", default="models/rectifier",
+                        help=f"the reconstruction rectifier: {store}")
+    parser.add_argument("--out", default="models/edits", help=f"the edit rectifiers: {store}")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/train_edits.json"))
     args, cfg = parse_and_load(parser, argv)
+    check_locations(cfg, args)
     from pipelines.ray_runtime import init_ray
     from pipelines.tracking import stage_run, write_metrics
 
@@ -409,7 +474,10 @@ def main(argv: list[str] | None = None) -> dict:
                            task_tracking(cfg, tracker))
         for path in write_metrics(args.metrics, report, STAGE):  # headline + the whole report
             tracker.log_artifact(path)
-        tracker.log_artifact(args.out / STATUS_FILE)
+        with tempfile.TemporaryDirectory() as tmp:
+            status = Path(tmp) / STATUS_FILE
+            status.write_bytes(Location(args.out).read_bytes(STATUS_FILE))
+            tracker.log_artifact(status)
         for name, a in report["attributes"].items():
             print(f"train_edits: {name}: {a['status']}"
                   + (f" ({a['error']})" if "error" in a else
@@ -421,4 +489,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run_main(STAGE, main, failures=(AttributesFailed,))
+    run_main(STAGE, main, failures=(AttributesFailed,),
+             uri_flags=("--backbone", "--rectifier", "--data", "--out"))

@@ -26,6 +26,10 @@ source, then the edit at each N) and ``<out>/results.md`` (the results table the
 Everything goes to the stage's MLflow run (``evaluate/<group>/n<N>/<metric>`` for every N, at
 step 0), the headline numbers (``evaluate/<group>/<metric>``) also to the pipeline run.
 
+``--backbone``, ``--rectifier``, ``--edits``, ``--batch`` and ``--data`` may be store URIs
+(``s3://bucket/prefix``): the models are fetched into this machine's cache, of the batch job's
+output only its manifest; ``--out`` is a local folder (DVC outputs, MLflow artifacts).
+
 The comparisons are :mod:`hfedit.evaluation.comparisons`, the tables and metric names
 :mod:`hfedit.evaluation.report`, the CSVs, figures and grids :mod:`hfedit.evaluation.plots`.
 """
@@ -154,21 +158,49 @@ def run(cfg: HfeditConfig, backbone: Path, rectifier_dir: Path, edits_dir: Path,
     return report
 
 
+def fetched(args, tmp: Path) -> tuple[Path, Path, Path, Path]:
+    """The backbone, rectifier, edits and batch folders as local folders: those given as store
+    URIs fetched (models into this machine's cache, :func:`hfedit.storage.local_copy`; of the
+    batch job's output only its manifest, into ``tmp``), each checked before any work."""
+    from hfedit.data.batch_manifest import MANIFEST
+    from hfedit.storage import Location, is_uri, local_copy
+    from hfedit.validation import check_store
+
+    for flag in ("backbone", "rectifier", "edits", "batch", "data"):
+        if is_uri(getattr(args, flag)):
+            check_store(getattr(args, flag), f"--{flag}")
+    edits = Location(args.edits)
+    batch = Path(args.batch)
+    if is_uri(args.batch):
+        batch = tmp / "batch"
+        batch.mkdir()
+        if Location(args.batch).size(MANIFEST) is not None:
+            (batch / MANIFEST).write_bytes(Location(args.batch).read_bytes(MANIFEST))
+    return (local_copy(args.backbone), local_copy(args.rectifier),
+            local_copy(args.edits) if edits.local is None and edits.files() else Path(args.edits),
+            batch)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = stage_parser("Evaluate reconstruction and editing (DVC stage).", data=True)
-    parser.add_argument("--backbone", type=Path, default=Path("models/backbone"))
-    parser.add_argument("--rectifier", type=Path, default=Path("models/rectifier"))
-    parser.add_argument("--edits", type=Path, default=Path("models/edits"))
-    parser.add_argument("--batch", type=Path, default=Path("outputs/val"))
+    store = "a folder, or a store URI (s3://bucket/prefix)"
+    parser.add_argument("--backbone", default="models/backbone", help=store)
+    parser.add_argument("--rectifier", default="models/rectifier", help=store)
+    parser.add_argument("--edits", default="models/edits", help=store)
+    parser.add_argument("--batch", default="outputs/val",
+                        help=f"the edit_batch job's output (its manifest is read): {store}")
     parser.add_argument("--ablation", type=Path, default=Path("plots/edit_ablation/report.json"),
                         help="the edit_ablation stage's report")
     parser.add_argument("--out", type=Path, default=Path("eval"))
     args, cfg = parse_and_load(parser, argv)
+    import tempfile
+
     from pipelines.tracking import stage_run
 
-    with stage_run(cfg, STAGE) as tracker:
-        report = run(cfg, args.backbone, args.rectifier, args.edits, args.data, args.batch,
-                     args.ablation, args.out, tracker)
+    with tempfile.TemporaryDirectory() as tmp, stage_run(cfg, STAGE) as tracker:
+        backbone, rectifier, edits, batch = fetched(args, Path(tmp))
+        report = run(cfg, backbone, rectifier, edits, args.data, batch, args.ablation, args.out,
+                     tracker)
     print((args.out / "results.md").read_text())
     if not report["reconstruction"]["lpips"]:
         print(f"evaluate: LPIPS not computed: {report['reconstruction']['lpips_note']}")
@@ -176,4 +208,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run_main(STAGE, main, failures=(ValueError, FileNotFoundError, KeyError))
+    run_main(STAGE, main, failures=(ValueError, FileNotFoundError, KeyError),
+             uri_flags=("--backbone", "--rectifier", "--edits", "--batch", "--data"))

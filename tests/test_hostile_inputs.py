@@ -280,7 +280,8 @@ def test_object_storage_uris_are_refused_up_front_not_written_as_local_folders(t
     with pytest.raises(UsageError, match=r"s3://bucket/raw.* local paths only"):
         refuse_uris(["--input", "s3://bucket/in", "--set", "data.source=s3://bucket/raw"],
                     "edit_batch", allowed=("--input",))
-    for cmd in ([sys.executable, str(root / "stages/prepare.py"), "--out", "s3://bucket/out"],
+    for cmd in ([sys.executable, str(root / "stages/backbone.py"), "--data", "s3://bucket/in",
+                 "--out", "out"],
                 [sys.executable, "-m", "hfedit", "reconstruct", "s3://bucket/photo.jpg"]):
         proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and "s3://bucket/" in proc.stderr and "local" in proc.stderr

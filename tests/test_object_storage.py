@@ -155,6 +155,100 @@ def test_edit_batch_from_a_bucket_to_a_bucket_with_models_there_equals_the_local
     assert only == pngs["reconstruction/faces/lfw_0.png"]
 
 
+def test_prepare_from_a_bucket_to_a_bucket_equals_the_local_prepare_and_resends_nothing(
+        s3, folder, tmp_path):  # noqa: F811
+    """The prepare stage as a user runs it, source and output on the bucket: the same shards,
+    manifest reasons and splits as a local prepare of the same files; a rerun uploads no shard;
+    a new input on the store redoes its shard and re-sends only that."""
+    import subprocess
+    import sys
+
+    from hfedit.config import load_config
+    from hfedit.data.prepared import PreparedData, prepare_dataset
+
+    _, log = s3
+    root, expected = folder
+    src = tmp_path / "src"  # the regular files (a store has no links or fifos)
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            (src / path.relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, src / path.relative_to(root))
+    _upload(src, _uri("raw"))
+    settings = ["--set", "data.resolution=16", "--set", "data.shard_images=8"]
+    cfg = load_config(overrides=[f"data.source={src}", *settings[1::2]]).data  # as the stage's
+    local = prepare_dataset(cfg, tmp_path / "local", progress=False)
+    project = Path(__file__).resolve().parents[1]
+
+    def prepare(*extra: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+        return subprocess.run([sys.executable, str(project / "stages/prepare.py"), "--out",
+                               _uri("prepared"), "--set", f"data.source={_uri('raw')}",
+                               *settings, *extra], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    proc = prepare()
+    assert proc.returncode == 0, proc.stderr
+    store = Location(_uri("prepared"))
+    manifest = json.loads(store.read_bytes("manifest.json"))
+    got = {r["id"]: r["status"] if r["status"] == "ok" else r["reason"] for r in manifest["rows"]}
+    assert got == {r.id: r.status if r.status == "ok" else r.reason for r in local.rows}
+    assert got["bad/truncated.png"] == expected["bad/truncated.png"] == "truncated"
+    assert got["bad/empty.png"] == "empty" and got["faces/astronaut.jpg"] == "ok"
+    assert all(r["source"] == _uri(f"raw/{r['id']}") for r in manifest["rows"])
+    shards = [rel for rel in store.files() if rel.endswith(".parquet")]
+    assert len(shards) >= 2 and all(store.read_bytes(rel) == (tmp_path / "local" / rel).read_bytes()
+                                    for rel in shards)
+    data, mine = PreparedData(_uri("prepared")), PreparedData(tmp_path / "local")
+    for split in ("train", "val"):
+        assert data.ids(split) == mine.ids(split)
+        assert np.array_equal(data.read_u8(split, range(data.count(split))),
+                              mine.read_u8(split, range(mine.count(split))))
+
+    before = len(log.read_text().splitlines())
+    assert prepare().returncode == 0
+    puts = [r for r in log.read_text().splitlines()[before:] if '"PUT ' in r]
+    assert puts and not any(".parquet" in r for r in puts), puts  # records, index, manifest only
+    Location(_uri("raw")).write_bytes("zz/new.png", (src / "faces/astronaut.png").read_bytes())
+    before = len(log.read_text().splitlines())
+    assert prepare().returncode == 0
+    sent = [r for r in log.read_text().splitlines()[before:] if '"PUT ' in r and ".parquet" in r]
+    last = sorted(shards)[-1]  # the new input sorts last: only the last shard changes
+    assert len(sent) == 1 and last in sent[0], sent
+    assert "zz/new.png" in PreparedData(_uri("prepared")).ids("train") + \
+        PreparedData(_uri("prepared")).ids("val") + PreparedData(_uri("prepared")).ids("rectifier")
+
+
+def test_a_registered_model_for_a_job_on_a_bucket_is_uploaded_beside_its_outputs(
+        s3, models, tmp_path, monkeypatch):  # noqa: F811
+    """``--edits models:/...`` was fetched into the driver's disk and its path sent to every
+    node; with ``--out`` on a store it is uploaded under ``<out>/_models/`` and the job names it
+    by URI (each node fetches its own copy)."""
+    import argparse
+
+    import mlflow
+
+    from pipelines.serving import log_rectifier_model
+
+    backbone, edits = models
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    with mlflow.start_run() as run:
+        log_rectifier_model(_cfg(edits), run.info.run_id, backbone, edits / "smiling",
+                            "edit-smiling", "smiling")
+    args = argparse.Namespace(out=_uri("registry"), edits="models:/hfedit-edit-smiling@champion",
+                              backbone=eb.BACKBONE_DEFAULT, attributes=["old"])
+    eb.resolve_model_uris(args)
+    assert (args.edits, args.backbone) == (_uri("registry/_models/edits"),
+                                           _uri("registry/_models/backbone"))
+    assert args.attributes == ["old", "smiling"]
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert (local_copy(args.backbone) / weights).read_bytes() == (backbone / weights).read_bytes()
+    rect = "smiling/rectifier.safetensors"
+    assert (local_copy(args.edits) / rect).read_bytes() == (edits / rect).read_bytes()
+    assert not (tmp_path / "s3:").exists()
+
+
 def test_a_live_job_lock_on_the_bucket_refuses_a_second_job_and_a_dead_ones_is_taken_over(
         s3, folder, models, tmp_path):  # noqa: F811
     root, _ = folder

@@ -134,52 +134,75 @@ def _run_stage(tmp_path, backbone, data, extra=(), pid_dir="", batch_log="", ckp
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_torch_trainer_survives_a_killed_worker_and_resumes(tmp_path, random_denoiser, monkeypatch):
+    """The killed run reads its data from a bucket and keeps its checkpoints there (Ray Train's
+    storage_path), as on a cluster of nodes with their own disks; the clean run is local."""
     import json
+
+    from hfedit.storage import Location
+    from tests.servers import S3_BUCKET, s3_server
 
     backbone, data = _prepared(tmp_path, random_denoiser)
     pid_dir = tmp_path / "pids"
     logs = {run: tmp_path / f"batches-{run}" for run in ("killed", "clean")}
     for folder in logs.values():
         folder.mkdir()
-    proc = _run_stage(tmp_path, backbone, data, pid_dir=str(pid_dir),
-                      extra=["pretrain.steps=40"], batch_log=str(logs["killed"]))
-    killed = threading.Event()
-    killed_pid: list[int] = []
+    with s3_server(tmp_path) as store:
+        for key, value in store.items():
+            monkeypatch.setenv(key, value)
+        bucket = Location(f"s3://{S3_BUCKET}")
+        for path in (p for p in Path(data).rglob("*") if p.is_file()):
+            bucket.write_bytes(f"data/{path.relative_to(data).as_posix()}", path.read_bytes())
+        on_bucket = dict(batch_log=str(logs["killed"]), ckpt=bucket.name("ckpt"),
+                         extra=["pretrain.steps=40", "pretrain.checkpoint_every=10"])
+        proc = _run_stage(tmp_path, backbone, bucket.name("data"), pid_dir=str(pid_dir), **on_bucket)
+        killed = threading.Event()
+        killed_pid: list[int] = []
 
-    def kill_rank1_after_a_checkpoint():
-        # Once a whole checkpoint is on disk the restarted group must resume from it, whether
-        # or not Ray had committed it when the worker died (pretrain_rectifier._resume_point).
-        deadline = time.time() + 400
-        while time.time() < deadline and proc.poll() is None:
-            ckpts = [p.parent for p in (tmp_path / "ckpt").glob("**/train_state.json")]
-            pid_file = pid_dir / "rank1.pid"
-            if any(checkpoint_complete(c, "train_state") for c in ckpts) and pid_file.exists():
-                killed_pid.append(int(pid_file.read_text()))
-                os.kill(killed_pid[0], signal.SIGKILL)
-                killed.set()
-                return
-            time.sleep(0.2)
+        def complete_on_bucket() -> bool:  # a checkpoint's tensors object of its recorded size
+            files = bucket.files("ckpt")
+            for rel in (r for r in files if r.endswith("/train_state.json")):
+                meta = json.loads(bucket.read_bytes(rel))
+                if files.get(rel[: -len("json")] + "safetensors") == meta.get("data_bytes"):
+                    return True
+            return False
 
-    threading.Thread(target=kill_rank1_after_a_checkpoint, daemon=True).start()
-    out, _ = proc.communicate(timeout=550)
-    assert proc.returncode == 0, out[-4000:]
-    assert killed.is_set()
-    report = json.loads((tmp_path / "m.report.json").read_text())
-    assert report["training"]["step"] == 40
-    # Ray restarted the worker group (rank 1 is a new process), which resumed from the
-    # checkpoint (restarts counts resumptions) and completed.
-    assert int((pid_dir / "rank1.pid").read_text()) != killed_pid[0], out[-3000:]
-    assert report["training"]["restarts"] >= 1, out[-3000:]
-    assert (tmp_path / "rect" / "rectifier.safetensors").is_file()
-    for model in ("backbone", "rectifier"):
-        assert report[model]["edit_friendly_max_error"] <= 1e-4
+        def kill_rank1_after_a_checkpoint():
+            # Once a whole checkpoint is on the store the restarted group must resume from it,
+            # whether or not Ray had committed it when the worker died
+            # (pretrain_rectifier._resume_point).
+            deadline = time.time() + 400
+            while time.time() < deadline and proc.poll() is None:
+                pid_file = pid_dir / "rank1.pid"
+                if pid_file.exists() and complete_on_bucket():
+                    killed_pid.append(int(pid_file.read_text()))
+                    os.kill(killed_pid[0], signal.SIGKILL)
+                    killed.set()
+                    return
+                time.sleep(0.5)
 
-    # A rerun with the same config resumes from the final checkpoint: no step is trained again.
-    proc = _run_stage(tmp_path, backbone, data, extra=["pretrain.steps=40"])
-    out, _ = proc.communicate(timeout=550)
-    assert proc.returncode == 0, out[-4000:]
+        threading.Thread(target=kill_rank1_after_a_checkpoint, daemon=True).start()
+        out, _ = proc.communicate(timeout=550)
+        assert proc.returncode == 0, out[-4000:]
+        assert killed.is_set()
+        report = json.loads((tmp_path / "m.report.json").read_text())
+        assert report["training"]["step"] == 40
+        # Ray restarted the worker group (rank 1 is a new process), which resumed from the
+        # checkpoint on the bucket (restarts counts resumptions) and completed.
+        assert int((pid_dir / "rank1.pid").read_text()) != killed_pid[0], out[-3000:]
+        assert report["training"]["restarts"] >= 1, out[-3000:]
+        assert (tmp_path / "rect" / "rectifier.safetensors").is_file()
+        for model in ("backbone", "rectifier"):
+            assert report[model]["edit_friendly_max_error"] <= 1e-4
+        assert len([r for r in bucket.files("ckpt") if r.endswith("/train_state.json")]) >= 4
+
+        # A rerun with the same config resumes from the bucket's final checkpoint: no step is
+        # trained again.
+        proc = _run_stage(tmp_path, backbone, bucket.name("data"), **on_bucket)
+        out, _ = proc.communicate(timeout=550)
+        assert proc.returncode == 0, out[-4000:]
     report = json.loads((tmp_path / "m.report.json").read_text())
     assert report["training"]["resumed_from_step"] == 40
+    assert not (ROOT / "s3:").exists() and not (tmp_path / "s3:").exists()
     # the rectifier records its backbone portably and is a servable model, @champion
     meta = json.loads((tmp_path / "rect" / "rectifier.json").read_text())
     assert meta["backbone"]["source"] == "backbone" and str(tmp_path) not in json.dumps(meta)
@@ -195,29 +218,16 @@ def test_torch_trainer_survives_a_killed_worker_and_resumes(tmp_path, random_den
     assert promote("hfedit-rectifier", "latest", f"sqlite:///{tmp_path}/mlflow.db") == "2"
     assert str(client.get_model_version_by_alias("hfedit-rectifier", "champion").version) == "2"
 
-    # The streamed batches are a function of the seed: a run that was never interrupted sees,
-    # on every rank and at every step, the images the killed-and-resumed run saw (the resumed
-    # group re-reads its epoch and continues mid-way), across epochs (8 images / 2 ranks / 2).
-    # This run reads its data from a bucket and keeps its checkpoints there (Ray Train's
-    # storage_path): the same batches, and the rectifier exported from the bucket's checkpoint.
-    from hfedit.storage import Location
-    from tests.servers import S3_BUCKET, s3_server
-
-    with s3_server(tmp_path) as store:
-        for key, value in store.items():
-            monkeypatch.setenv(key, value)
-        bucket = Location(f"s3://{S3_BUCKET}")
-        for path in (p for p in Path(data).rglob("*") if p.is_file()):
-            bucket.write_bytes(f"data/{path.relative_to(data).as_posix()}", path.read_bytes())
-        shutil.rmtree(tmp_path / "rect")
-        proc = _run_stage(tmp_path, backbone, bucket.name("data"),  # 2 uploads, not 20: time
-                          extra=["pretrain.steps=40", "pretrain.checkpoint_every=20"],
-                          batch_log=str(logs["clean"]), ckpt=bucket.name("ckpt"))
-        out, _ = proc.communicate(timeout=550)
-        assert proc.returncode == 0, out[-4000:]
-        states = [r for r in bucket.files("ckpt") if r.endswith("/train_state.json")]
-    assert len(states) == 2 and (tmp_path / "rect" / "rectifier.safetensors").is_file()
-    assert not (ROOT / "s3:").exists() and not (tmp_path / "s3:").exists()
+    # The streamed batches are a function of the seed: a run that was never interrupted (local
+    # data and checkpoints) sees, on every rank and at every step, the images the killed-and-
+    # resumed run saw (the resumed group re-reads its epoch and continues mid-way), across
+    # epochs (8 images / 2 ranks / 2).
+    shutil.rmtree(tmp_path / "rect")
+    proc = _run_stage(tmp_path, backbone, data, batch_log=str(logs["clean"]), ckpt="ckpt-clean",
+                      extra=["pretrain.steps=40", "pretrain.checkpoint_every=20"])
+    out, _ = proc.communicate(timeout=550)
+    assert proc.returncode == 0, out[-4000:]
+    assert (tmp_path / "rect" / "rectifier.safetensors").is_file()
 
     def seen(folder, rank):  # step -> batch sum; a resumed step's last line wins
         lines = (folder / f"rank{rank}.txt").read_text().split()

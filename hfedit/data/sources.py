@@ -14,9 +14,17 @@ from typing import Iterator, Optional
 import numpy as np
 from PIL import Image
 
-from hfedit.data.images import ImageError, LoadedImage, _square_u8, load_image, to_rgb
+from hfedit.data.images import (
+    ImageError,
+    LoadedImage,
+    _square_u8,
+    load_image,
+    load_image_bytes,
+    to_rgb,
+)
 from hfedit.config import DataConfig
 from hfedit.data.manifest import DatasetError, ManifestRow
+from hfedit.storage import Location, is_uri, join
 
 
 # ---------------------------------------------------------------------------------- decode
@@ -44,6 +52,9 @@ def decode_inputs(items: list[Input], settings: dict) -> list[tuple[dict, Option
                 raise item.error
             if item.image is not None:
                 loaded = LoadedImage(to_rgb(item.image), item.image.mode, item.image.size)
+            elif is_uri(item.path):
+                loaded = load_image_bytes(_read_object(item.path), item.path, settings["max_pixels"],
+                                          require_verified=settings.get("require_verified", False))
             else:
                 loaded = load_image(item.path, settings["max_pixels"],
                                     require_verified=settings.get("require_verified", False))
@@ -57,6 +68,16 @@ def decode_inputs(items: list[Input], settings: dict) -> list[tuple[dict, Option
                           integrity=None if item.image is not None else loaded.integrity)
         out.append((dataclasses.asdict(row), u8.tobytes()))
     return out
+
+
+def _read_object(uri: str) -> bytes:
+    """An input object's bytes; what the store refuses is an :class:`ImageError`."""
+    try:
+        return Location(uri).read_bytes()
+    except FileNotFoundError:
+        raise ImageError("unreadable", uri, "listed, then gone from the store") from None
+    except OSError as err:
+        raise ImageError("unreadable", uri, str(err)) from None
 
 
 # --------------------------------------------------------------------------------- sources
@@ -134,9 +155,16 @@ def iter_folder(root: str | os.PathLike) -> Iterator[FolderEntry]:
 
 
 def list_inputs(cfg: DataConfig) -> list[Input]:
-    """Every input of ``cfg.source`` sorted by id, cut to ``cfg.max_images`` (0 = all)."""
+    """Every input of ``cfg.source`` sorted by id, cut to ``cfg.max_images`` (0 = all). A URI
+    source (``s3://bucket/photos``) is every object under that prefix, its id the name below it."""
     if cfg.source == "bundled":
         inputs = [Input(sid, f"bundled:{sid}", image=img) for sid, img in bundled_images()]
+    elif is_uri(cfg.source):
+        names = Location(cfg.source).files()
+        if not names:
+            raise DatasetError(f"data.source={cfg.source!r}: no objects under this prefix (give "
+                               "the prefix that holds the images, or a folder, or 'bundled')")
+        inputs = [Input(rel, join(cfg.source, rel), path=join(cfg.source, rel)) for rel in names]
     else:
         inputs = [Input(e.id, str(e.path), path=str(e.path), error=e.error)
                   for e in iter_folder(cfg.source)]

@@ -1,0 +1,93 @@
+"""The whole pipeline's wall time under each OpenMP wait policy: ``dvc repro --force`` in a
+checkout, run once with ``OMP_WAIT_POLICY=PASSIVE`` (what ``./dev`` exports) and once with the
+variable unset (OpenMP's default: a waiting thread spins before it sleeps), each stage timed from
+DVC's "Running stage" lines.
+
+    .venv/bin/python benchmarks/dev_run.py --policy passive default     # in a fresh clone
+
+Each run rebuilds every stage (``--force``; DVC's run cache is not consulted), with the same
+environment ``./dev run`` sets otherwise. The runs are sequential, in the order given; what else
+the machine runs meanwhile is the "load" of the figure (run it beside ``./dev test`` for the
+loaded one). Prints a markdown table: the seconds of each stage per policy, and the total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE = re.compile(r"^Running stage '([^']+)'")
+
+
+def dev_env(policy: str) -> dict[str, str]:
+    """``./dev``'s environment with the wait policy replaced (``default``: unset)."""
+    venv = ROOT / ".venv"
+    env = dict(os.environ, PATH=f"{venv / 'bin'}:{os.environ['PATH']}", VIRTUAL_ENV=str(venv),
+               HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"), DVC_NO_ANALYTICS="1",
+               PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0",
+               RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"),
+               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    env.pop("OMP_WAIT_POLICY", None)
+    if policy != "default":
+        env["OMP_WAIT_POLICY"] = policy.upper()
+    return env
+
+
+def run(policy: str, log: Path) -> dict[str, float]:
+    """``dvc repro --force`` under ``policy``; seconds per stage and in all (``total``)."""
+    times: dict[str, float] = {}
+    start = time.perf_counter()
+    current, since = None, start
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["dvc", "repro", "--force"], cwd=ROOT, env=dev_env(policy),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            out.write(line)
+            out.flush()
+            match = STAGE.match(line)
+            if match:
+                now = time.perf_counter()
+                if current:
+                    times[current] = now - since
+                current, since = match.group(1), now
+        if proc.wait() != 0:
+            raise SystemExit(f"dvc repro under OMP_WAIT_POLICY={policy} failed: see {log}")
+    end = time.perf_counter()
+    if current:
+        times[current] = end - since
+    times["total"] = end - start
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--policy", nargs="+", choices=["passive", "default", "active"],
+                    default=["passive", "default"])
+    ap.add_argument("--logs", type=Path, default=ROOT / "benchmarks-dev-run",
+                    help="folder for each run's dvc output")
+    args = ap.parse_args()
+    args.logs.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for policy in args.policy:
+        print(f"[dev_run] dvc repro --force, OMP_WAIT_POLICY={policy}", file=sys.stderr, flush=True)
+        results[policy] = run(policy, args.logs / f"{policy}.log")
+        print(json.dumps({policy: results[policy]}), file=sys.stderr, flush=True)
+    stages = [s for s in results[args.policy[0]] if s != "total"]
+    stages += [s for p in args.policy for s in results[p] if s not in stages and s != "total"]
+    print("| stage | " + " | ".join(f"`OMP_WAIT_POLICY` {p} (s)" for p in args.policy) + " |")
+    print("|---|" + "---|" * len(args.policy))
+    for stage in stages + ["total"]:
+        cells = [f"{results[p][stage]:.0f}" if stage in results[p] else "-" for p in args.policy]
+        name = "**whole run**" if stage == "total" else f"`{stage}`"
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
