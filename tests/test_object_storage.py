@@ -249,6 +249,34 @@ def test_a_registered_model_for_a_job_on_a_bucket_is_uploaded_beside_its_outputs
     assert not (tmp_path / "s3:").exists()
 
 
+def test_evaluate_reads_its_models_and_the_batch_manifest_from_a_bucket(s3, models, tmp_path):  # noqa: F811
+    """evaluate's inputs given as URIs: the models fetched into this machine's cache, of the
+    batch job's output only its manifest; a missing bucket refused before any work."""
+    import argparse
+
+    from hfedit.data.batch_manifest import MANIFEST
+    from hfedit.validation import UsageError
+    from stages.evaluate import fetched
+
+    backbone, edits = models
+    _upload(backbone, _uri("eval/backbone"))
+    _upload(edits, _uri("eval/edits"))
+    _upload(edits / "smiling", _uri("eval/rectifier"))
+    Location(_uri("eval/batch")).write_bytes(MANIFEST, b"id,attribute,status\n")
+    Location(_uri("eval/batch")).write_bytes("smiling/a.png", b"not fetched")
+    args = argparse.Namespace(**{k: _uri(f"eval/{k}") for k in ("backbone", "rectifier", "edits",
+                                                                 "batch")}, data=str(tmp_path))
+    got = fetched(args, tmp_path)
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert (got[0] / weights).read_bytes() == (backbone / weights).read_bytes()
+    assert (got[1] / "rectifier.json").read_bytes() == (edits / "smiling/rectifier.json").read_bytes()
+    assert sorted(p.name for p in got[2].iterdir() if not p.name.startswith(".")) == ["smiling"]
+    assert sorted(p.name for p in got[3].iterdir()) == [MANIFEST]
+    args.edits = "s3://no-such-bucket/edits"
+    with pytest.raises(UsageError, match="--edits s3://no-such-bucket/edits.*does not exist"):
+        fetched(args, tmp_path)
+
+
 def test_a_live_job_lock_on_the_bucket_refuses_a_second_job_and_a_dead_ones_is_taken_over(
         s3, folder, models, tmp_path):  # noqa: F811
     root, _ = folder
