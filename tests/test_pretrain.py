@@ -193,7 +193,9 @@ def test_torch_trainer_survives_a_killed_worker_and_resumes(tmp_path, random_den
         assert (tmp_path / "rect" / "rectifier.safetensors").is_file()
         for model in ("backbone", "rectifier"):
             assert report[model]["edit_friendly_max_error"] <= 1e-4
-        assert len([r for r in bucket.files("ckpt") if r.endswith("/train_state.json")]) >= 4
+        kept = [json.loads(bucket.read_bytes(r))["step"] for r in bucket.files("ckpt")
+                if r.endswith("/train_state.json")]
+        assert sorted(kept) == [30, 40]  # every 10 steps, the newest two kept (num_to_keep)
 
         # A rerun with the same config resumes from the bucket's final checkpoint: no step is
         # trained again.
