@@ -5,8 +5,11 @@ DVC's "Running stage" lines.
 
     .venv/bin/python benchmarks/dev_run.py --policy passive default     # in a fresh clone
 
-Each run rebuilds every stage (``--force``; DVC's run cache is not consulted), with the same
-environment ``./dev run`` sets otherwise. The runs are sequential, in the order given; what else
+Each run starts from a fresh clone's state (``git clean -xfd``, keeping ``.venv`` and the logs:
+the stages resume from checkpoints, prepared shards, done-logs and persisted edits, which a
+second run would otherwise reuse) and rebuilds every stage (``--force``), with the same
+environment ``./dev run`` sets otherwise. Each stage's seconds are appended to
+``<logs>/<policy>.stages.jsonl`` as it ends, so a run cut short still gives its finished stages. The runs are sequential, in the order given; what else
 the machine runs meanwhile is the "load" of the figure (run it beside ``./dev test`` for the
 loaded one). Prints a markdown table: the seconds of each stage per policy, and the total.
 """
@@ -40,9 +43,25 @@ def dev_env(policy: str) -> dict[str, str]:
     return env
 
 
+def clean(keep: Path) -> None:
+    """The checkout as a fresh clone has it: every ignored output removed but the environment
+    and ``keep`` (the logs)."""
+    keep_rel = os.path.relpath(keep.resolve(), ROOT)
+    exclude = ["-e", ".venv"] + ([] if keep_rel.startswith("..") else ["-e", keep_rel])
+    subprocess.run(["git", "clean", "-xfdq", *exclude], cwd=ROOT, check=True)
+
+
 def run(policy: str, log: Path) -> dict[str, float]:
     """``dvc repro --force`` under ``policy``; seconds per stage and in all (``total``)."""
     times: dict[str, float] = {}
+    stages = log.with_suffix(".stages.jsonl")
+    stages.write_text("")
+
+    def ended(stage: str, seconds: float) -> None:
+        times[stage] = seconds
+        with open(stages, "a") as f:
+            f.write(json.dumps({stage: seconds}) + "\n")
+
     start = time.perf_counter()
     current, since = None, start
     with open(log, "w") as out:
@@ -55,14 +74,14 @@ def run(policy: str, log: Path) -> dict[str, float]:
             if match:
                 now = time.perf_counter()
                 if current:
-                    times[current] = now - since
+                    ended(current, now - since)
                 current, since = match.group(1), now
         if proc.wait() != 0:
             raise SystemExit(f"dvc repro under OMP_WAIT_POLICY={policy} failed: see {log}")
     end = time.perf_counter()
     if current:
-        times[current] = end - since
-    times["total"] = end - start
+        ended(current, end - since)
+    ended("total", end - start)
     return times
 
 
@@ -76,6 +95,7 @@ def main() -> None:
     args.logs.mkdir(parents=True, exist_ok=True)
     results = {}
     for policy in args.policy:
+        clean(args.logs)
         print(f"[dev_run] dvc repro --force, OMP_WAIT_POLICY={policy}", file=sys.stderr, flush=True)
         results[policy] = run(policy, args.logs / f"{policy}.log")
         print(json.dumps({policy: results[policy]}), file=sys.stderr, flush=True)
