@@ -3,7 +3,8 @@ checkout, run once with ``OMP_WAIT_POLICY=PASSIVE`` (what ``./dev`` exports) and
 variable unset (OpenMP's default: a waiting thread spins before it sleeps), each stage timed from
 DVC's "Running stage" lines.
 
-    .venv/bin/python benchmarks/dev_run.py --policy passive default     # in a fresh clone
+    git clone <project> /tmp/bench && cd /tmp/bench && ./dev shell -c true
+    .venv/bin/python benchmarks/dev_run.py --wipe --policy passive default
 
 Each run starts from a fresh clone's state (``git clean -xfd``, keeping ``.venv`` and the logs:
 the stages resume from checkpoints, prepared shards, done-logs and persisted edits, which a
@@ -91,7 +92,14 @@ def main() -> None:
                     default=["passive", "default"])
     ap.add_argument("--logs", type=Path, default=ROOT / "benchmarks-dev-run",
                     help="folder for each run's dvc output")
+    ap.add_argument("--wipe", action="store_true",
+                    help="required: every ignored file of this checkout (models, data, outputs, "
+                    "mlflow.db) but .venv and the logs is deleted before each run; use a clone "
+                    "made for the benchmark")
     args = ap.parse_args()
+    if not args.wipe:
+        ap.error("--wipe is required: each run deletes this checkout's outputs (models, data, "
+                 "mlflow.db); run it in a clone made for it")
     args.logs.mkdir(parents=True, exist_ok=True)
     results = {}
     for policy in args.policy:
