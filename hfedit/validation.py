@@ -140,6 +140,17 @@ def check_store(location: str, flag: str, output: bool = False):
     return loc
 
 
+def check_stores(args, inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = ()) -> None:
+    """:func:`check_store` for each of these flags (``--backbone``: ``args.backbone``) whose
+    value is a URI; ``outputs`` are checked as output prefixes."""
+    from hfedit.storage import is_uri
+
+    for flag in (*inputs, *outputs):
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None and is_uri(str(value)):
+            check_store(str(value), flag, output=flag in outputs)
+
+
 def check_list_file(path: str | os.PathLike, flag: str = "--input") -> Path:
     """``path`` is a text file listing image paths, not an image or other binary file (paths
     that are not UTF-8 are fine: they are file names' bytes)."""

@@ -1,12 +1,14 @@
 """Where a batch job reads and writes, and who may write there: the output location (a local
-folder or a prefix on an object store) and its job lock, the inputs listed on a store, and the
-manifest logged from either. Used by :mod:`pipelines.edit_batch` (the driver) and
+folder or a prefix on an object store) and its job lock, the inputs listed on a store, the
+manifest logged from either, and the registered models (``models:/``) a job names, fetched for
+it. Used by :mod:`pipelines.edit_batch` (the driver) and
 :func:`pipelines.batch_job.list_inputs`. How each step differs on a store: docs/batch.md's
 "Object storage".
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -211,3 +213,54 @@ def log_manifest(tracker, out: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / MANIFEST).write_bytes(Location(out).read_bytes(MANIFEST))
         tracker.log_artifact(Path(tmp) / MANIFEST)
+
+
+# ------------------------------------------------------------------ registered models
+BACKBONE_DEFAULT = "models/backbone"
+
+
+def resolve_model_uris(args: argparse.Namespace) -> None:
+    """``--edits models:/<name>@<alias>`` (or ``/<version>``): fetch that registered rectifier
+    model into ``<out>/_models/`` (:func:`pipelines.serving.fetch_model`); ``--edits`` becomes its
+    edits folder, ``--backbone`` (when not given) its backbone, and its attribute is added to
+    ``--attributes``. ``--backbone models:/...`` takes the backbone of that model. With ``--out``
+    on a store the models are fetched here and uploaded under ``<out>/_models/``, and the job
+    reads them from there: every node fetches its own copy (no node is sent this one's path)."""
+    if not is_uri(args.out):
+        _fetch_registered(args, Path(args.out))
+        return
+    import tempfile
+
+    from hfedit.storage import copy_tree, join
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if not _fetch_registered(args, Path(tmp)):
+            return
+        if (Path(tmp) / "_models" / "rectifier").is_dir() and args.edits:
+            raise UsageError(f"--edits {args.edits}: this edit shares the reconstruction "
+                             "rectifier's trunk (edits.share_trunk), which it names by a relative "
+                             "path a job on a store cannot follow: give a local --out")
+        copy_tree(tmp, args.out)
+        for flag in ("edits", "backbone"):
+            value = getattr(args, flag)
+            if value and Path(value).is_relative_to(tmp):
+                setattr(args, flag, join(args.out, Path(value).relative_to(tmp).as_posix()))
+
+
+def _fetch_registered(args: argparse.Namespace, local: Path) -> bool:
+    """:func:`resolve_model_uris` into the local folder ``local``; whether anything was fetched."""
+    from pipelines.serving import fetch_model
+
+    fetched = False
+    if args.edits and args.edits.startswith("models:/"):
+        backbone, attribute = fetch_model(args.edits, local / "_models")
+        args.edits = str(local / "_models" / "edits")
+        if args.backbone == BACKBONE_DEFAULT:
+            args.backbone = str(backbone)
+        if args.attributes is not None and attribute not in args.attributes:
+            args.attributes.append(attribute)
+        fetched = True
+    if args.backbone.startswith("models:/"):
+        args.backbone = str(fetch_model(args.backbone, local / "_backbone")[0])
+        fetched = True
+    return fetched

@@ -65,8 +65,8 @@ from pipelines.batch_actor import (EditImages, backbone_resolution, columns, dec
                                    error_row, write_outputs)
 from pipelines.ray_runtime import actor_gpus
 from pipelines.batch_store import (  # noqa: F401 (LOCK, lock_path, ...: this module's API)
-    LOCK, LOCK_FRESH_S, _locked, _remove_temporaries, _store_locked, ignored_files, lock_path,
-    log_manifest, output_location)
+    BACKBONE_DEFAULT, LOCK, LOCK_FRESH_S, _locked, _remove_temporaries, _store_locked,
+    ignored_files, lock_path, log_manifest, output_location, resolve_model_uris)
 from pipelines.batch_output import (  # noqa: F401 (count, ...: this module's API)
     StopOnSignals, _compact_logs, _reserve_space, _write_manifest, count, metrics_dict,
     stale_outputs, summary_line, summary_table)
@@ -341,7 +341,6 @@ def _assemble(entries: list[Entry], job: Job, standing: list[dict], got: list[pd
 
 
 # ------------------------------------------------------------------------------- main
-BACKBONE_DEFAULT = "models/backbone"
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -389,53 +388,6 @@ def config_from_args(args: argparse.Namespace) -> HfeditConfig:
     if args.mode is not None:
         sets.append(f"inversion.mode={args.mode}")
     return load_config(overrides=sets)
-
-
-def resolve_model_uris(args: argparse.Namespace) -> None:
-    """``--edits models:/<name>@<alias>`` (or ``/<version>``): fetch that registered rectifier
-    model into ``<out>/_models/`` (:func:`pipelines.serving.fetch_model`); ``--edits`` becomes its
-    edits folder, ``--backbone`` (when not given) its backbone, and its attribute is added to
-    ``--attributes``. ``--backbone models:/...`` takes the backbone of that model. With ``--out``
-    on a store the models are fetched here and uploaded under ``<out>/_models/``, and the job
-    reads them from there: every node fetches its own copy (no node is sent this one's path)."""
-    if not is_uri(args.out):
-        _fetch_registered(args, Path(args.out))
-        return
-    import tempfile
-
-    from hfedit.storage import copy_tree, join
-
-    with tempfile.TemporaryDirectory() as tmp:
-        if not _fetch_registered(args, Path(tmp)):
-            return
-        if (Path(tmp) / "_models" / "rectifier").is_dir() and args.edits:
-            raise UsageError(f"--edits {args.edits}: this edit shares the reconstruction "
-                             "rectifier's trunk (edits.share_trunk), which it names by a relative "
-                             "path a job on a store cannot follow: give a local --out")
-        copy_tree(tmp, args.out)
-        for flag in ("edits", "backbone"):
-            value = getattr(args, flag)
-            if value and Path(value).is_relative_to(tmp):
-                setattr(args, flag, join(args.out, Path(value).relative_to(tmp).as_posix()))
-
-
-def _fetch_registered(args: argparse.Namespace, local: Path) -> bool:
-    """:func:`resolve_model_uris` into the local folder ``local``; whether anything was fetched."""
-    from pipelines.serving import fetch_model
-
-    fetched = False
-    if args.edits and args.edits.startswith("models:/"):
-        backbone, attribute = fetch_model(args.edits, local / "_models")
-        args.edits = str(local / "_models" / "edits")
-        if args.backbone == BACKBONE_DEFAULT:
-            args.backbone = str(backbone)
-        if args.attributes is not None and attribute not in args.attributes:
-            args.attributes.append(attribute)
-        fetched = True
-    if args.backbone.startswith("models:/"):
-        args.backbone = str(fetch_model(args.backbone, local / "_backbone")[0])
-        fetched = True
-    return fetched
 
 
 def main(argv: Optional[list[str]] = None) -> int:

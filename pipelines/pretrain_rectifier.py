@@ -10,10 +10,10 @@ DDP (gloo on CPU, nccl on GPU) averages the rectifier's gradients. Every
 ``pretrain.checkpoint_every`` steps rank 0 reports a checkpoint (safetensors + JSON); when a
 worker dies Ray restarts the group from it (``runtime.ray.max_failures``), and a rerun of the
 stage with the same config resumes from the last one. Rank 0 logs metrics to the stage's MLflow
-run. ``--backbone``, ``--data``, ``--checkpoints`` and ``--out`` may be store URIs (``s3://...``): each
-worker fetches the backbone into its node's cache, reads the data from the store, Ray Train keeps
-the checkpoints there, and the rectifier is exported there from the store's checkpoint. At the end the driver writes ``<out>`` and the held-out reconstruction report with and
-without the rectifier (``<metrics>``), and logs both.
+run. At the end the driver writes ``<out>`` and the held-out reconstruction report with and
+without the rectifier (``<metrics>``), and logs both. ``--backbone``, ``--data``,
+``--checkpoints`` and ``--out`` may be store URIs: each worker fetches the backbone into its
+node's cache, Ray Train keeps the checkpoints there, ``<out>`` is exported from the store's.
 """
 
 from __future__ import annotations
@@ -415,18 +415,13 @@ def _export(folder: Path, out: str | Path) -> None:
     """Copy the rectifier files of a reported checkpoint to the stage's output folder, replacing
     it whole (a failed copy leaves the previous rectifier in place); to a store prefix each file
     one PUT, the JSON sidecar deleted first and written last (complete when it is there)."""
+    names = [f"{RECTIFIER}.safetensors", f"{RECTIFIER}.json"]
     if is_uri(out):
-        store = Location(out)
-        store.delete(f"{RECTIFIER}.json")
-        for suffix in (".safetensors", ".json"):
-            store.write_bytes(f"{RECTIFIER}{suffix}", (folder / f"{RECTIFIER}{suffix}").read_bytes())
+        Location(out).delete(names[1])
+        for name in names:
+            Location(out).write_bytes(name, (folder / name).read_bytes())
         return
-
-    def fill(tmp: Path) -> None:
-        for suffix in (".safetensors", ".json"):
-            shutil.copy2(folder / f"{RECTIFIER}{suffix}", tmp / f"{RECTIFIER}{suffix}")
-
-    replace_folder(out, fill)
+    replace_folder(out, lambda tmp: [shutil.copy2(folder / name, tmp / name) for name in names])
 
 
 def _config_dict(cfg: HfeditConfig) -> dict:
@@ -465,11 +460,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-log", default="", help="workers append '<step> <batch sum>' "
                         "lines to rank<k>.txt here (which images each step saw)")
     args, cfg = parse_and_load(parser, argv)
-    from hfedit.validation import check_store
+    from hfedit.validation import check_stores
 
-    for flag in ("backbone", "data", "checkpoints", "out"):
-        if is_uri(getattr(args, flag)):
-            check_store(str(getattr(args, flag)), f"--{flag}", output=flag in ("checkpoints", "out"))
+    check_stores(args, ("--backbone", "--data"), ("--checkpoints", "--out"))
     backbone = local_copy(args.backbone)  # this node's copy of a store's backbone
     init_ray(cfg)
     from pipelines.tracking import tracking_uri, write_metrics

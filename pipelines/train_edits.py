@@ -443,12 +443,9 @@ def failure_message(report: dict) -> str:
 def check_locations(cfg: HfeditConfig, args) -> None:
     """The store URIs among the arguments reachable, before any work; an edit sharing the
     reconstruction rectifier's trunk names it by a relative path, so only in a local folder."""
-    from hfedit.validation import UsageError, check_store
+    from hfedit.validation import UsageError, check_stores
 
-    for flag in ("backbone", "rectifier", "data", "out"):
-        value = str(getattr(args, flag))
-        if is_uri(value):
-            check_store(value, f"--{flag}", output=flag == "out")
+    check_stores(args, ("--backbone", "--rectifier", "--data"), ("--out",))
     if is_uri(args.out) and cfg.edits.share_trunk:
         raise UsageError(f"--out {args.out}: edits.share_trunk=true saves each edit with a "
                          "relative path to the reconstruction rectifier, which a store prefix "

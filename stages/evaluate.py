@@ -164,11 +164,9 @@ def fetched(args, tmp: Path) -> tuple[Path, Path, Path, Path]:
     batch job's output only its manifest, into ``tmp``), each checked before any work."""
     from hfedit.data.batch_manifest import MANIFEST
     from hfedit.storage import Location, is_uri, local_copy
-    from hfedit.validation import check_store
+    from hfedit.validation import check_stores
 
-    for flag in ("backbone", "rectifier", "edits", "batch", "data"):
-        if is_uri(getattr(args, flag)):
-            check_store(getattr(args, flag), f"--{flag}")
+    check_stores(args, ("--backbone", "--rectifier", "--edits", "--batch", "--data"))
     edits = Location(args.edits)
     batch = Path(args.batch)
     if is_uri(args.batch):

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 def main(argv: list[str] | None = None):
     """Parse arguments, load the config, prepare the dataset; returns the manifest."""
-    from hfedit.data.prepared import prepare_dataset, staging_folder
+    from hfedit.data.prepared import prepare_dataset
+    from hfedit.data.prepared_store import staging_folder
     from hfedit.storage import is_uri, join
     from hfedit.validation import check_output_folder, check_store
     from pipelines.entry import parse_and_load, stage_parser

@@ -12,7 +12,8 @@ The second test is the cluster of nodes with their own disks: the second node jo
 Ray temp dir, working directory and model cache, and pretraining then edit training run on it
 with everything on an S3 server (moto on 127.0.0.1): the backbone, the data, the checkpoints and
 the rectifier, then the edit rectifiers. Where each piece of work ran is read back from Ray's
-state API: the training workers and the edit tasks ran on both nodes."""
+state API: the training workers and the edit tasks ran on both nodes. (A batch job bucket to
+bucket on two such nodes is the README's cluster recipe, tests/test_edit_batch_as_user.py.)"""
 
 from __future__ import annotations
 

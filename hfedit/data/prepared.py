@@ -56,7 +56,7 @@ from hfedit.data.images import _u8_to_tensor, pixels_to_u8
 from hfedit.data.sources import Input, decode_inputs, list_inputs
 from hfedit.data.grids import write_grid_png
 from hfedit.files import atomic_write, atomic_write_text
-from hfedit.storage import Location, cache_root, filesystem, is_uri
+from hfedit.storage import filesystem, is_uri
 from hfedit.progress import progress as progress_bar
 
 if TYPE_CHECKING:  # prepare imports no torch: readers convert to tensors per batch
@@ -137,13 +137,15 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | os.PathLike, progress: bool 
     record matches (same inputs, same settings) are kept: an interrupted prepare resumes.
 
     ``out_dir`` may be an object-store URI (``s3://bucket/prepared``): the dataset is built in
-    this machine's cache (:func:`staging_folder`) and uploaded (:func:`_prepare_to_store`).
+    this machine's cache and uploaded (:mod:`hfedit.data.prepared_store`).
 
     Raises :class:`DatasetError` naming the source when no input is a usable image (the manifest
     listing every refusal is written first).
     """
     if is_uri(out_dir):
-        return _prepare_to_store(cfg, str(out_dir), progress)
+        from hfedit.data.prepared_store import prepare_to_store
+
+        return prepare_to_store(cfg, str(out_dir), progress)
     if cfg.resolution <= 0 or cfg.max_pixels <= 0 or cfg.max_images < 0 or cfg.shard_images < 1:
         raise ValueError(f"data.resolution={cfg.resolution}, data.max_pixels={cfg.max_pixels} and "
                          f"data.shard_images={cfg.shard_images} must be positive, "
@@ -177,51 +179,6 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | os.PathLike, progress: bool 
         rows_of[k] = rows
     bar.close()
     return _finish(cfg, out, [ManifestRow(**r) for k in range(len(chunks)) for r in rows_of[k]])
-
-
-def staging_folder(uri: str) -> Path:
-    """Where a prepare to the store ``uri`` builds its dataset on this machine (kept: a rerun
-    resumes from it)."""
-    return cache_root() / "prepare" / hashlib.sha256(uri.encode()).hexdigest()[:24]
-
-
-def _prepare_to_store(cfg: DataConfig, uri: str, progress: bool) -> Manifest:
-    """Prepare into :func:`staging_folder` (local shards, resumable as any prepare), then upload
-    it to ``uri``: each file one PUT; a shard whose record on the store is the local one is not
-    sent again; ``dataset.json``, which readers open first, is removed before the upload and
-    written last, so a reader sees the old dataset, none, or the new one whole; shards of an
-    earlier, longer input list are deleted. A source without a usable image uploads its
-    manifest (listing every refusal) before the error."""
-    staging = staging_folder(uri)
-    try:
-        manifest = prepare_dataset(cfg, staging, progress)
-    except DatasetError:
-        if (staging / "manifest.json").is_file():
-            Location(uri).write_bytes("manifest.json", (staging / "manifest.json").read_bytes())
-        raise
-    local, store = Location(staging).files(), Location(uri)
-    remote = store.files()
-    local.pop("dataset.json")
-    kept = set()
-    for rel in local:  # a shard is kept when its record (its inputs and settings) is the same
-        if rel.startswith("shards/") and rel.endswith(".parquet"):
-            record = rel[: -len(".parquet")] + ".json"
-            if remote.get(rel) == local[rel] and remote.get(record) == local.get(record) and \
-                    store.read_bytes(record) == (staging / record).read_bytes():
-                kept.update((rel, record))
-    if remote.get("dataset.json") is not None:
-        store.delete("dataset.json")
-    order = sorted(local, key=lambda rel: (not rel.endswith(".parquet"), rel))  # records after
-    sent = [store.write_bytes(rel, (staging / rel).read_bytes()) for rel in order if rel not in kept]
-    for rel in remote:
-        if rel.startswith("shards/") and rel not in local:
-            store.delete(rel)
-    store.write_bytes("dataset.json", (staging / "dataset.json").read_bytes())
-    import logging
-
-    logging.getLogger(__name__).info("prepare: %d files uploaded to %s (%d shards already there)",
-                                     len(sent) + 1, uri, len(kept) // 2)
-    return manifest
 
 
 def _decode_shards(out: Path, chunks: list[list[Input]], todo: list[int], settings: dict,
