@@ -263,14 +263,15 @@ def local_copy(location: str | os.PathLike) -> Path:
     return replace_folder(dest, fill)
 
 
-def copy_tree(source: str | os.PathLike, dest: str | os.PathLike, last: tuple[str, ...] = ()
-              ) -> dict[str, int]:
+def copy_tree(source: str | os.PathLike, dest: str | os.PathLike, last: tuple[str, ...] = (),
+              names: Optional[tuple[str, ...]] = None) -> dict[str, int]:
     """Copy every file under the folder ``source`` to ``dest`` (each a path or a URI: up to a
     store, down from one, or between two), each written whole; returns ``{name: size}``.
     ``last``: names whose presence tells a reader the folder is complete (a checkpoint's JSON
-    sidecar): deleted from ``dest`` first and written after every other file."""
+    sidecar): deleted from ``dest`` first and written after every other file. ``names``: only
+    these files of ``source``."""
     src, out = Location(source), Location(dest)
-    files = src.files()
+    files = {rel: size for rel, size in src.files().items() if names is None or rel in names}
     if not files:
         raise FileNotFoundError(f"{source}: no files to copy")
     for rel in last:

@@ -47,7 +47,7 @@ from hfedit.data.images import pixels_to_tensor
 from hfedit.data.prepared import PreparedData, data_location, load_split
 from hfedit.device import check_precision, placement, wants_gpu
 from hfedit.files import replace_folder
-from hfedit.storage import Location, is_uri, local_copy
+from hfedit.storage import Location, copy_tree, is_uri, local_copy
 from hfedit.training.augment import augment
 from pipelines.entry import parse_and_load, run_main, stage_parser
 from pipelines.ray_runtime import cluster_gpus, init_ray, split_dataset
@@ -417,9 +417,7 @@ def _export(folder: Path, out: str | Path) -> None:
     one PUT, the JSON sidecar deleted first and written last (complete when it is there)."""
     names = [f"{RECTIFIER}.safetensors", f"{RECTIFIER}.json"]
     if is_uri(out):
-        Location(out).delete(names[1])
-        for name in names:
-            Location(out).write_bytes(name, (folder / name).read_bytes())
+        copy_tree(folder, out, last=(names[1],), names=tuple(names))
         return
     replace_folder(out, lambda tmp: [shutil.copy2(folder / name, tmp / name) for name in names])
 
