@@ -52,8 +52,10 @@ def clean(keep: Path) -> None:
     subprocess.run(["git", "clean", "-xfdq", *exclude], cwd=ROOT, check=True)
 
 
-def run(policy: str, log: Path) -> dict[str, float]:
-    """``dvc repro --force`` under ``policy``; seconds per stage and in all (``total``)."""
+def run(policy: str, log: Path, first: str | None = None,
+        last: str | None = None) -> dict[str, float]:
+    """``dvc repro --force`` under ``policy`` (from stage ``first`` and downstream, or up to stage
+    ``last`` and its upstream, when given); seconds per stage and in all (``total``)."""
     times: dict[str, float] = {}
     stages = log.with_suffix(".stages.jsonl")
     stages.write_text("")
@@ -66,7 +68,9 @@ def run(policy: str, log: Path) -> dict[str, float]:
     start = time.perf_counter()
     current, since = None, start
     with open(log, "w") as out:
-        proc = subprocess.Popen(["dvc", "repro", "--force"], cwd=ROOT, env=dev_env(policy),
+        command = ["dvc", "repro", "--force"] + (["--downstream", first] if first else
+                                                  [last] if last else [])
+        proc = subprocess.Popen(command, cwd=ROOT, env=dev_env(policy),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             out.write(line)
@@ -96,7 +100,20 @@ def main() -> None:
                     help="required: every ignored file of this checkout (models, data, outputs, "
                     "mlflow.db) but .venv and the logs is deleted before each run; use a clone "
                     "made for the benchmark")
+    ap.add_argument("--from", dest="first", metavar="STAGE",
+                    help="finish a run cut short: no cleaning, `dvc repro --force --downstream "
+                    "STAGE` (the stages before it as the cut run left them; its own outputs must "
+                    "not hold partial work: an interrupted train_edits leaves no edit, edit_batch "
+                    "leaves finished images)")
+    ap.add_argument("--until", metavar="STAGE",
+                    help="run the pipeline up to STAGE only (`dvc repro --force STAGE`): the "
+                    "stages that dominate the run, when a whole run under load does not fit")
     args = ap.parse_args()
+    if args.first:
+        policy = args.policy[0]
+        log = args.logs / f"{policy}.from-{args.first}.log"
+        print(json.dumps({policy: run(policy, log, args.first)}), flush=True)
+        return
     if not args.wipe:
         ap.error("--wipe is required: each run deletes this checkout's outputs (models, data, "
                  "mlflow.db); run it in a clone made for it")
@@ -105,7 +122,7 @@ def main() -> None:
     for policy in args.policy:
         clean(args.logs)
         print(f"[dev_run] dvc repro --force, OMP_WAIT_POLICY={policy}", file=sys.stderr, flush=True)
-        results[policy] = run(policy, args.logs / f"{policy}.log")
+        results[policy] = run(policy, args.logs / f"{policy}.log", last=args.until)
         print(json.dumps({policy: results[policy]}), file=sys.stderr, flush=True)
     stages = [s for s in results[args.policy[0]] if s != "total"]
     stages += [s for p in args.policy for s in results[p] if s not in stages and s != "total"]

@@ -153,7 +153,7 @@ def test_torch_trainer_survives_a_killed_worker_and_resumes(tmp_path, random_den
         for path in (p for p in Path(data).rglob("*") if p.is_file()):
             bucket.write_bytes(f"data/{path.relative_to(data).as_posix()}", path.read_bytes())
         on_bucket = dict(batch_log=str(logs["killed"]), ckpt=bucket.name("ckpt"),
-                         extra=["pretrain.steps=40", "pretrain.checkpoint_every=10"])
+                         extra=["pretrain.steps=20", "pretrain.checkpoint_every=5"])
         proc = _run_stage(tmp_path, backbone, bucket.name("data"), pid_dir=str(pid_dir), **on_bucket)
         killed = threading.Event()
         killed_pid: list[int] = []
@@ -185,7 +185,7 @@ def test_torch_trainer_survives_a_killed_worker_and_resumes(tmp_path, random_den
         assert proc.returncode == 0, out[-4000:]
         assert killed.is_set()
         report = json.loads((tmp_path / "m.report.json").read_text())
-        assert report["training"]["step"] == 40
+        assert report["training"]["step"] == 20
         # Ray restarted the worker group (rank 1 is a new process), which resumed from the
         # checkpoint on the bucket (restarts counts resumptions) and completed.
         assert int((pid_dir / "rank1.pid").read_text()) != killed_pid[0], out[-3000:]
@@ -195,7 +195,7 @@ def test_torch_trainer_survives_a_killed_worker_and_resumes(tmp_path, random_den
             assert report[model]["edit_friendly_max_error"] <= 1e-4
         kept = [json.loads(bucket.read_bytes(r))["step"] for r in bucket.files("ckpt")
                 if r.endswith("/train_state.json")]
-        assert sorted(kept) == [30, 40]  # every 10 steps, the newest two kept (num_to_keep)
+        assert sorted(kept) == [15, 20]  # every 5 steps, the newest two kept (num_to_keep)
 
         # A rerun with the same config resumes from the bucket's final checkpoint: no step is
         # trained again.
@@ -203,7 +203,7 @@ def test_torch_trainer_survives_a_killed_worker_and_resumes(tmp_path, random_den
         out, _ = proc.communicate(timeout=550)
         assert proc.returncode == 0, out[-4000:]
     report = json.loads((tmp_path / "m.report.json").read_text())
-    assert report["training"]["resumed_from_step"] == 40
+    assert report["training"]["resumed_from_step"] == 20
     assert not (ROOT / "s3:").exists() and not (tmp_path / "s3:").exists()
     # the rectifier records its backbone portably and is a servable model, @champion
     meta = json.loads((tmp_path / "rect" / "rectifier.json").read_text())
@@ -226,7 +226,7 @@ def test_torch_trainer_survives_a_killed_worker_and_resumes(tmp_path, random_den
     # epochs (8 images / 2 ranks / 2).
     shutil.rmtree(tmp_path / "rect")
     proc = _run_stage(tmp_path, backbone, data, batch_log=str(logs["clean"]), ckpt="ckpt-clean",
-                      extra=["pretrain.steps=40", "pretrain.checkpoint_every=20"])
+                      extra=["pretrain.steps=20", "pretrain.checkpoint_every=10"])
     out, _ = proc.communicate(timeout=550)
     assert proc.returncode == 0, out[-4000:]
     assert (tmp_path / "rect" / "rectifier.safetensors").is_file()
@@ -237,7 +237,7 @@ def test_torch_trainer_survives_a_killed_worker_and_resumes(tmp_path, random_den
 
     for rank in (0, 1):
         clean, resumed = seen(logs["clean"], rank), seen(logs["killed"], rank)
-        assert sorted(clean) == sorted(resumed) == list(range(40))
+        assert sorted(clean) == sorted(resumed) == list(range(20))
         assert clean == resumed, rank
         assert len(set(clean.values())) > 2  # the batches differ from step to step
     assert seen(logs["clean"], 0) != seen(logs["clean"], 1)  # each rank its own rows
