@@ -7,6 +7,10 @@ beside a stage, looks like. With OpenMP's default (active) policy a thread that 
 barrier first spins for its peer, which the other process may hold off the core.
 
     .venv/bin/python benchmarks/threads.py --steps 60
+    .venv/bin/python benchmarks/threads.py --steps 60 --threads-list 2 --spincount 1000 10000 100000
+
+``--spincount`` adds rows with the policy unset and ``GOMP_SPINCOUNT`` set (how long libgomp's
+threads spin at a barrier before they sleep; its default is 300,000 spins, and PASSIVE is 0).
 """
 
 from __future__ import annotations
@@ -45,8 +49,12 @@ def worker(steps: int, threads: int) -> None:
 
 
 def run(steps: int, threads: int, policy: str | None, copies: int) -> list[float]:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if policy:
+    """``policy``: an ``OMP_WAIT_POLICY`` value, ``spin=N`` (``GOMP_SPINCOUNT=N``, the policy
+    unset) or None (both unset)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if policy and policy.startswith("spin="):
+        env["GOMP_SPINCOUNT"] = policy.removeprefix("spin=")
+    elif policy:
         env["OMP_WAIT_POLICY"] = policy
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", "--steps", str(steps),
                                "--threads", str(threads)], env=env, stdout=subprocess.PIPE,
@@ -58,14 +66,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads-list", type=int, nargs="+", default=[2, 1],
+                    help="torch thread counts to compare")
+    ap.add_argument("--spincount", type=int, nargs="*", default=[],
+                    help="GOMP_SPINCOUNT values to add, with OMP_WAIT_POLICY unset")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args.steps, args.threads)
-    print(f"{'processes':>9}  {'threads':>7}  {'OMP_WAIT_POLICY':>15}  steps/s per process")
+    print(f"{'processes':>9}  {'threads':>7}  {'policy':>15}  steps/s per process")
     for copies in (1, 2):
-        for threads in (2, 1):
-            for policy in (None, "PASSIVE"):
+        for threads in args.threads_list:
+            for policy in (None, "PASSIVE", *(f"spin={n}" for n in args.spincount)):
                 rates = run(args.steps, threads, policy, copies)
                 print(f"{copies:>9}  {threads:>7}  {policy or '(default)':>15}  "
                       + ", ".join(f"{r:.2f}" for r in rates), flush=True)
