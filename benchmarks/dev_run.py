@@ -10,17 +10,27 @@ Each run starts from a fresh clone's state (``git clean -xfd``, keeping ``.venv`
 the stages resume from checkpoints, prepared shards, done-logs and persisted edits, which a
 second run would otherwise reuse) and rebuilds every stage (``--force``), with the same
 environment ``./dev run`` sets otherwise. Each stage's seconds are appended to
-``<logs>/<policy>.stages.jsonl`` as it ends, so a run cut short still gives its finished stages. The runs are sequential, in the order given; what else
-the machine runs meanwhile is the "load" of the figure (run it beside ``./dev test`` for the
-loaded one). Prints a markdown table: the seconds of each stage per policy, and the total.
+``<logs>/<policy>.stages.jsonl`` as it ends, so a run cut short still gives its finished stages.
+The runs are sequential, in the order given; what else the machine runs meanwhile is the "load"
+of the figure. For the loaded one, ``--beside`` starts a command (the test suite in another
+clone) at the start of each run and stops it when the run ends, so every policy's run has the
+same load beside it from the same moment:
+
+    git clone <project> /tmp/suite && (cd /tmp/suite && ./dev shell -c true)
+    .venv/bin/python benchmarks/dev_run.py --wipe --until pretrain_rectifier \
+        --beside 'cd /tmp/suite && ./dev test -v -p no:cacheprovider' --policy passive default
+
+Prints a markdown table: the seconds of each stage per policy, and the total.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -90,6 +100,43 @@ def run(policy: str, log: Path, first: str | None = None,
     return times
 
 
+def session(sid: int) -> list[int]:
+    """The processes of session ``sid`` (Linux: read from /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getsid(int(entry.name)) == sid:
+                    pids.append(int(entry.name))
+    return pids
+
+
+@contextlib.contextmanager
+def beside(command: str | None, log: Path):
+    """``command`` running in its own session (its output in ``log``) while the block runs; then
+    every process of its session is stopped: SIGTERM, SIGKILL after 10 s (a process that
+    starts a session of its own outlives it). Yields the number of pytest test
+    results (``PASSED``, ``FAILED``...) its output holds at the end, in a dict, or nothing."""
+    if not command:
+        yield {}
+        return
+    done: dict[str, int] = {}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, shell=True, cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield done
+        finally:
+            text = log.read_text(errors="replace")
+            done["tests_done"] = len(re.findall(r" (PASSED|FAILED|SKIPPED|ERROR|XFAIL)", text))
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                for pid in session(proc.pid):  # its Ray clusters too, in their own groups
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, sig)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--policy", nargs="+", choices=["passive", "default", "active"],
@@ -108,6 +155,9 @@ def main() -> None:
     ap.add_argument("--until", metavar="STAGE",
                     help="run the pipeline up to STAGE only (`dvc repro --force STAGE`): the "
                     "stages that dominate the run, when a whole run under load does not fit")
+    ap.add_argument("--beside", metavar="COMMAND",
+                    help="a shell command run beside each run, from its start to its end (the "
+                    "load of the figure), its output in <logs>/<policy>.beside.log")
     args = ap.parse_args()
     if args.first:
         policy = args.policy[0]
@@ -122,8 +172,9 @@ def main() -> None:
     for policy in args.policy:
         clean(args.logs)
         print(f"[dev_run] dvc repro --force, OMP_WAIT_POLICY={policy}", file=sys.stderr, flush=True)
-        results[policy] = run(policy, args.logs / f"{policy}.log", last=args.until)
-        print(json.dumps({policy: results[policy]}), file=sys.stderr, flush=True)
+        with beside(args.beside, args.logs / f"{policy}.beside.log") as load:
+            results[policy] = run(policy, args.logs / f"{policy}.log", last=args.until)
+        print(json.dumps({policy: results[policy], **load}), file=sys.stderr, flush=True)
     stages = [s for s in results[args.policy[0]] if s != "total"]
     stages += [s for p in args.policy for s in results[p] if s not in stages and s != "total"]
     print("| stage | " + " | ".join(f"`OMP_WAIT_POLICY` {p} (s)" for p in args.policy) + " |")
