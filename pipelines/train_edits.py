@@ -278,26 +278,31 @@ def run_attribute(spec: dict) -> dict:
                 if method is EditMethod.markovian:
                     run.log_params({f"markovian.{k}": v
                                     for k, v in to_flat_dict(cfg.edits.markovian).items()})
-            loaded = load_inputs(spec)
+            # this node's copies of models on a store: fetched, or checked against the store's
+            # listing, once for the task
+            local = {k: local_copy(spec[k]) for k in ("backbone", "rectifier")}
+            loaded = load_inputs({**spec, **{k: str(v) for k, v in local.items()}})
             if run is not None:
                 run.set_tags(clip_tags(loaded.clip))
             result = train_logged(loaded, name, run)
             summary = summarise(result, method)
             meta = {"attribute": name, "edit": to_flat_dict(attr), "fingerprint": spec["fingerprint"],
-                    "inputs": spec["inputs"], "backbone": model_reference(spec["backbone"]),
-                    "reconstruction_rectifier": model_reference(spec["rectifier"]),
+                    "inputs": spec["inputs"],
+                    "backbone": model_reference(spec["backbone"], local["backbone"]),
+                    "reconstruction_rectifier": model_reference(spec["rectifier"],
+                                                                local["rectifier"]),
                     "clip": {"model": loaded.clip.name, "weights": cfg.clip.weights,
                              "semantic": loaded.clip.semantic, "note": loaded.clip.weights_note},
                     "training": summary}
             if method is EditMethod.markovian:
                 meta["markovian"] = to_flat_dict(cfg.edits.markovian)
-            base = local_copy(spec["rectifier"]) if cfg.edits.share_trunk else None
+            base = local["rectifier"] if cfg.edits.share_trunk else None
             with published(spec["out"], name, result.rectifier.cpu(), meta, base) as folder:
                 if run is not None:
                     from pipelines.serving import log_rectifier_model
 
                     log_rectifier_model(
-                        cfg, run.run_id, local_copy(spec["backbone"]), folder, f"edit-{name}",
+                        cfg, run.run_id, local["backbone"], folder, f"edit-{name}",
                         name, tags={"hfedit.attribute": name, "hfedit.method": method.value,
                                     "hfedit.semantic": str(loaded.clip.semantic).lower(),
                                     "hfedit.clip_model": loaded.clip.name,

@@ -142,17 +142,18 @@ def prefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def model_reference(source: str | Path) -> dict[str, str]:
+def model_reference(source: str | Path, local: str | Path | None = None) -> dict[str, str]:
     """What a checkpoint records of the model it was trained from, portably: a hub id as is; a
     local folder by its path relative to the project when inside it (else its name only, never
     an absolute path of the training machine) and the sha256 prefix of its weights
     (``unet/diffusion_pytorch_model.safetensors``, or a rectifier's ``rectifier.safetensors``);
-    a folder on a store by its URI, digested from this machine's copy."""
+    a folder on a store by its URI, digested from this machine's copy (``local`` when the caller
+    holds it already, else fetched or checked against the store's listing)."""
     from hfedit.config import project_root
     from hfedit.storage import is_uri, local_copy
 
     if is_uri(source):
-        return {**model_reference(local_copy(source)), "source": str(source)}
+        return {**model_reference(local or local_copy(source)), "source": str(source)}
     path = Path(str(source))
     if not path.exists():
         return {"source": str(source)}
