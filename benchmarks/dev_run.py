@@ -159,21 +159,20 @@ def main() -> None:
                     help="a shell command run beside each run, from its start to its end (the "
                     "load of the figure), its output in <logs>/<policy>.beside.log")
     args = ap.parse_args()
-    if args.first:
-        policy = args.policy[0]
-        log = args.logs / f"{policy}.from-{args.first}.log"
-        print(json.dumps({policy: run(policy, log, args.first)}), flush=True)
-        return
-    if not args.wipe:
+    if args.first and (args.until or len(args.policy) > 1):
+        ap.error("--from finishes one cut run: one --policy, no --until")
+    if not args.wipe and not args.first:
         ap.error("--wipe is required: each run deletes this checkout's outputs (models, data, "
                  "mlflow.db); run it in a clone made for it")
     args.logs.mkdir(parents=True, exist_ok=True)
     results = {}
     for policy in args.policy:
-        clean(args.logs)
+        name = f"{policy}.from-{args.first}" if args.first else policy
+        if not args.first:  # --from keeps what the cut run left
+            clean(args.logs)
         print(f"[dev_run] dvc repro --force, OMP_WAIT_POLICY={policy}", file=sys.stderr, flush=True)
-        with beside(args.beside, args.logs / f"{policy}.beside.log") as load:
-            results[policy] = run(policy, args.logs / f"{policy}.log", last=args.until)
+        with beside(args.beside, args.logs / f"{name}.beside.log") as load:
+            results[policy] = run(policy, args.logs / f"{name}.log", args.first, args.until)
         print(json.dumps({policy: results[policy], **load}), file=sys.stderr, flush=True)
     stages = [s for s in results[args.policy[0]] if s != "total"]
     stages += [s for p in args.policy for s in results[p] if s not in stages and s != "total"]

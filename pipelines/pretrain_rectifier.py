@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -415,11 +414,11 @@ def _export(folder: Path, out: str | Path) -> None:
     """Copy the rectifier files of a reported checkpoint to the stage's output folder, replacing
     it whole (a failed copy leaves the previous rectifier in place); to a store prefix each file
     one PUT, the JSON sidecar deleted first and written last (complete when it is there)."""
-    names = [f"{RECTIFIER}.safetensors", f"{RECTIFIER}.json"]
+    names = (f"{RECTIFIER}.safetensors", f"{RECTIFIER}.json")
     if is_uri(out):
-        copy_tree(folder, out, last=(names[1],), names=tuple(names))
-        return
-    replace_folder(out, lambda tmp: [shutil.copy2(folder / name, tmp / name) for name in names])
+        copy_tree(folder, out, last=(names[1],), names=names)
+    else:
+        replace_folder(out, lambda tmp: copy_tree(folder, tmp, names=names))
 
 
 def _config_dict(cfg: HfeditConfig) -> dict:
