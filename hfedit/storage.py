@@ -269,9 +269,13 @@ def copy_tree(source: str | os.PathLike, dest: str | os.PathLike, last: tuple[st
     store, down from one, or between two), each written whole; returns ``{name: size}``.
     ``last``: names whose presence tells a reader the folder is complete (a checkpoint's JSON
     sidecar): deleted from ``dest`` first and written after every other file. ``names``: only
-    these files of ``source``."""
+    these files of ``source``, each required (a missing one is refused before anything is
+    written: a checkpoint without its sidecar must not be copied as if whole)."""
     src, out = Location(source), Location(dest)
     files = {rel: size for rel, size in src.files().items() if names is None or rel in names}
+    missing = sorted(set(names or ()) - set(files))
+    if missing:
+        raise FileNotFoundError(f"{source}: missing {', '.join(missing)}; nothing was copied")
     if not files:
         raise FileNotFoundError(f"{source}: no files to copy")
     for rel in last:
