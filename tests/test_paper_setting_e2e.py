@@ -25,24 +25,27 @@ from tests.test_pipeline_e2e import BIN, STAGES, _fresh_copy, _run, _stages_run,
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
-# Step counts and image counts only; nothing of the profile itself.
+# Step counts, image counts and where work runs; nothing of the profile itself.
 SMALL_COUNTS = {
     "data.val_fraction": 0.17,  # 5 train, 1 val
     "backbone.train.sample_steps": 2, "backbone.train.num_samples": 1,
     "pretrain.steps": 1, "pretrain.batch_size": 1, "pretrain.checkpoint_every": 1,
     "pretrain.log_every": 1, "pretrain.eval_steps": 2, "pretrain.eval_images": 1,
-    "pretrain.eval_gap_timesteps": 2,
+    "pretrain.eval_gap_timesteps": 1,
     **{f"edits.attributes.{a}.{k}": v for a in ("smiling", "old", "man", "pixar")
-       for k, v in (("steps", 1), ("num_images", 2), ("batch_size", 1))},
+       for k, v in (("steps", 1), ("num_images", 1), ("batch_size", 1))},
     "edits.markovian.inversion_steps": 2, "edits.markovian.train_steps": 1,
     "edits.ablation.enabled": False, "edits.log_every": 1,
     "inversion.num_steps": 2,
     "edit_batch.actors": 1, "edit_batch.batch_size": 2,
-    "evaluate.steps": [2], "evaluate.images": 1, "evaluate.gap_timesteps": 2,
+    # speed only (params.yaml: "never the outputs"): the lone actor computes on both cores
+    "edit_batch.num_cpus": 1, "edit_batch.torch_threads": 2,
+    "evaluate.steps": [2], "evaluate.images": 1, "evaluate.gap_timesteps": 1,
     "evaluate.sdedit_strengths": [], "evaluate.side_by_side": [],
 }
-# One Ray Train worker: each holds a 113.7M-parameter backbone and its activations at 256 px.
-RUNTIME = {"ray.num_workers": 1}
+# One Ray Train worker (each holds a 113.7M-parameter backbone and its activations at 256 px),
+# given both cores: with one, the other sat idle through the training step.
+RUNTIME = {"ray.num_workers": 1, "ray.cpus_per_worker": 2, "ray.torch_threads_per_worker": 2}
 
 
 def _photos(folder: Path) -> list[str]:

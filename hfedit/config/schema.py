@@ -240,7 +240,7 @@ class PretrainConfig:
     # held-out reconstruction report: inversion + sampling steps, images
     eval_steps: int = 50
     eval_images: int = 16
-    eval_gap_timesteps: int = 20  # timesteps of the posterior gap's average
+    eval_gap_timesteps: int = 20  # evenly spaced timesteps of the noise gap's average
 
 
 # --------------------------------------------------------------------------------------- clip
@@ -442,7 +442,7 @@ class EvaluateConfig:
     # Inversion + sampling step counts of every comparison (reconstruction and editing).
     steps: list[int] = field(default_factory=lambda: [10, 50, 100])
     images: int = 8  # the first N val images
-    gap_timesteps: int = 20  # timesteps of the posterior gap's average
+    gap_timesteps: int = 20  # evenly spaced timesteps of the noise gap's average
     # The paper's Fig. 7: SDEdit (noise to strength * T, sample down) with and without the
     # reconstruction rectifier, same noise, at the headline N; [] = not run.
     sdedit_strengths: list[float] = field(default_factory=lambda: [0.3, 0.5])
