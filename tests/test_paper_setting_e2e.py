@@ -8,9 +8,12 @@ inversion steps). Every stage runs under ``dvc repro``; the test asserts what ea
 One held-out image throughout, no SDEdit rows, no side-by-side edit comparisons and the
 edit_ablation stage switched off (all four are tested on the tiny profile, in
 tests/test_pipeline_e2e.py): at 256 px every image costs each stage minutes on a 2-core CPU (a
-forward pass of the 113.7M-parameter U-Net is about 9 s). With two held-out images, two SDEdit
+forward pass of the 113.7M-parameter U-Net is 6-9 s). With two held-out images, two SDEdit
 strengths and both comparisons this test took 37 min of a 74-min CI run (evaluate alone 17 min);
-with one image and none of them, 20 min of a 51.5-min suite (the ablation 4.5 of them).
+with one image and none of them, 20 min of a 51.5-min suite (the ablation 4.5 of them). Idle on
+this project's 2-core machine (2026-12-07, one run each): 883 s under ./dev's PASSIVE wait
+policy, 775 s under OpenMP's default (stage_env), 710 s with the lone Ray Train worker and
+edit_batch actor on both cores, one gap timestep and one image per attribute.
 """
 
 from __future__ import annotations
